@@ -1,0 +1,146 @@
+"""The producer SDK: validate, encrypt, encode, append with consistency, publish.
+
+``append`` is what producers call. It never talks to Kafka directly: it writes the ledger
+and the outbox in one PostgreSQL transaction (see :mod:`events.ledger`), and the relay
+publishes. ``flush`` publishes inline, so a script needs no separate relay process; a
+service runs ``evp relay run`` instead and uses ``flush`` only to wait.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from events import db
+from events.catalog import Catalog
+from events.codec import Codec
+from events.errors import InvalidEvent
+from events.event import ANY, AppendResult, EncodedEvent, Event, ExpectedVersion, RecordedEvent
+from events.kafka import ensure_event_topics
+from events.kek import kek_from_settings
+from events.keyring import Keyring, PostgresKeyStore
+from events.ledger import Ledger, Reservation
+from events.personal import PersonalData, blind_index
+from events.registry import KafkaSchemaLog, SchemaRegistry
+from events.relay import Relay, drain
+from events.settings import Settings
+from events.validation import validate
+
+BLIND_INDEX_OF = "evp.blind_index_of"
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """A recorded event, decoded and (where the keyring allows) decrypted."""
+
+    record: RecordedEvent
+    data: Mapping[str, Any]
+
+    @property
+    def type(self) -> str:
+        return self.record.event_type
+
+
+class EventStore:
+    """One producer: a ledger connection, a schema registry, a keyring and a relay."""
+
+    def __init__(self, settings: Settings, conn: psycopg.Connection, codec: Codec, catalog: Catalog, keyring: Keyring) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.codec = codec
+        self.keyring = keyring
+        self.personal = PersonalData(catalog)
+        self._conn = conn
+        self.ledger = Ledger(conn, settings.partitions)
+        self._relay: Relay | None = None
+
+    @classmethod
+    def open(cls, settings: Settings) -> EventStore:
+        """Connect to both services, apply migrations and create topics (all idempotent)."""
+        conn = db.connect(settings.database_url, autocommit=True)
+        db.migrate(conn)
+        ensure_event_topics(settings)
+        catalog = Catalog.default()
+        registry = SchemaRegistry(KafkaSchemaLog(settings.kafka, settings.schemas_topic))
+        store = PostgresKeyStore(settings.database_url)
+        store.ensure_schema()
+        keyring = Keyring(store, kek_from_settings(settings))
+        return cls(settings, conn, Codec(registry, catalog, settings.events_topic), catalog, keyring)
+
+    # -- writing ------------------------------------------------------------------------
+    def prepare(self, event: Event) -> EncodedEvent:
+        """Validate, fill blind indexes, encrypt personal fields and encode: before anything is sent."""
+        full_name = self.catalog.full_name(event.type)
+        schema = self.catalog.schema(full_name)
+        data = self._with_blind_indexes(full_name, schema, event.data)
+        validate(full_name, schema, data)
+        sealed = self.personal.seal(full_name, str(event.event_id), data, self.keyring)
+        encoded = self.codec.encode(full_name, sealed)
+        subject_field = self.catalog.subject_field(full_name)
+        subject = str(data[subject_field]) if subject_field else None
+        return EncodedEvent(
+            event.event_id, full_name, encoded.schema_id, encoded.value, event.actor, event.occurred_at, subject
+        )
+
+    def _with_blind_indexes(self, event_type: str, schema: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
+        filled = dict(data)
+        for field in schema["fields"]:
+            source = field.get(BLIND_INDEX_OF)
+            if source is None:
+                continue
+            if field["name"] in filled:
+                raise InvalidEvent(event_type, field["name"], f"is computed from {source!r} by the SDK; do not set it")
+            value = filled.get(source)
+            if not isinstance(value, str):
+                raise InvalidEvent(event_type, source, "must be a string (it feeds a blind index)")
+            filled[field["name"]] = blind_index(self.keyring, source, value)
+        return filled
+
+    def append(
+        self,
+        stream_id: str,
+        events: Event | Sequence[Event],
+        expected_version: ExpectedVersion = ANY,
+        *,
+        reservations: Sequence[Reservation] = (),
+    ) -> AppendResult:
+        """Append one event or a batch atomically; see :class:`events.ledger.Ledger` for the contract."""
+        batch = [events] if isinstance(events, Event) else list(events)
+        encoded = [self.prepare(e) for e in batch]
+        return self.ledger.append(stream_id, encoded, expected_version, reservations)
+
+    def flush(self, timeout: float = 60.0) -> int:
+        """Publish the outbox to Kafka now; returns how many events this call sent."""
+        if self._relay is None:
+            s = self.settings
+            self._relay = Relay(s.database_url, s.kafka, s.events_topic, s.partitions)
+        return drain(self._relay, timeout=timeout)
+
+    def reserve_email(self, email: str) -> Reservation:
+        """A reservation that keeps one stream per email, checked on the blind index."""
+        return Reservation("email", blind_index(self.keyring, "email", email))
+
+    # -- reading ------------------------------------------------------------------------
+    def decode(self, record: RecordedEvent, *, decrypt: bool = True) -> StoredEvent:
+        decoded = self.codec.decode(record.value)
+        data = decoded.datum
+        if decrypt:
+            data = self.personal.open(decoded.event_type, str(record.event_id), data, self.keyring)
+        return StoredEvent(record, data)
+
+    def read_stream(self, stream_id: str, *, decrypt: bool = True) -> list[StoredEvent]:
+        return [self.decode(r, decrypt=decrypt) for r in self.ledger.read_stream(stream_id)]
+
+    def close(self) -> None:
+        if self._relay is not None:
+            self._relay.close()
+        self._conn.close()
+
+    def __enter__(self) -> EventStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,89 @@
+"""One error tree for evp.
+
+Every failure evp raises on purpose derives from :class:`EvpError`. Driver errors
+(kafka-python, psycopg) are translated once, at the adapter boundary, with
+``raise ... from err`` so that callers never catch a third-party exception.
+"""
+
+from __future__ import annotations
+
+
+class EvpError(Exception):
+    """Root of every error evp raises on purpose."""
+
+
+class ConfigurationError(EvpError):
+    """A setting is missing or malformed."""
+
+
+class ServiceUnavailable(EvpError):
+    """Kafka or PostgreSQL cannot be reached; the message names which and where."""
+
+    def __init__(self, service: str, target: str, reason: str) -> None:
+        self.service, self.target, self.reason = service, target, reason
+        super().__init__(f"{service} at {target} is unavailable: {reason}")
+
+
+class SchemaError(EvpError):
+    """A schema is unknown, malformed or cannot be registered."""
+
+
+class IncompatibleSchema(SchemaError):
+    """A new schema version would break readers of the versions before it."""
+
+    def __init__(self, subject: str, field: str, reason: str) -> None:
+        self.subject, self.field, self.reason = subject, field, reason
+        super().__init__(f"schema for {subject!r} is not BACKWARD compatible: field {field!r}: {reason}")
+
+
+class InvalidEvent(EvpError):
+    """An event does not match its schema; nothing was written or sent."""
+
+    def __init__(self, event_type: str, field: str, reason: str) -> None:
+        self.event_type, self.field, self.reason = event_type, field, reason
+        super().__init__(f"invalid {event_type}: field {field!r}: {reason}")
+
+
+class DecodeError(EvpError):
+    """Bytes read from Kafka are not a record evp can decode."""
+
+
+class ConcurrencyError(EvpError):
+    """An append's expected version did not match the stream; nothing was written."""
+
+    def __init__(self, stream_id: str, expected: object, actual: int | None) -> None:
+        self.stream_id, self.expected, self.actual = stream_id, expected, actual
+        shown = "no stream" if actual is None else actual
+        super().__init__(f"stream {stream_id!r}: expected version {expected}, actual {shown}")
+
+
+class UniquenessViolation(EvpError):
+    """A unique reservation is already held by another stream."""
+
+
+class CryptoError(EvpError):
+    """A key is missing or wrong, or a ciphertext was tampered with or moved."""
+
+
+class KeyErased(CryptoError):
+    """The data subject's key was deleted: the value is erased, not corrupt."""
+
+    def __init__(self, subject: str) -> None:
+        self.subject = subject
+        super().__init__(f"personal data of subject {subject!r} was erased")
+
+
+class NotFound(EvpError):
+    """A stream, snapshot, run or other named thing does not exist."""
+
+
+class IntegrityError(EvpError):
+    """A hash or chain did not match what was recorded."""
+
+
+class InvalidDataset(EvpError):
+    """Training examples are malformed (shape, type, range, duplicate id); nothing was trained."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field, self.reason = field, reason
+        super().__init__(f"invalid training examples: {field}: {reason}")

@@ -1,0 +1,106 @@
+"""Settings, read from the environment in exactly one place.
+
+Every other module receives a :class:`Settings`; nothing else reads ``os.environ``, so
+the same code points at the local runner, a test's private topics, or a real cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from events.errors import ConfigurationError
+
+#: Ports of the local runner (platform/services.py) and compose.yaml.
+DEFAULT_KAFKA = "127.0.0.1:19092"
+DEFAULT_DATABASE_URL = "postgresql://evp@127.0.0.1:15432/evp"
+
+_PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where evp's services are and how its topics are named.
+
+    ``topic_prefix`` namespaces every topic evp owns, so that several deployments (or
+    test sessions) can share one broker without seeing each other's events.
+    """
+
+    kafka: str = DEFAULT_KAFKA
+    database_url: str = DEFAULT_DATABASE_URL
+    topic_prefix: str = "evp"
+    partitions: int = 3
+    home: Path = Path(".evp")
+    kek: str | None = None
+    kek_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not _PREFIX.match(self.topic_prefix):
+            raise ConfigurationError(f"EVP_TOPIC_PREFIX {self.topic_prefix!r} is not a valid topic prefix")
+        if self.partitions < 1:
+            raise ConfigurationError(f"EVP_PARTITIONS must be at least 1, got {self.partitions}")
+
+    @property
+    def events_topic(self) -> str:
+        """The topic every domain event goes to; key = stream id keeps per-stream order."""
+        return f"{self.topic_prefix}.events"
+
+    @property
+    def schemas_topic(self) -> str:
+        """The compacted topic the schema registry keeps its schemas in."""
+        return f"{self.topic_prefix}._schemas"
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return f"{self.topic_prefix}.events.dlq"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.home / "snapshots"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home / "runs"
+
+    @property
+    def kek_path(self) -> Path:
+        return self.kek_file if self.kek_file is not None else self.home / "keyring" / "kek"
+
+    def with_(self, **changes: object) -> Settings:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def to_env(self) -> dict[str, str]:
+        """The environment variables that reproduce these settings in a child process."""
+        env = {
+            "EVP_KAFKA": self.kafka,
+            "EVP_DATABASE_URL": self.database_url,
+            "EVP_TOPIC_PREFIX": self.topic_prefix,
+            "EVP_PARTITIONS": str(self.partitions),
+            "EVP_HOME": str(self.home),
+        }
+        if self.kek:
+            env["EVP_KEK"] = self.kek
+        if self.kek_file is not None:
+            env["EVP_KEK_FILE"] = str(self.kek_file)
+        return env
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        try:
+            partitions = int(env.get("EVP_PARTITIONS", "3"))
+        except ValueError as err:
+            raise ConfigurationError(f"EVP_PARTITIONS must be a whole number, got {env['EVP_PARTITIONS']!r}") from err
+        kek_file = env.get("EVP_KEK_FILE")
+        return cls(
+            kafka=env.get("EVP_KAFKA") or DEFAULT_KAFKA,
+            database_url=env.get("EVP_DATABASE_URL") or DEFAULT_DATABASE_URL,
+            topic_prefix=env.get("EVP_TOPIC_PREFIX", "evp"),
+            partitions=partitions,
+            home=Path(env.get("EVP_HOME", ".evp")),
+            kek=env.get("EVP_KEK") or None,
+            kek_file=Path(kek_file) if kek_file else None,
+        )
