@@ -73,6 +73,10 @@ class Ledger:
         self._conn = conn
         self._partitions = partitions
 
+    @property
+    def connection(self) -> psycopg.Connection:
+        return self._conn
+
     def append(
         self,
         stream_id: str,
