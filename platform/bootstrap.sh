@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Create or refresh evp's virtual environment. Safe to run any number of times.
+#
+# The venv lives in the cache (not the clone), keyed by a hash of pyproject.toml's dependencies, so
+# clones with the same dependencies share one install and a dependency change gets a
+# fresh venv instead of an upgrade in place. The first run installs everything (torch
+# included: minutes); later runs only re-point the editable install at this clone.
+#
+# Prints the venv path as its last line of stdout and writes it to .evp/venv-path.
+# Override the location with EVP_VENV, the cache with EVP_CACHE or XDG_CACHE_HOME.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cache="${EVP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/evp}"
+
+python="$(command -v python3.11 || command -v python3 || true)"
+if [[ -z "$python" ]]; then
+    echo "bootstrap: python3.11 (or python3 >= 3.11) is required and was not found on PATH" >&2
+    exit 1
+fi
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "bootstrap: $python is Python $("$python" -c 'import platform; print(platform.python_version())'); evp needs 3.11 or newer" >&2
+    exit 1
+fi
+if ! "$python" -c 'import venv, ensurepip' 2>/dev/null; then
+    echo "bootstrap: $python cannot create virtual environments; install them with: sudo apt-get install -y python3-venv" >&2
+    exit 1
+fi
+
+# Key the venv by what pip installs (dependencies and extras), not by the whole file, so
+# editing entry points or tool settings does not trigger a multi-gigabyte reinstall.
+digest="$("$python" - "$repo/pyproject.toml" <<'PY'
+import hashlib, json, sys, tomllib
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+keys = ("requires-python", "dependencies", "optional-dependencies")
+print(hashlib.sha256(json.dumps({k: project.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()[:12])
+PY
+)"
+venv="${EVP_VENV:-$cache/venv-$digest}"
+stamp="$venv/.evp-installed"
+
+if [[ ! -f "$stamp" ]]; then
+    # No stamp: a new venv, or an earlier install that did not finish. pip is idempotent,
+    # so finishing it is the same as starting it.
+    echo "bootstrap: installing evp and its dependencies into $venv (first run: several minutes)" >&2
+    "$python" -m venv "$venv"
+    "$venv/bin/python" -m pip install -q --upgrade pip setuptools wheel >&2
+    "$venv/bin/python" -m pip install -q -e "$repo[dev]" >&2
+    echo "$repo/pyproject.toml $digest" > "$stamp"
+else
+    # Dependencies are already there; point the editable install at this clone.
+    "$venv/bin/python" -m pip install -qq -e "$repo" --no-deps --no-build-isolation >&2
+fi
+
+mkdir -p "$repo/.evp"
+touch "$repo/.evp/.evp-state"  # ours: `services.py clean` may delete it
+echo "$venv" > "$repo/.evp/venv-path"
+echo "$venv"
