@@ -44,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        # kafka-python warns about its own event loop on a busy machine; evp reports what matters.
+        logging.getLogger("kafka").setLevel(logging.ERROR)
     try:
         return int(args.func(args, Settings.from_env()) or 0)
     except EvpError as err:

@@ -10,11 +10,14 @@ from events.client import EventStore
 from events.settings import Settings
 from trainer.config import TrainConfig
 from trainer.progress import bar, step_bar
-from trainer.runs import replay_run, train_snapshot
-from trainer.snapshot import create_snapshot, verify_snapshot
+
+# trainer.runs and trainer.snapshot import torch and numpy: they are imported inside the
+# commands that need them, so that `evp --help` and every other command start fast.
 
 
 def _create(args: argparse.Namespace, settings: Settings) -> int:
+    from trainer.snapshot import create_snapshot
+
     with EventStore.open(settings) as store, bar("reading events", unit="rec") as advance:
         manifest = create_snapshot(store, advance)
     if args.json:
@@ -26,6 +29,8 @@ def _create(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _verify(args: argparse.Namespace, settings: Settings) -> int:
+    from trainer.snapshot import verify_snapshot
+
     with EventStore.open(settings) as store, bar("re-reading events", unit="rec") as advance:
         result = verify_snapshot(store, args.snapshot_id, advance)
     print(f"snapshot {result.snapshot_id}: verified ({result.records_read} records re-read, "
@@ -34,6 +39,8 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _train(args: argparse.Namespace, settings: Settings) -> int:
+    from trainer.runs import train_snapshot
+
     config = TrainConfig(seed=args.seed, epochs=args.epochs, device=args.device)
     with EventStore.open(settings) as store, step_bar("training") as progress:
         record = train_snapshot(store, args.snapshot, config, progress=progress)
@@ -43,6 +50,8 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _replay(args: argparse.Namespace, settings: Settings) -> int:
+    from trainer.runs import replay_run
+
     with EventStore.open(settings) as store, step_bar("replaying") as progress:
         outcome = replay_run(store, args.run_id, progress=progress)
     verdict = "identical" if outcome.identical else "DIFFERENT"
@@ -80,3 +89,15 @@ def register_replay(subparsers: argparse._SubParsersAction) -> None:  # type: ig
     training = group.add_parser("training", help="re-train a run and compare the weights bit for bit")
     training.add_argument("run_id")
     training.set_defaults(func=_replay)
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from trainer.demo import run_demo
+
+    return run_demo(settings, args.epochs)
+
+
+def register_demo(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser("demo", help="run the whole platform end to end on the bundled digits")
+    parser.add_argument("--epochs", type=int, default=TrainConfig().epochs)
+    parser.set_defaults(func=_demo)

@@ -15,7 +15,6 @@ must not touch anything else in the same services), then:
 
 from __future__ import annotations
 
-import argparse
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,10 +23,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from events import db
 from events.audit import subject_history, summarize
 from events.cli_common import print_table
 from events.client import EventStore
 from events.event import NO_STREAM, Event
+from events.forget import forget_subject
+from events.personal import REDACTED
 from events.settings import Settings
 from trainer.config import TrainConfig
 from trainer.demo_reset import fresh_demo_settings
@@ -133,17 +135,19 @@ def run_demo(settings: Settings, epochs: int) -> int:
                   f"content hash {manifest.content_hash[:16]}…, verified ({verification.shards_checked} shards)")
 
         config = TrainConfig(epochs=epochs)
-        with step("training on the snapshot"), step_bar("training") as progress:
-            run = train_snapshot(store, manifest.snapshot_id, config, progress=progress)
-        print(f"    run {run.run_id} on {run.device}: held-out accuracy {run.heldout_accuracy:.4f}")
+        with step("training on the snapshot"):
+            with step_bar("training") as progress:
+                run = train_snapshot(store, manifest.snapshot_id, config, progress=progress)
+            print(f"    run {run.run_id} on {run.device}: held-out accuracy {run.heldout_accuracy:.4f}")
 
-        with step("replaying the training from the recorded run"), step_bar("replaying") as progress:
-            outcome = replay_run(store, run.run_id, progress=progress)
-        verdict = "identical" if outcome.identical else "DIFFERENT"
-        print(f"    weights {verdict}: {outcome.original.weights_sha256[:16]}… vs {outcome.replay.weights_sha256[:16]}…")
+        with step("replaying the training from the recorded run"):
+            with step_bar("replaying") as progress:
+                outcome = replay_run(store, run.run_id, progress=progress)
+            verdict = "identical" if outcome.identical else "DIFFERENT"
+            print(f"    weights {verdict}: {outcome.original.weights_sha256[:16]}… vs {outcome.replay.weights_sha256[:16]}…")
 
         with step(f"audit: what did {FORGOTTEN} do, and which models saw it"):
-            entries = subject_history(store, FORGOTTEN, decrypt=True)
+            entries = subject_history(store, FORGOTTEN)  # personal fields stay ciphertext here
             print(f"    {len(entries)} events; the first five:")
             print_table([{**e.as_dict(), "summary": summarize(e.data, 48)} for e in entries[:5]],
                         ("position", "actor", "stream_id", "event_type", "kafka", "summary"))
@@ -157,30 +161,37 @@ def run_demo(settings: Settings, epochs: int) -> int:
 
 
 def _project(settings: Settings) -> dict[str, int]:
+    """Catch the samples view up with the log; return what it now holds."""
     from projections.runner import ProjectionRunner
-    from projections.samples import SamplesView, view_counts
+    from projections.samples import DEFAULT_SCHEMA, SamplesView
 
-    with bar("projecting", unit="rec") as advance:
-        result = ProjectionRunner(settings, SamplesView(), progress=advance).catch_up()
-    return {**view_counts(settings), "applied": result.applied}
+    with step_bar("projecting", unit="rec") as progress, ProjectionRunner(settings, SamplesView()) as runner:
+        result = runner.catch_up(lambda done: progress(done.consumed, done.total))
+    with db.connect(settings.database_url, autocommit=True) as conn:
+        counts = conn.execute(
+            f"SELECT (SELECT count(*) FROM {DEFAULT_SCHEMA}.samples), (SELECT count(*) FROM {DEFAULT_SCHEMA}.annotators),"
+            f" (SELECT count(*) FROM {DEFAULT_SCHEMA}.annotators WHERE erased)"
+        ).fetchone()
+    assert counts is not None
+    return {"samples": counts[0], "annotators": counts[1], "erased": counts[2], "applied": result.applied}
 
 
 def _forget_step(step: Step, store: EventStore, settings: Settings) -> None:
-    try:
-        from events.forget import forget_subject
-    except ImportError:
-        return
     with step(f"forgetting {FORGOTTEN} (crypto-shredding)"):
-        report = forget_subject(store, FORGOTTEN, reason="erasure request")
-        print(f"    {report}")
-        print("    the view now shows:", _project(settings))
+        print(f"    dry run: {forget_subject(store, FORGOTTEN, reason='erasure request', dry_run=True)}")
+        print(f"    {forget_subject(store, FORGOTTEN, reason='erasure request')}")
+        view = _project(settings)
+        print(f"    view: {view['annotators']} annotators, {view['erased']} erased, {view['samples']} samples kept")
+        rows = []
+        for annotator_id, _, _ in ANNOTATORS:
+            data = store.read_stream(f"annotator-{annotator_id}")[0].data
+            rows.append({"annotator": annotator_id, "name": _masked(data["name"]), "email": _masked(data["email"])})
+        print("    the annotators, decrypted with the keyring after the erasure (masked for this printout):")
+        print_table(rows, ("annotator", "name", "email"))
 
 
-def _run(args: argparse.Namespace, settings: Settings) -> int:
-    return run_demo(settings, args.epochs)
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = subparsers.add_parser("demo", help="run the whole platform end to end on the bundled digits")
-    parser.add_argument("--epochs", type=int, default=TrainConfig().epochs)
-    parser.set_defaults(func=_run)
+def _masked(value: str) -> str:
+    """Show that a value decrypted without printing personal data: first and last character."""
+    if value == REDACTED or len(value) < 3:
+        return value
+    return value[0] + "*" * (len(value) - 2) + value[-1]

@@ -1,0 +1,158 @@
+"""``evp projections run | catch-up | rebuild | status``.
+
+``python -m projections.cli ACTION`` runs the same actions without loading the other
+command groups (the trainer's import torch, which takes seconds): handy for a runner
+process that is restarted often.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+from tqdm import tqdm
+
+from events.cli_common import print_json, print_table
+from events.errors import EvpError
+from events.settings import Settings
+from projections.rebuild import rebuild
+from projections.runner import BatchOutcome, Progress, Projection, ProjectionRunner, projection_lag
+from projections.samples import SamplesView
+
+#: The projections evp ships, by the name the command line uses.
+PROJECTIONS: dict[str, Callable[[], Projection]] = {"samples": SamplesView}
+
+REPORT_EVERY_S = 10.0
+
+
+def _projection(args: argparse.Namespace) -> Projection:
+    return PROJECTIONS[args.projection]()
+
+
+@contextmanager
+def _progress_bar(description: str) -> Iterator[Callable[[Progress], None]]:
+    """A progress callback drawing a bar on a terminal, silent otherwise."""
+    bar = tqdm(desc=description, unit="rec", disable=None, file=sys.stderr)
+    try:
+        def update(progress: Progress) -> None:
+            bar.total = progress.total
+            bar.n = progress.consumed
+            bar.refresh()
+
+        yield update
+    finally:
+        bar.close()
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    projection = _projection(args)
+    totals = BatchOutcome()
+    last_report = time.monotonic()
+
+    def on_batch(outcome: BatchOutcome) -> None:
+        nonlocal totals, last_report
+        totals = totals + outcome
+        if time.monotonic() - last_report >= REPORT_EVERY_S:
+            last_report = time.monotonic()
+            print(f"projection {projection.name}: {totals.applied} applied, {totals.skipped} duplicates skipped, "
+                  f"{totals.dead_lettered} dead-lettered", flush=True)
+
+    with ProjectionRunner(settings, projection, schema=args.schema, batch_size=args.batch_size) as runner:
+        print(f"projection {projection.name}: folding {settings.events_topic} into schema {runner.schema}", flush=True)
+        runner.run(stop, on_batch)
+    print(f"projection {projection.name}: stopped after {totals.applied} applied, {totals.skipped} skipped, "
+          f"{totals.dead_lettered} dead-lettered", flush=True)
+    return 0
+
+
+def _catch_up(args: argparse.Namespace, settings: Settings) -> int:
+    projection = _projection(args)
+    with ProjectionRunner(settings, projection, schema=args.schema, batch_size=args.batch_size) as runner:
+        with _progress_bar(f"catch-up {runner.schema}") as on_progress:
+            result = runner.catch_up(on_progress)
+    if args.json:
+        print_json(result.__dict__)
+    else:
+        print(f"caught up in {result.seconds:.1f}s: {result.applied} applied, {result.skipped} duplicates skipped, "
+              f"{result.dead_lettered} dead-lettered")
+    return 0
+
+
+def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
+    projection = _projection(args)
+    with _progress_bar(f"rebuild {args.schema or projection.default_schema}") as on_progress:
+        result = rebuild(settings, projection, schema=args.schema, on_progress=on_progress)
+    if args.json:
+        print_json({"schema": result.schema, "replay": result.replay.__dict__, "rows": result.rows, "seconds": result.seconds})
+        return 0
+    r = result.replay
+    rows = ", ".join(f"{table} {count}" for table, count in result.rows.items())
+    print(f"rebuilt {result.schema} in {result.seconds:.1f}s: {r.applied} applied, {r.skipped} duplicates skipped, "
+          f"{r.dead_lettered} dead-lettered; rows: {rows}")
+    return 0
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    projection = _projection(args)
+    schema = args.schema or projection.default_schema
+    lags = projection_lag(settings, schema)
+    if args.json:
+        print_json({"schema": schema, "partitions": [dict(l.__dict__, lag=l.lag) for l in lags]})
+        return 0
+    if not lags:
+        print(f"topic {settings.events_topic} does not exist yet on {settings.kafka}: nothing to project")
+        return 0
+    print(f"projection {projection.name} in schema {schema}: total lag {sum(l.lag for l in lags)}")
+    print_table(
+        [{"partition": l.partition, "next_offset": "-" if l.next_offset is None else l.next_offset,
+          "end_offset": l.end_offset, "lag": l.lag} for l in lags],
+        ("partition", "next_offset", "end_offset", "lag"),
+    )
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser("projections", help="fold the events topic into PostgreSQL views")
+    group = parser.add_subparsers(dest="projections_command", metavar="ACTION", required=True)
+
+    def add(name: str, help_text: str, func: Callable[[argparse.Namespace, Settings], int], *, batch: bool = False,
+            json: bool = True) -> None:
+        sub = group.add_parser(name, help=help_text)
+        sub.add_argument("--projection", choices=sorted(PROJECTIONS), default="samples")
+        sub.add_argument("--schema", default=None, help="PostgreSQL schema of the view (default: the projection's)")
+        if batch:
+            sub.add_argument("--batch-size", type=int, default=5000, help="records per transaction")
+        if json:
+            sub.add_argument("--json", action="store_true")
+        sub.set_defaults(func=func)
+
+    add("run", "apply new events continuously until SIGTERM/SIGINT", _run, batch=True, json=False)
+    add("catch-up", "apply everything up to the current end of the log, then exit", _catch_up, batch=True)
+    add("rebuild", "replay the log into a shadow schema and swap it in atomically", _rebuild)
+    add("status", "per-partition lag of the view behind the events topic", _status)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m projections.cli ACTION ...``: the same as ``evp projections ACTION ...``."""
+    parser = argparse.ArgumentParser(prog="python -m projections.cli")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["projections", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args, Settings.from_env()) or 0)
+    except EvpError as err:
+        print(f"evp projections: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

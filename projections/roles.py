@@ -1,0 +1,288 @@
+"""Database roles that can only see what their job needs, enforced by PostgreSQL itself.
+
+Encryption keeps personal data unreadable without keys; roles keep people from even
+selecting the ciphertext, the blind indexes or the wrapped keys. Three roles:
+
+- ``<prefix>projector`` keeps the views up to date. It owns the views schema and its
+  tables (the runner re-creates indexes ``IF NOT EXISTS`` on every start, which only an
+  owner may do) and may read, of the keyring, only who was erased and when. It cannot read
+  the ledger or any key.
+- ``<prefix>analyst`` reads pseudonymized data only: ``<views>.samples`` and
+  ``<views>.annotators_masked(annotator_id, registered_at, erased)``; never the sealed
+  columns, the blind index, the ledger or the keyring.
+- ``<prefix>auditor`` reads who did what and when: ``<audit>.ledger`` and the same columns
+  of the ledger table (column privileges) — every column but the record ``value``; never a
+  key or a view.
+
+Role names are cluster-wide while grants are per database, hence the prefix: tests or
+deployments sharing a server keep their roles apart.
+
+Order of setup (each step idempotent):
+
+1. open an :class:`events.client.EventStore` (creates the ledger and keyring tables);
+2. run the projection once (``ProjectionRunner.open`` or ``catch_up``) as an administrator;
+3. call :func:`setup_roles` as that administrator (a superuser, or a role owning the
+   tables and allowed to create roles); from then on the projector may run the projection.
+
+A rebuild swaps in a fresh views schema, which has none of the analyst's grants: pass
+``before_swap=lambda: setup_roles(conn, shadow_name(schema))`` to
+:func:`projections.rebuild.rebuild` (grants survive the rename), or call
+:func:`setup_roles` again right after it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg import sql
+
+from events.errors import ConfigurationError
+
+DEFAULT_PREFIX = "evp_"
+DEFAULT_VIEWS_SCHEMA = "evp_views"
+DEFAULT_AUDIT_SCHEMA = "evp_audit"
+
+MASKED_ANNOTATORS = "annotators_masked"
+AUDIT_VIEW = "ledger"
+#: What the analyst may read in the views schema, besides :data:`MASKED_ANNOTATORS`.
+ANALYST_TABLES = ("samples",)
+#: The ledger columns an auditor may read: everything except the record ``value``.
+AUDIT_COLUMNS = (
+    "position", "stream_id", "version", "event_id", "event_type", "actor", "subject_id",
+    "occurred_at", "recorded_at", "partition", "kafka_offset",
+)
+#: The keyring columns the masked view needs (so its owner, the projector, may read them).
+TOMBSTONE_COLUMNS = ("subject_id", "erased_at")
+LEDGER_TABLE = "evp_events"
+KEYS_TABLE = "evp_data_keys"
+
+_MAX_IDENTIFIER = 63
+_LONGEST_SUFFIX = len("projector")
+_PREFIX = re.compile(r"^[a-z_][a-z0-9_]*$")
+#: (keyword when wanted, keyword when not), in the column order of :func:`_ensure_role`'s query.
+_ATTRIBUTES = (
+    ("SUPERUSER", "NOSUPERUSER"), ("CREATEDB", "NOCREATEDB"), ("CREATEROLE", "NOCREATEROLE"),
+    ("REPLICATION", "NOREPLICATION"), ("BYPASSRLS", "NOBYPASSRLS"), ("LOGIN", "NOLOGIN"),
+)
+#: Relation kinds whose ownership moves to the projector (indexes follow their table).
+_OWNED_KINDS = ("r", "p", "v", "m", "f", "S")
+
+
+@dataclass(frozen=True)
+class Roles:
+    """The three role names for one prefix."""
+
+    projector: str
+    analyst: str
+    auditor: str
+
+    @classmethod
+    def named(cls, prefix: str = DEFAULT_PREFIX) -> Roles:
+        """Validated names: lower case (unquoted SQL folds to it) and within PostgreSQL's 63 bytes."""
+        if not _PREFIX.match(prefix) or len(prefix) + _LONGEST_SUFFIX > _MAX_IDENTIFIER:
+            raise ConfigurationError(
+                f"role prefix {prefix!r} must be lower-case letters, digits and '_' (not starting with a digit), "
+                f"at most {_MAX_IDENTIFIER - _LONGEST_SUFFIX} characters"
+            )
+        return cls(f"{prefix}projector", f"{prefix}analyst", f"{prefix}auditor")
+
+    def all(self) -> tuple[str, str, str]:
+        return (self.projector, self.analyst, self.auditor)
+
+
+def setup_roles(
+    conn: psycopg.Connection[Any],
+    views_schema: str = DEFAULT_VIEWS_SCHEMA,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    audit_schema: str = DEFAULT_AUDIT_SCHEMA,
+    login: bool = False,
+) -> Roles:
+    """Create (or bring back in line) the roles, views and grants; returns the role names.
+
+    ``login`` lets the roles connect themselves (otherwise an administrator uses them with
+    ``SET ROLE``). What PUBLIC, the analyst and the auditor may do on the ledger, keyring,
+    views and audit schemas is revoked and granted afresh, so a second call also removes
+    stale grants. Runs in one transaction. Raises :class:`ConfigurationError` naming a
+    missing table.
+    """
+    roles = Roles.named(prefix)
+    with conn.transaction(), conn.cursor() as cur:
+        ledger_schema = _schema_of(cur, LEDGER_TABLE, "open an EventStore first: it creates the ledger")
+        keys_schema = _schema_of(cur, KEYS_TABLE, "open an EventStore first: it creates the keyring table")
+        _require_views(cur, views_schema)
+        for role in roles.all():
+            _ensure_role(cur, role, login=login)
+        cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(audit_schema)))
+        _reset(cur, roles, views_schema, (ledger_schema, keys_schema, audit_schema))
+        _create_masked_view(cur, views_schema, keys_schema)
+        _grant_projector(cur, roles.projector, views_schema, keys_schema)
+        _grant_analyst(cur, roles.analyst, views_schema)
+        _grant_auditor(cur, roles.auditor, ledger_schema, audit_schema)
+    return roles
+
+
+def drop_roles(conn: psycopg.Connection[Any], prefix: str = DEFAULT_PREFIX) -> None:
+    """Drop the roles; what the projector owned (the views) passes to the current user.
+
+    ``DROP ROLE`` fails while a role holds privileges in another database: call this in
+    each database :func:`setup_roles` ran in (``REASSIGN``/``DROP OWNED`` act on the
+    current one).
+    """
+    roles = Roles.named(prefix)
+    with conn.transaction(), conn.cursor() as cur:
+        for role in roles.all():
+            if _role_exists(cur, role):
+                cur.execute(sql.SQL("REASSIGN OWNED BY {} TO CURRENT_USER").format(sql.Identifier(role)))
+                cur.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+                cur.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+# -- checks --------------------------------------------------------------------------------
+def _schema_of(cur: psycopg.Cursor[Any], table: str, hint: str) -> str:
+    """The schema the search path finds ``table`` in."""
+    row = cur.execute(
+        "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)",
+        (table,),
+    ).fetchone()
+    if row is None:
+        raise ConfigurationError(f"table {table} does not exist in this database: {hint}")
+    return str(row[0])
+
+
+def _require_views(cur: psycopg.Cursor[Any], views_schema: str) -> None:
+    for table in (*ANALYST_TABLES, "annotators"):
+        found = cur.execute("SELECT to_regclass(%s)", (sql.Identifier(views_schema, table).as_string(cur),)).fetchone()
+        if found is None or found[0] is None:
+            raise ConfigurationError(
+                f"table {views_schema}.{table} does not exist: run the samples projection into schema "
+                f"{views_schema!r} before setting up roles"
+            )
+
+
+def _role_exists(cur: psycopg.Cursor[Any], role: str) -> bool:
+    return cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is not None
+
+
+def _database(cur: psycopg.Cursor[Any]) -> sql.Identifier:
+    return sql.Identifier(str(cur.execute("SELECT current_database()").fetchone()[0]))  # type: ignore[index]
+
+
+# -- steps ---------------------------------------------------------------------------------
+def _ensure_role(cur: psycopg.Cursor[Any], role: str, *, login: bool) -> None:
+    """Create the role if absent (another database's setup may race us), then pin its attributes.
+
+    The attributes are re-applied to an existing role too, so a role that was given more
+    power by hand (superuser, bypassing row security) is brought back to none.
+    """
+    name = sql.Identifier(role)
+    if not _role_exists(cur, role):
+        try:
+            with cur.connection.transaction():
+                cur.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(name))
+        except pg_errors.DuplicateObject:
+            pass  # created concurrently: the same role
+    row = cur.execute(
+        "SELECT rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolbypassrls, rolcanlogin FROM pg_roles"
+        " WHERE rolname = %s",
+        (role,),
+    ).fetchone()
+    assert row is not None
+    wanted = (False, False, False, False, False, login)
+    # Only what differs: changing REPLICATION or BYPASSRLS needs a superuser, even as a no-op.
+    changes = [yes if want else no for have, want, (yes, no) in zip(row, wanted, _ATTRIBUTES) if bool(have) != want]
+    if changes:
+        cur.execute(sql.SQL("ALTER ROLE {} " + " ".join(changes)).format(name))
+
+
+def _reset(cur: psycopg.Cursor[Any], roles: Roles, views_schema: str, other_schemas: tuple[str, ...]) -> None:
+    """Revoke what PUBLIC and our roles could reach, so only the grants below remain.
+
+    In the views schema the projector is (or becomes) the owner: revoking from an owner
+    would strip its own rights, so it is left out there.
+    """
+    everyone = sql.SQL(", ").join([sql.SQL("PUBLIC"), *(sql.Identifier(r) for r in roles.all())])
+    readers = sql.SQL(", ").join([sql.SQL("PUBLIC"), sql.Identifier(roles.analyst), sql.Identifier(roles.auditor)])
+    # Before PostgreSQL 15 anyone may create objects in `public`: a planted table or
+    # function there could shadow ours for a careless search path.
+    cur.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+    for schema, grantees in [(s, everyone) for s in sorted(set(other_schemas))] + [(views_schema, readers)]:
+        s = sql.Identifier(schema)
+        cur.execute(sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA {} FROM {}").format(s, grantees))
+        cur.execute(sql.SQL("REVOKE ALL ON ALL SEQUENCES IN SCHEMA {} FROM {}").format(s, grantees))
+        if schema == "public":  # PUBLIC keeps USAGE on `public`: other applications may rely on it
+            ours = sql.SQL(", ").join(sql.Identifier(r) for r in roles.all())
+            cur.execute(sql.SQL("REVOKE ALL ON SCHEMA public FROM {}").format(ours))
+        else:
+            cur.execute(sql.SQL("REVOKE ALL ON SCHEMA {} FROM {}").format(s, grantees))
+
+
+def _create_masked_view(cur: psycopg.Cursor[Any], views_schema: str, keys_schema: str) -> None:
+    """Annotators without their personal columns; ``erased`` is the keyring's tombstone.
+
+    The view runs with its owner's rights (the projector, once ownership moves), so the
+    analyst learns who was erased without any privilege on the keyring table.
+    """
+    view = sql.Identifier(views_schema, MASKED_ANNOTATORS)
+    cur.execute(sql.SQL(
+        "CREATE OR REPLACE VIEW {view} AS SELECT a.annotator_id, a.registered_at,"
+        " EXISTS (SELECT 1 FROM {keys} k WHERE k.subject_id = a.annotator_id AND k.erased_at IS NOT NULL) AS erased"
+        " FROM {annotators} a"
+    ).format(
+        view=view, keys=sql.Identifier(keys_schema, KEYS_TABLE), annotators=sql.Identifier(views_schema, "annotators")
+    ))
+    cur.execute(sql.SQL("COMMENT ON VIEW {} IS {}").format(view, sql.Literal(
+        "Annotators without their sealed name, email or email blind index; erased: their data key was destroyed."
+    )))
+
+
+def _grant_projector(cur: psycopg.Cursor[Any], role: str, views_schema: str, keys_schema: str) -> None:
+    """Own the views schema and everything in it; read the keyring's tombstones, nothing else.
+
+    ``CREATE`` on the database lets the runner's ``CREATE SCHEMA IF NOT EXISTS`` pass (the
+    privilege is checked even when the schema exists) and lets a rebuild make its shadow.
+    """
+    r = sql.Identifier(role)
+    cur.execute(sql.SQL("ALTER SCHEMA {} OWNER TO {}").format(sql.Identifier(views_schema), r))
+    relations = cur.execute(
+        "SELECT c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relkind = ANY(%s) AND pg_get_userbyid(c.relowner) <> %s"
+        # a serial column's sequence follows its table and cannot be moved on its own
+        " AND (c.relkind <> 'S' OR NOT EXISTS (SELECT 1 FROM pg_depend d"
+        " WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype IN ('a', 'i')))",
+        (views_schema, list(_OWNED_KINDS), role),
+    ).fetchall()
+    for name, kind in relations:
+        keyword = {"v": "VIEW", "m": "MATERIALIZED VIEW", "f": "FOREIGN TABLE", "S": "SEQUENCE"}.get(kind, "TABLE")
+        cur.execute(sql.SQL("ALTER " + keyword + " {} OWNER TO {}").format(sql.Identifier(views_schema, name), r))
+    cur.execute(sql.SQL("GRANT CONNECT, CREATE ON DATABASE {} TO {}").format(_database(cur), r))
+    cur.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(keys_schema), r))
+    cur.execute(sql.SQL("GRANT SELECT ({}) ON {} TO {}").format(
+        sql.SQL(", ").join(map(sql.Identifier, TOMBSTONE_COLUMNS)), sql.Identifier(keys_schema, KEYS_TABLE), r
+    ))
+
+
+def _grant_analyst(cur: psycopg.Cursor[Any], role: str, views_schema: str) -> None:
+    r = sql.Identifier(role)
+    cur.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(_database(cur), r))
+    cur.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(views_schema), r))
+    for table in (*ANALYST_TABLES, MASKED_ANNOTATORS):
+        cur.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier(views_schema, table), r))
+
+
+def _grant_auditor(cur: psycopg.Cursor[Any], role: str, ledger_schema: str, audit_schema: str) -> None:
+    """The audit view, plus the same columns of the ledger table: the record value stays out of reach."""
+    r = sql.Identifier(role)
+    columns = sql.SQL(", ").join(map(sql.Identifier, AUDIT_COLUMNS))
+    ledger = sql.Identifier(ledger_schema, LEDGER_TABLE)
+    view = sql.Identifier(audit_schema, AUDIT_VIEW)
+    cur.execute(sql.SQL("CREATE OR REPLACE VIEW {} AS SELECT {} FROM {}").format(view, columns, ledger))
+    cur.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(_database(cur), r))
+    cur.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(audit_schema), r))
+    cur.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(view, r))
+    cur.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(ledger_schema), r))
+    cur.execute(sql.SQL("GRANT SELECT ({}) ON {} TO {}").format(columns, ledger, r))

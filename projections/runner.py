@@ -1,0 +1,475 @@
+"""The projection runner: folds the events topic into PostgreSQL with exactly-once effects.
+
+Contract of one batch (one ``poll``):
+
+1. in ONE PostgreSQL transaction, under an advisory lock on the view's schema, the runner
+   checks that the stored positions are the ones it started the batch from (another runner
+   or a rebuild swap may have moved them: then it re-seeks and polls again);
+2. records that do not decode go to the dead-letter topic; records whose stream version is
+   at or below the version already applied to that stream are skipped (a relay re-publishes
+   after a crash, so the same (stream, version) can appear twice);
+3. the rest are applied, the whole batch at once; if the projection refuses one (a poison
+   record, see :data:`projections.deadletter.POISON_ERRORS`), the batch is re-applied record
+   by record, each in a savepoint, and the refused ones are dead-lettered;
+4. dead letters are flushed to Kafka, then the view rows, the applied stream versions
+   (``evp_stream_versions``) and the next offsets (``evp_offsets``) commit together.
+
+A crash anywhere before the commit leaves the view and its positions as they were, so the
+batch is simply read again: effects are applied exactly once. Positions live only in
+PostgreSQL (partitions are assigned by hand, no consumer-group commits), so the view and
+its position can never disagree.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Protocol, runtime_checkable
+
+import psycopg
+from kafka import KafkaConsumer, TopicPartition
+from psycopg import sql
+
+from events import db
+from events.catalog import Catalog
+from events.codec import Codec
+from events.errors import ConfigurationError, EvpError, ServiceUnavailable
+from events.kafka import consumer as make_consumer, ensure_event_topics, kafka_errors
+from events.log import BadRecord, LogRecord, decode_record, end_offsets
+from events.registry import KafkaSchemaLog, SchemaRegistry
+from events.settings import Settings
+from projections.deadletter import POISON_ERRORS, STAGE_APPLY, STAGE_DECODE, DeadLetterQueue, describe_error
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 5000
+#: How long a catch-up waits for records it knows exist before calling the broker unavailable.
+STALL_TIMEOUT_S = 30.0
+
+
+# -- what a projection is ------------------------------------------------------------------
+class Projection(Protocol):
+    """A fold of events into tables of one PostgreSQL schema.
+
+    ``create`` must be idempotent (``IF NOT EXISTS``): it runs every time a runner starts.
+    ``apply`` must be deterministic and use only the record and the schema's tables, so a
+    rebuild gives the same view. Raise :class:`events.errors.InvalidEvent` for a record the
+    view cannot hold: it is dead-lettered instead of stopping the runner.
+    """
+
+    name: str
+    default_schema: str
+
+    def create(self, cur: psycopg.Cursor[Any], schema: str) -> None: ...
+
+    def apply(self, cur: psycopg.Cursor[Any], schema: str, record: LogRecord) -> None: ...
+
+
+@runtime_checkable
+class BatchProjection(Projection, Protocol):
+    """A projection that can apply many records at once (COPY, executemany, unnest).
+
+    ``apply_batch(records)`` must leave the view exactly as ``apply`` on each record in
+    order would: the runner falls back to that when a batch holds a poison record.
+    """
+
+    def apply_batch(self, cur: psycopg.Cursor[Any], schema: str, records: Sequence[LogRecord]) -> None: ...
+
+
+# -- results -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What one batch did."""
+
+    applied: int = 0
+    skipped: int = 0
+    dead_lettered: int = 0
+
+    def __add__(self, other: BatchOutcome) -> BatchOutcome:
+        return BatchOutcome(
+            self.applied + other.applied, self.skipped + other.skipped, self.dead_lettered + other.dead_lettered
+        )
+
+
+@dataclass(frozen=True)
+class CatchUpResult:
+    """A catch-up: records applied, skipped as duplicates, dead-lettered, and wall time."""
+
+    applied: int
+    skipped: int
+    dead_lettered: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Passed to a catch-up's progress callback after every batch."""
+
+    consumed: int  #: offsets passed since the catch-up started
+    total: int  #: offsets between the start positions and the end offsets taken at the start
+    outcome: BatchOutcome  #: totals so far
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    partition: int
+    next_offset: int | None  #: None: the projection has not read this partition yet
+    end_offset: int
+
+    @property
+    def lag(self) -> int:
+        return self.end_offset - (self.next_offset or 0)
+
+
+# -- pure helpers --------------------------------------------------------------------------
+def select_new(records: Iterable[LogRecord], applied: Mapping[str, int]) -> tuple[list[LogRecord], dict[str, int]]:
+    """The records above their stream's applied version, in order, and the versions they reach.
+
+    ``applied`` maps stream id to the highest version already applied. A record at or below
+    it (or below one met earlier in ``records``) is a duplicate.
+    """
+    latest: dict[str, int] = {}
+    new: list[LogRecord] = []
+    for record in records:
+        seen = latest.get(record.stream_id, applied.get(record.stream_id, 0))
+        if record.version > seen:
+            latest[record.stream_id] = record.version
+            new.append(record)
+    return new, latest
+
+
+def parse_timestamp(text: str) -> datetime | None:
+    """The ``evp.occurred_at`` header as a datetime; None when absent, ValueError when malformed."""
+    if not text:
+        return None
+    parsed = datetime.fromisoformat(text)
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=timezone.utc)
+
+
+def open_codec(settings: Settings) -> Codec:
+    """A codec that reads any registered schema (readers never register)."""
+    registry = SchemaRegistry(KafkaSchemaLog(settings.kafka, settings.schemas_topic))
+    return Codec(registry, Catalog.default(), settings.events_topic)
+
+
+# -- bookkeeping tables --------------------------------------------------------------------
+def view_lock(schema: str) -> sql.Composed:
+    """Serialises batches, schema creation and swaps of one view across processes."""
+    return sql.SQL("SELECT pg_advisory_xact_lock(hashtext({}))").format(sql.Literal(f"evp.projection:{schema}"))
+
+
+def ensure_schema(conn: psycopg.Connection[Any], projection: Projection, schema: str) -> None:
+    """Create the schema, the runner's tables and the projection's tables (idempotent)."""
+    s = sql.Identifier(schema)
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(view_lock(schema))
+        cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(s))
+        cur.execute(sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {}.evp_projection (name text PRIMARY KEY, created_at timestamptz NOT NULL DEFAULT now())"
+        ).format(s))
+        cur.execute(sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {}.evp_offsets (topic text NOT NULL, partition integer NOT NULL,"
+            " next_offset bigint NOT NULL, updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (topic, partition))"
+        ).format(s))
+        cur.execute(sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {}.evp_stream_versions (stream_id text PRIMARY KEY, version bigint NOT NULL)"
+        ).format(s))
+        owners = [r[0] for r in cur.execute(sql.SQL("SELECT name FROM {}.evp_projection").format(s))]
+        if not owners:
+            cur.execute(sql.SQL("INSERT INTO {}.evp_projection (name) VALUES (%s)").format(s), (projection.name,))
+        elif owners != [projection.name]:
+            raise ConfigurationError(f"schema {schema!r} holds projection {owners[0]!r}, not {projection.name!r}")
+        projection.create(cur, schema)
+
+
+def stored_offsets(cur: psycopg.Cursor[Any], schema: str, topic: str) -> dict[int, int]:
+    """partition -> next offset to read, as committed with the view."""
+    rows = cur.execute(
+        sql.SQL("SELECT partition, next_offset FROM {}.evp_offsets WHERE topic = %s").format(sql.Identifier(schema)),
+        (topic,),
+    ).fetchall()
+    return {int(p): int(o) for p, o in rows}
+
+
+class _PositionsMoved(Exception):
+    """The stored positions are not the ones this runner read from: re-seek, poll again."""
+
+
+# -- the runner ----------------------------------------------------------------------------
+class ProjectionRunner:
+    """Keeps one projection's schema up to date with the events topic.
+
+    Not thread-safe: one thread drives a runner. Several runners (or processes) may serve
+    the same schema; the advisory lock and the position check keep their effects single.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        projection: Projection,
+        *,
+        schema: str | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        codec: Codec | None = None,
+    ) -> None:
+        self.settings, self.projection = settings, projection
+        self.schema = schema or projection.default_schema
+        self.topic = settings.events_topic
+        self.batch_size = batch_size
+        self._codec = codec
+        self._conn: psycopg.Connection[Any] | None = None
+        self._consumer: KafkaConsumer | None = None
+        self._partitions: list[TopicPartition] = []
+        self._expected: dict[int, int] = {}
+        self._dead_letters = DeadLetterQueue(settings.kafka, settings.dead_letter_topic, projection.name)
+        self._apply_batch = projection.apply_batch if isinstance(projection, BatchProjection) else None
+
+    # -- connections ----------------------------------------------------------------------
+    def open(self) -> None:
+        """Connect, create the schema and seek to the stored positions (idempotent)."""
+        if self._conn is None or self._conn.closed:
+            self._reset()  # positions come from the database: a new connection means a new seek
+            self._conn = db.connect(self.settings.database_url, autocommit=True)
+            ensure_schema(self._conn, self.projection, self.schema)
+        if self._codec is None:
+            self._codec = open_codec(self.settings)
+        if self._consumer is None:
+            ensure_event_topics(self.settings)
+            self._consumer = make_consumer(self.settings.kafka, max_poll_records=self.batch_size, fetch_max_wait_ms=200)
+            with kafka_errors(self.settings.kafka):
+                found = self._consumer.partitions_for_topic(self.topic)
+                if not found:
+                    raise ServiceUnavailable("kafka", self.settings.kafka, f"topic {self.topic!r} has no partitions")
+                self._partitions = [TopicPartition(self.topic, p) for p in sorted(found)]
+                self._consumer.assign(self._partitions)
+            self._seek_to_stored()
+
+    def _seek_to_stored(self) -> None:
+        assert self._conn is not None and self._consumer is not None
+        with self._conn.cursor() as cur:
+            self._expected = stored_offsets(cur, self.schema, self.topic)
+        with kafka_errors(self.settings.kafka):
+            for tp in self._partitions:
+                if tp.partition in self._expected:
+                    self._consumer.seek(tp, self._expected[tp.partition])
+                else:
+                    self._consumer.seek_to_beginning(tp)
+
+    def close(self) -> None:
+        """Release the consumer, the producer and the connection; the position is in the view."""
+        self._dead_letters.close()
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _reset(self) -> None:
+        """Drop connections after a failure; the next :meth:`open` re-seeks from the view."""
+        self._dead_letters.discard()
+        for closer in (self._consumer, self._conn):
+            try:
+                if closer is not None:
+                    closer.close()
+            except Exception:  # noqa: BLE001 - it is already broken
+                pass
+        self._consumer = None
+        self._conn = None
+
+    def __enter__(self) -> ProjectionRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading --------------------------------------------------------------------------
+    def _poll(self, timeout_ms: int) -> list[Any]:
+        """One batch of messages, partition by partition, each in offset order."""
+        assert self._consumer is not None
+        with kafka_errors(self.settings.kafka):
+            polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=self.batch_size)
+        return [m for tp in sorted(polled, key=lambda t: t.partition) for m in polled[tp]]
+
+    def positions(self) -> dict[int, int]:
+        """Where the consumer will read next, per partition."""
+        assert self._consumer is not None
+        with kafka_errors(self.settings.kafka):
+            return {tp.partition: self._consumer.position(tp) for tp in self._partitions}
+
+    # -- one batch ------------------------------------------------------------------------
+    def process(self, messages: Sequence[Any]) -> BatchOutcome:
+        """Apply one polled batch and commit it with its positions (the contract above)."""
+        conn = self._conn
+        assert conn is not None
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute(view_lock(self.schema))
+                if stored_offsets(cur, self.schema, self.topic) != self._expected:
+                    raise _PositionsMoved()
+                outcome = self._apply_messages(cur, messages)
+                self._dead_letters.flush()
+                nexts = self._save_offsets(cur, messages)
+        except _PositionsMoved:
+            log.info("projection %s: positions in %s moved under this runner; re-seeking", self.projection.name, self.schema)
+            self._seek_to_stored()
+            return BatchOutcome()
+        except BaseException:
+            self._reset()  # the consumer is past what committed: re-seek on the next open()
+            raise
+        self._expected.update(nexts)
+        return outcome
+
+    def _apply_messages(self, cur: psycopg.Cursor[Any], messages: Sequence[Any]) -> BatchOutcome:
+        assert self._codec is not None
+        by_place = {(m.partition, m.offset): m for m in messages}
+        records: list[LogRecord] = []
+        dead = 0
+        for message in messages:
+            decoded = decode_record(self._codec, message)
+            if isinstance(decoded, BadRecord):
+                self._dead_letters.send(message, decoded.reason, STAGE_DECODE)
+                dead += 1
+            else:
+                records.append(decoded)
+        new, versions = select_new(records, self._applied_versions(cur, {r.stream_id for r in records}))
+        refused = self._apply_records(cur, new)
+        for record, error in refused:
+            self._dead_letters.send(by_place[(record.partition, record.offset)], describe_error(error), STAGE_APPLY)
+        self._save_versions(cur, versions)
+        return BatchOutcome(applied=len(new) - len(refused), skipped=len(records) - len(new), dead_lettered=dead + len(refused))
+
+    def _apply_records(self, cur: psycopg.Cursor[Any], records: Sequence[LogRecord]) -> list[tuple[LogRecord, BaseException]]:
+        """Apply all at once; if one is poison, again one by one. Returns the refused ones."""
+        if not records:
+            return []
+        conn = cur.connection
+        try:
+            with conn.transaction():
+                self._apply_many(cur, records)
+            return []
+        except POISON_ERRORS:
+            pass
+        refused: list[tuple[LogRecord, BaseException]] = []
+        for record in records:
+            try:
+                with conn.transaction():
+                    self._apply_many(cur, [record])
+            except POISON_ERRORS as err:
+                refused.append((record, err))
+        return refused
+
+    def _apply_many(self, cur: psycopg.Cursor[Any], records: Sequence[LogRecord]) -> None:
+        if self._apply_batch is not None:
+            self._apply_batch(cur, self.schema, records)
+        else:
+            for record in records:
+                self.projection.apply(cur, self.schema, record)
+
+    def _applied_versions(self, cur: psycopg.Cursor[Any], streams: set[str]) -> dict[str, int]:
+        if not streams:
+            return {}
+        rows = cur.execute(
+            sql.SQL("SELECT stream_id, version FROM {}.evp_stream_versions WHERE stream_id = ANY(%s)").format(
+                sql.Identifier(self.schema)
+            ),
+            (list(streams),),
+        ).fetchall()
+        return {s: int(v) for s, v in rows}
+
+    def _save_versions(self, cur: psycopg.Cursor[Any], versions: Mapping[str, int]) -> None:
+        if not versions:
+            return
+        cur.execute(
+            sql.SQL(
+                "INSERT INTO {s}.evp_stream_versions AS t (stream_id, version)"
+                " SELECT * FROM unnest(%s::text[], %s::bigint[])"
+                " ON CONFLICT (stream_id) DO UPDATE SET version = GREATEST(t.version, EXCLUDED.version)"
+            ).format(s=sql.Identifier(self.schema)),
+            (list(versions), list(versions.values())),
+        )
+
+    def _save_offsets(self, cur: psycopg.Cursor[Any], messages: Sequence[Any]) -> dict[int, int]:
+        nexts: dict[int, int] = {}
+        for message in messages:
+            nexts[message.partition] = max(nexts.get(message.partition, 0), message.offset + 1)
+        if nexts:
+            cur.execute(
+                sql.SQL(
+                    "INSERT INTO {s}.evp_offsets AS t (topic, partition, next_offset)"
+                    " SELECT %s, * FROM unnest(%s::int[], %s::bigint[])"
+                    " ON CONFLICT (topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()"
+                ).format(s=sql.Identifier(self.schema)),
+                (self.topic, list(nexts), list(nexts.values())),
+            )
+        return nexts
+
+    # -- driving --------------------------------------------------------------------------
+    def catch_up(self, on_progress: Callable[[Progress], None] | None = None) -> CatchUpResult:
+        """Apply everything up to the end offsets taken now; return what was done."""
+        started = time.monotonic()
+        self.open()
+        assert self._consumer is not None
+        with kafka_errors(self.settings.kafka):
+            ends = {tp.partition: off for tp, off in self._consumer.end_offsets(self._partitions).items()}
+        begin = self.positions()
+        total = sum(max(0, ends[p] - begin[p]) for p in ends)
+        outcome = BatchOutcome()
+        last_progress = time.monotonic()
+        while True:
+            now = self.positions()
+            if all(now[p] >= ends[p] for p in ends):
+                break
+            messages = self._poll(500)
+            if messages:
+                outcome = outcome + self.process(messages)
+                last_progress = time.monotonic()
+                if on_progress is not None:
+                    consumed = sum(min(pos, ends[p]) - begin[p] for p, pos in self.positions().items() if p in ends)
+                    on_progress(Progress(consumed=max(0, consumed), total=total, outcome=outcome))
+            elif time.monotonic() - last_progress > STALL_TIMEOUT_S:
+                behind = {p: ends[p] - now[p] for p in ends if now[p] < ends[p]}
+                raise ServiceUnavailable("kafka", self.settings.kafka, f"no records for {STALL_TIMEOUT_S:.0f}s while behind {behind}")
+        return CatchUpResult(outcome.applied, outcome.skipped, outcome.dead_lettered, time.monotonic() - started)
+
+    def run(self, stop: threading.Event, on_batch: Callable[[BatchOutcome], None] | None = None) -> None:
+        """Apply batches until ``stop`` is set, finishing the batch in hand; survive outages."""
+        backoff = 0.2
+        while not stop.is_set():
+            try:
+                self.open()
+                messages = self._poll(500)
+                if messages:
+                    outcome = self.process(messages)
+                    if on_batch is not None:
+                        on_batch(outcome)
+                backoff = 0.2
+            except ConfigurationError:
+                raise
+            except (EvpError, psycopg.OperationalError, psycopg.InterfaceError) as err:
+                log.warning("projection %s: %s; retrying in %.1fs", self.projection.name, err, backoff)
+                self._reset()
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def lag(self) -> list[PartitionLag]:
+        """Per partition: stored next offset, end offset and the difference."""
+        return projection_lag(self.settings, self.schema)
+
+
+def projection_lag(settings: Settings, schema: str) -> list[PartitionLag]:
+    """How far a projection's schema is behind the events topic, per partition."""
+    ends = end_offsets(settings.kafka, settings.events_topic)
+    with db.connect(settings.database_url, autocommit=True) as conn, conn.cursor() as cur:
+        stored = stored_offsets(cur, schema, settings.events_topic) if _has_offsets(cur, schema) else {}
+    return [PartitionLag(p, stored.get(p), ends[p]) for p in sorted(ends)]
+
+
+def _has_offsets(cur: psycopg.Cursor[Any], schema: str) -> bool:
+    return cur.execute(
+        "SELECT 1 FROM pg_tables WHERE schemaname = %s AND tablename = 'evp_offsets'", (schema,)
+    ).fetchone() is not None
