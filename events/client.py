@@ -113,11 +113,18 @@ class EventStore:
         return self.ledger.append(stream_id, encoded, expected_version, reservations)
 
     def flush(self, timeout: float = 60.0) -> int:
-        """Publish the outbox to Kafka now; returns how many events this call sent."""
+        """Publish the outbox to Kafka now; returns how many events this call sent.
+
+        The leases taken to publish are handed back afterwards: kept, they would stop a
+        running ``evp relay run`` from publishing those partitions until the next flush.
+        """
         if self._relay is None:
             s = self.settings
             self._relay = Relay(s.database_url, s.kafka, s.events_topic, s.partitions)
-        return drain(self._relay, timeout=timeout)
+        try:
+            return drain(self._relay, timeout=timeout)
+        finally:
+            self._relay.release_leases()
 
     def reserve_email(self, email: str) -> Reservation:
         """A reservation that keeps one stream per email, checked on the blind index."""

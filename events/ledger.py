@@ -6,12 +6,15 @@ writes the transactional outbox. The relay publishes the outbox afterwards.
 
 Contract of :meth:`Ledger.append`:
 
-1. If the first event id is already in the ledger, the call is a retry: every id must be
+1. If the event ids are already in the ledger, the call is a retry: every id must be
    there, in the same stream, and the original positions are returned; nothing is written.
 2. Otherwise the stream row is locked; the expected version is checked; on mismatch
    :class:`ConcurrencyError` is raised and nothing is written.
-3. Events get versions ``current+1 ..``, rows go to ``evp_events`` and ``evp_outbox``,
-   reservations (if any) are claimed, and ``NOTIFY evp_outbox`` wakes relays at commit.
+3. Reservations (if any) are claimed, events get versions ``current+1 ..``, rows go to
+   ``evp_events`` and ``evp_outbox``, and ``NOTIFY evp_outbox`` wakes relays at commit.
+
+All of it runs server-side in ``evp_append`` (``sql/002_append.sql``): one round trip
+per append, whatever the batch size.
 """
 
 from __future__ import annotations
@@ -21,14 +24,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import psycopg
-from psycopg import errors as pg_errors
-from psycopg.rows import tuple_row
 
 from events.errors import ConcurrencyError, EvpError, InvalidEvent, NotFound, UniquenessViolation
 from events.event import ANY, NO_STREAM, AppendResult, EncodedEvent, ExpectedVersion, RecordedEvent
 from events.partitioning import partition_for
 
-NOTIFY_CHANNEL = "evp_outbox"
+NOTIFY_CHANNEL = "evp_outbox"  #: also named in sql/002_append.sql
 MAX_EVENT_BYTES = 900_000  # below Kafka's default 1 MiB message.max.bytes, headers included
 MAX_STREAM_ID = 255
 
@@ -58,6 +59,13 @@ def row_to_event(row: tuple) -> RecordedEvent:  # type: ignore[type-arg]
 def check_stream_id(stream_id: str) -> None:
     if not isinstance(stream_id, str) or not stream_id or len(stream_id) > MAX_STREAM_ID:
         raise InvalidEvent("append", "stream_id", f"must be a non-empty string of at most {MAX_STREAM_ID} characters")
+    check_text("append", "stream_id", stream_id)
+
+
+def check_text(event_type: str, field: str, value: str | None) -> None:
+    """PostgreSQL text cannot hold NUL: refuse it by name rather than fail mid-transaction."""
+    if value is not None and "\x00" in value:
+        raise InvalidEvent(event_type, field, "must not contain NUL characters")
 
 
 class Ledger:
@@ -90,90 +98,34 @@ class Ledger:
         for event in events:
             if len(event.value) > MAX_EVENT_BYTES:
                 raise InvalidEvent(event.event_type, "(record)", f"{len(event.value)} bytes exceeds the {MAX_EVENT_BYTES}-byte limit")
+            check_text(event.event_type, "actor", event.actor)
+            check_text(event.event_type, "subject_id", event.subject_id)
         if len({e.event_id for e in events}) != len(events):
             raise InvalidEvent("append", "event_id", "the same event id appears twice in one append")
-        try:
-            with self._conn.transaction():
-                earlier = self._already_appended(stream_id, events)
-                if earlier is not None:
-                    return earlier
-                current = self._lock_stream(stream_id)
-                _check_expected(stream_id, expected_version, current)
-                return self._write(stream_id, events, current, reservations)
-        except psycopg.errors.UniqueViolation as err:
-            # Another writer committed the same event id between our check and our insert.
-            earlier = self._already_appended(stream_id, events)
-            if earlier is not None:
-                return earlier
-            raise ConcurrencyError(stream_id, expected_version, self.version(stream_id)) from err
-        except psycopg.OperationalError as err:
-            raise EvpError(f"append to {stream_id!r} failed, nothing was written: {err}") from err
-
-    def _already_appended(self, stream_id: str, events: Sequence[EncodedEvent]) -> AppendResult | None:
-        ids = [e.event_id for e in events]
-        rows = self._conn.execute(
-            "SELECT event_id, stream_id, version, position FROM evp_events WHERE event_id = ANY(%s)", (ids,)
-        ).fetchall()
-        if not rows:
-            return None
-        found = {row[0]: row for row in rows}
-        missing = [str(i) for i in ids if i not in found]
-        elsewhere = sorted({row[1] for row in rows if row[1] != stream_id})
-        if missing or elsewhere:
-            raise InvalidEvent(
-                "append", "event_id",
-                f"ids were partly appended before (missing {missing}) or to other streams {elsewhere}: "
-                "an idempotency key must name the same events every time",
-            )
-        ordered = [found[i] for i in ids]
-        return AppendResult(stream_id, ordered[0][2], ordered[-1][2], tuple(r[3] for r in ordered), duplicate=True)
-
-    def _lock_stream(self, stream_id: str) -> int | None:
-        row = self._conn.execute(
-            "SELECT version FROM evp_streams WHERE stream_id = %s FOR UPDATE", (stream_id,)
-        ).fetchone()
-        return None if row is None else int(row[0])
-
-    def _write(
-        self, stream_id: str, events: Sequence[EncodedEvent], current: int | None, reservations: Sequence[Reservation]
-    ) -> AppendResult:
-        conn = self._conn
-        base = current or 0
-        if current is None:
-            inserted = conn.execute(
-                "INSERT INTO evp_streams (stream_id, version) VALUES (%s, 0) ON CONFLICT DO NOTHING RETURNING version",
-                (stream_id,),
-            ).fetchone()
-            if inserted is None:  # created concurrently; it has committed since (ON CONFLICT waited)
-                raise ConcurrencyError(stream_id, NO_STREAM, self._lock_stream(stream_id))
-        for reservation in reservations:
-            self._reserve(stream_id, reservation)
-        partition = partition_for(stream_id, self._partitions)
-        positions: list[int] = []
-        with conn.cursor(row_factory=tuple_row) as cur:
-            for offset, event in enumerate(events, start=1):
-                cur.execute(
-                    "INSERT INTO evp_events (stream_id, version, event_id, event_type, schema_id, value, actor,"
-                    " subject_id, occurred_at, partition) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                    " RETURNING position",
-                    (stream_id, base + offset, event.event_id, event.event_type, event.schema_id, event.value,
-                     event.actor, event.subject_id, event.occurred_at, partition),
-                )
-                positions.append(cur.fetchone()[0])  # type: ignore[index]
-            cur.executemany("INSERT INTO evp_outbox (position, partition) VALUES (%s, %s)", [(p, partition) for p in positions])
-            cur.execute("UPDATE evp_streams SET version = %s, updated_at = now() WHERE stream_id = %s", (base + len(events), stream_id))
-            cur.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(partition)))
-        return AppendResult(stream_id, base + 1, base + len(events), tuple(positions))
-
-    def _reserve(self, stream_id: str, reservation: Reservation) -> None:
-        row = self._conn.execute(
-            "INSERT INTO evp_reservations (scope, value, stream_id) VALUES (%s, %s, %s)"
-            " ON CONFLICT (scope, value) DO UPDATE SET scope = EXCLUDED.scope RETURNING stream_id",
-            (reservation.scope, reservation.value, stream_id),
-        ).fetchone()
-        holder = row[0] if row else stream_id
-        if holder != stream_id:
-            raise UniquenessViolation(f"{reservation.scope} is already reserved by stream {holder!r}")
+        kind, expected = _expected_arguments(expected_version)
+        arguments = (
+            stream_id, kind, expected, partition_for(stream_id, self._partitions),
+            [e.event_id for e in events], [e.event_type for e in events], [e.schema_id for e in events],
+            [e.value for e in events], [e.actor for e in events], [e.subject_id for e in events],
+            [e.occurred_at for e in events], [r.scope for r in reservations], [r.value for r in reservations],
+        )
+        for attempt in (1, 2):
+            try:
+                # One statement on an autocommit connection: one round trip, one transaction.
+                row = self._conn.execute(_APPEND, arguments).fetchone()
+                assert row is not None
+                duplicate, first, last, positions = row
+                return AppendResult(stream_id, first, last, tuple(positions), duplicate=duplicate)
+            except psycopg.errors.UniqueViolation as err:
+                # Another writer committed one of these event ids between our check and our
+                # insert: the second attempt sees it and answers as a retry would.
+                if attempt == 2:
+                    raise ConcurrencyError(stream_id, expected_version, self.version(stream_id)) from err
+            except psycopg.OperationalError as err:
+                raise EvpError(f"append to {stream_id!r} failed, nothing was written: {err}") from err
+            except psycopg.Error as err:
+                raise _translate(err, stream_id, expected_version) from err
+        raise AssertionError("unreachable")
 
     def release(self, scope: str, value: str, stream_id: str) -> bool:
         """Free a reservation held by ``stream_id`` (for example after an erasure)."""
@@ -224,14 +176,32 @@ class Ledger:
 
 
 
-def _check_expected(stream_id: str, expected: ExpectedVersion, current: int | None) -> None:
+_APPEND = (
+    "SELECT r_duplicate, r_first, r_last, r_positions FROM evp_append("
+    "%s, %s, %s, %s, %s::uuid[], %s::text[], %s::integer[], %s::bytea[], %s::text[], %s::text[],"
+    " %s::timestamptz[], %s::text[], %s::text[])"
+)
+
+
+def _expected_arguments(expected: ExpectedVersion) -> tuple[str, int]:
     if expected is ANY:
-        return
+        return "any", 0
     if expected is NO_STREAM:
-        if current is not None and current > 0:
-            raise ConcurrencyError(stream_id, expected, current)
-        return
+        return "no_stream", 0
     if isinstance(expected, bool) or not isinstance(expected, int) or expected < 0:
         raise InvalidEvent("append", "expected_version", f"must be a version number >= 0, ANY or NO_STREAM, got {expected!r}")
-    if (current or 0) != expected:
-        raise ConcurrencyError(stream_id, expected, current)
+    return "exact", expected
+
+
+def _translate(err: psycopg.Error, stream_id: str, expected: ExpectedVersion) -> EvpError:
+    """Map evp_append's own SQLSTATEs to evp's errors; anything else is a plain EvpError."""
+    detail = err.diag.message_detail or ""
+    if err.sqlstate == "EV409":
+        return ConcurrencyError(stream_id, expected, int(detail) if detail else None)
+    if err.sqlstate == "EV423":
+        return UniquenessViolation(f"{err.diag.message_primary} by stream {detail!r}")
+    if err.sqlstate == "EV422":
+        where = f" (stream {detail!r})" if detail else ""
+        return InvalidEvent("append", "event_id", f"ids were partly appended before or to another stream{where}: "
+                            "an idempotency key must name the same events every time")
+    return EvpError(f"append to {stream_id!r} failed, nothing was written: {err}")

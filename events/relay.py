@@ -93,6 +93,16 @@ class Relay:
                     self._held.add(partition)
         return set(self._held)
 
+    def release_leases(self) -> None:
+        """Hand every lease back (the connection and producer stay) so another relay can publish."""
+        try:
+            if self._conn is not None and not self._conn.closed:
+                for partition in sorted(self._held):
+                    self._conn.execute("SELECT pg_advisory_unlock(%s, %s)", (lease_class(self.topic), partition))
+        except psycopg.Error:
+            self._reset_connection()  # a session that is gone holds no locks either
+        self._held.clear()
+
     # -- publishing ---------------------------------------------------------------------
     def publish_pending(self) -> int:
         """Publish everything in the outbox for the partitions held; return how many were sent."""

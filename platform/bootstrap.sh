@@ -52,6 +52,10 @@ else
     "$venv/bin/python" -m pip install -qq -e "$repo" --no-deps --no-build-isolation >&2
 fi
 
+# An in-tree build leaves evp.egg-info in the clone; Python would read its (possibly stale)
+# entry points before the venv's, whenever it runs with the clone as its working directory.
+rm -rf "$repo/evp.egg-info"
+
 mkdir -p "$repo/.evp"
 touch "$repo/.evp/.evp-state"  # ours: `services.py clean` may delete it
 echo "$venv" > "$repo/.evp/venv-path"

@@ -6,17 +6,20 @@ never see each other's events and can run in any order.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from events.settings import Settings
+
+if TYPE_CHECKING:
+    from events.client import EventStore
 
 REPO = Path(__file__).resolve().parents[1]
 SERVICES = REPO / "platform" / "services.py"
@@ -75,7 +78,7 @@ def settings(services: Settings, database_url: str, tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def store(settings: Settings) -> Iterator["EventStore"]:  # noqa: F821
+def store(settings: Settings) -> Iterator[EventStore]:
     from events.client import EventStore
 
     with EventStore.open(settings) as opened:

@@ -1,0 +1,191 @@
+"""What field encryption costs the producer SDK, measured against itself in the same run.
+
+Three measurements, each printed as encrypted vs. plain and their ratio:
+
+1. ``prepare`` only (validate, blind index, seal, Avro-encode; no I/O): the CPU cost;
+2. ``append`` to the ledger (one PostgreSQL transaction per batch), for subjects seen for
+   the first time (a data key is created and stored per subject) and for known subjects
+   (keys cached);
+3. raw ``seal_text`` / ``open_text`` operations per second.
+
+"Plain" is the same SDK with an empty personal-field catalog: nothing is sealed, the
+blind index is still computed (it comes from the schema, not from the catalog). Needs the
+services running; uses a private database and topic prefix, dropped at the end.
+
+    python bench/bench_encryption.py [--small | --large]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from events import crypto  # noqa: E402
+from events.client import EventStore  # noqa: E402
+from events.event import Event  # noqa: E402
+from events.personal import PersonalData, StaticCatalog  # noqa: E402
+from events.settings import Settings  # noqa: E402
+
+SIZES = {"small": 1_000, "default": 5_000, "large": 25_000}
+BATCH = 50  #: events per append (one ledger transaction)
+SAMPLES_PER_ANNOTATOR = 1
+ROUNDS = 3
+#: New subjects cost a key-store round trip each: fewer of them keep the run short.
+NEW_SUBJECTS = 250
+
+
+@dataclass(frozen=True)
+class Rate:
+    label: str
+    encrypted: float  #: events (or operations) per second with encryption
+    plain: float
+
+    def line(self) -> str:
+        ratio = self.encrypted / self.plain if self.plain else float("nan")
+        return f"{self.label:<34} {self.encrypted:>12,.0f}/s {self.plain:>12,.0f}/s {ratio:>7.2f}x"
+
+
+def workload(annotators: int, tag: str) -> list[Event]:
+    """Registrations with personal data, each followed by a sample submission."""
+    events: list[Event] = []
+    for i in range(annotators):
+        annotator = f"bench-{tag}-{i}"
+        events.append(Event("AnnotatorRegistered", {
+            "annotator_id": annotator, "name": f"Annotator Number {i}", "email": f"annotator.{i}.{tag}@example.org",
+        }))
+        for n in range(SAMPLES_PER_ANNOTATOR):
+            events.append(Event("SampleSubmitted", {
+                "sample_id": f"{annotator}-{n}", "annotator_id": annotator, "features": [float(i % 17)] * 64,
+                "label": i % 10, "source": "bench",
+            }))
+    return events
+
+
+def fresh_ids(events: Sequence[Event]) -> list[Event]:
+    """The same events under new ids: a repeat append is new work, not an idempotent no-op."""
+    return [replace(e, event_id=uuid.uuid4()) for e in events]
+
+
+def timed(run: Callable[[], int]) -> float:
+    started = time.perf_counter()
+    count = run()
+    return count / (time.perf_counter() - started)
+
+
+def prepare_all(store: EventStore, events: Sequence[Event]) -> int:
+    for event in events:
+        store.prepare(event)
+    return len(events)
+
+
+def append_all(store: EventStore, events: Sequence[Event], stream_prefix: str) -> int:
+    for start in range(0, len(events), BATCH):
+        store.append(f"{stream_prefix}-{start // BATCH}", events[start : start + BATCH])
+    return len(events)
+
+
+def median_of(rounds: int, measure: Callable[[int], float]) -> float:
+    """The median of ``rounds`` runs (``measure(round)`` returns a rate)."""
+    return statistics.median(measure(r) for r in range(rounds))
+
+
+def sdk_rates(encrypted: EventStore, plain: EventStore, size: int) -> list[Rate]:
+    annotators = size // (1 + SAMPLES_PER_ANNOTATOR)
+    base = workload(annotators, "warm")
+    # warm both: schemas registered, validators compiled, the encrypted side's keys created
+    append_all(encrypted, base, "warm-enc")
+    append_all(plain, fresh_ids(base), "warm-plain")
+
+    def prepare_rate(store: EventStore) -> Callable[[int], float]:
+        return lambda _r: timed(lambda: prepare_all(store, base))
+
+    def known_rate(store: EventStore, label: str) -> Callable[[int], float]:
+        return lambda r: timed(lambda: append_all(store, fresh_ids(base), f"known-{label}-{r}"))
+
+    def new_rate(store: EventStore, label: str) -> Callable[[int], float]:
+        fresh = min(annotators, NEW_SUBJECTS)
+        return lambda r: timed(lambda: append_all(store, workload(fresh, f"new-{label}-{r}"), f"new-{label}-{r}"))
+
+    return [
+        Rate("prepare (no I/O)", median_of(ROUNDS, prepare_rate(encrypted)), median_of(ROUNDS, prepare_rate(plain))),
+        Rate("append, known subjects", median_of(ROUNDS, known_rate(encrypted, "e")), median_of(ROUNDS, known_rate(plain, "p"))),
+        Rate("append, new subjects (key created)", median_of(1, new_rate(encrypted, "e")), median_of(1, new_rate(plain, "p"))),
+    ]
+
+
+def cipher_rates(operations: int) -> dict[str, float]:
+    """Operations per second of the field cipher alone, on an email-sized value."""
+    key = secrets.token_bytes(crypto.KEY_BYTES)
+    aad = crypto.field_aad(str(uuid.uuid4()), "evp.samples.AnnotatorRegistered", "email", "annotator-1")
+    text = "annotator.12345@example.org"
+    sealed = crypto.seal_text(key, text, aad)
+
+    def seal() -> int:
+        for _ in range(operations):
+            crypto.seal_text(key, text, aad)
+        return operations
+
+    def open_() -> int:
+        for _ in range(operations):
+            crypto.open_text(key, sealed, aad)
+        return operations
+
+    return {"seal_text": timed(seal), "open_text": timed(open_)}
+
+
+@contextmanager
+def private_services(base: Settings) -> Iterator[Settings]:
+    """A throwaway database and topic prefix on the running services."""
+    name = f"evp_bench_{uuid.uuid4().hex[:12]}"
+    admin = base.database_url.rpartition("/")[0] + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        with TemporaryDirectory() as home:
+            yield base.with_(
+                database_url=base.database_url.rpartition("/")[0] + f"/{name}",
+                topic_prefix=f"bench{uuid.uuid4().hex[:8]}", home=Path(home), kek_file=Path(home) / "kek",
+            )
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--small", action="store_const", dest="size", const="small")
+    size.add_argument("--large", action="store_const", dest="size", const="large")
+    args = parser.parse_args(argv)
+    events = SIZES[args.size or "default"]
+    with private_services(Settings.from_env()) as settings:
+        with EventStore.open(settings) as encrypted, EventStore.open(settings) as plain:
+            plain.personal = PersonalData(StaticCatalog({}))
+            rates = sdk_rates(encrypted, plain, events)
+    raw = cipher_rates(events * 20)
+    print(f"evp field encryption: {events} events per run (half carry personal data), batches of {BATCH}, "
+          f"median of {ROUNDS} runs (new subjects: 1 run of {NEW_SUBJECTS} at most); {os.cpu_count()} CPUs")
+    print(f"{'':<34} {'encrypted':>14} {'plain':>14} {'ratio':>8}")
+    for rate in rates:
+        print(rate.line())
+    for name, per_second in raw.items():
+        print(f"{name + ' (27-byte value)':<34} {per_second:>12,.0f}/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

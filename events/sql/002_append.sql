@@ -1,0 +1,80 @@
+-- evp_append: the whole expected-version append in one round trip.
+--
+-- 1. a retry (every event id already in the ledger, in this stream) returns the original
+--    versions and positions and writes nothing;
+-- 2. the stream row is locked (or created; if another writer created it meanwhile, its
+--    committed version is used);
+-- 3. the expected version is checked: 'any', 'no_stream' or 'exact' p_expected;
+-- 4. unique reservations are claimed;
+-- 5. events and outbox rows are written in version order, the stream's version moves on,
+--    and relays are woken at commit.
+-- Failures raise and so roll everything back: EV409 wrong expected version (DETAIL: the
+-- actual version, empty for no stream), EV423 reservation held (DETAIL: the holder),
+-- EV422 ids partly appended before or to another stream (DETAIL: that stream).
+
+CREATE OR REPLACE FUNCTION evp_append(
+    p_stream text, p_kind text, p_expected bigint, p_partition integer,
+    p_ids uuid[], p_types text[], p_schema_ids integer[], p_values bytea[],
+    p_actors text[], p_subjects text[], p_occurred timestamptz[],
+    p_scopes text[], p_reserved text[]
+) RETURNS TABLE (r_duplicate boolean, r_first bigint, r_last bigint, r_positions bigint[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer := cardinality(p_ids);
+    v_current bigint;
+    v_found integer;
+    v_other text;
+    v_holder text;
+    v_position bigint;
+    v_positions bigint[] := '{}';
+BEGIN
+    SELECT count(*), min(e.stream_id) FILTER (WHERE e.stream_id <> p_stream) INTO v_found, v_other
+      FROM evp_events e WHERE e.event_id = ANY (p_ids);
+    IF v_found > 0 THEN
+        IF v_found <> n OR v_other IS NOT NULL THEN
+            RAISE EXCEPTION 'event ids were partly appended before, or to another stream'
+                USING ERRCODE = 'EV422', DETAIL = coalesce(v_other, '');
+        END IF;
+        RETURN QUERY
+            SELECT true, min(e.version), max(e.version), array_agg(e.position ORDER BY u.ord)
+              FROM unnest(p_ids) WITH ORDINALITY AS u (id, ord) JOIN evp_events e ON e.event_id = u.id;
+        RETURN;
+    END IF;
+
+    SELECT s.version INTO v_current FROM evp_streams s WHERE s.stream_id = p_stream FOR UPDATE;
+    IF NOT FOUND THEN
+        INSERT INTO evp_streams (stream_id, version) VALUES (p_stream, 0) ON CONFLICT DO NOTHING;
+        IF NOT FOUND THEN
+            SELECT s.version INTO v_current FROM evp_streams s WHERE s.stream_id = p_stream FOR UPDATE;
+        END IF;
+    END IF;
+
+    IF (p_kind = 'no_stream' AND coalesce(v_current, 0) > 0)
+       OR (p_kind = 'exact' AND coalesce(v_current, 0) <> p_expected) THEN
+        RAISE EXCEPTION 'wrong expected version' USING ERRCODE = 'EV409', DETAIL = coalesce(v_current::text, '');
+    END IF;
+
+    FOR i IN 1 .. coalesce(cardinality(p_scopes), 0) LOOP
+        INSERT INTO evp_reservations AS r (scope, value, stream_id) VALUES (p_scopes[i], p_reserved[i], p_stream)
+            ON CONFLICT (scope, value) DO UPDATE SET scope = EXCLUDED.scope
+            RETURNING r.stream_id INTO v_holder;
+        IF v_holder <> p_stream THEN
+            RAISE EXCEPTION '% is already reserved', p_scopes[i] USING ERRCODE = 'EV423', DETAIL = v_holder;
+        END IF;
+    END LOOP;
+
+    v_current := coalesce(v_current, 0);
+    FOR i IN 1 .. n LOOP
+        INSERT INTO evp_events (stream_id, version, event_id, event_type, schema_id, value, actor, subject_id,
+                                occurred_at, partition)
+        VALUES (p_stream, v_current + i, p_ids[i], p_types[i], p_schema_ids[i], p_values[i], p_actors[i],
+                p_subjects[i], p_occurred[i], p_partition)
+        RETURNING position INTO v_position;
+        INSERT INTO evp_outbox (position, partition) VALUES (v_position, p_partition);
+        v_positions := v_positions || v_position;
+    END LOOP;
+    UPDATE evp_streams SET version = v_current + n, updated_at = now() WHERE stream_id = p_stream;
+    PERFORM pg_notify('evp_outbox', p_partition::text);
+    RETURN QUERY SELECT false, v_current + 1, v_current + n, v_positions;
+END;
+$$;
