@@ -149,6 +149,14 @@ class Ledger:
             raise NotFound(f"stream {stream_id!r} does not exist")
         return [row_to_event(r) for r in rows]
 
+    def read_stream_after(self, stream_id: str, version: int) -> list[RecordedEvent]:
+        """Events after ``version`` (an empty list for an unknown stream, unlike read_stream)."""
+        rows = self._conn.execute(
+            f"SELECT {EVENT_COLUMNS} FROM evp_events WHERE stream_id = %s AND version > %s ORDER BY version",
+            (stream_id, version),
+        ).fetchall()
+        return [row_to_event(r) for r in rows]
+
     def read_positions(self, positions: Sequence[int]) -> list[RecordedEvent]:
         rows = self._conn.execute(
             f"SELECT {EVENT_COLUMNS} FROM evp_events WHERE position = ANY(%s) ORDER BY position", (list(positions),)
