@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 
@@ -27,9 +27,13 @@ from events.personal import PersonalData, blind_index
 from events.registry import KafkaSchemaLog, SchemaRegistry
 from events.relay import Relay, drain
 from events.settings import Settings
-from events.validation import validate
+from events.validation import Validator
 
 BLIND_INDEX_OF = "evp.blind_index_of"
+
+
+class Closeable(Protocol):
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,10 @@ class StoredEvent:
 class EventStore:
     """One producer: a ledger connection, a schema registry, a keyring and a relay."""
 
-    def __init__(self, settings: Settings, conn: psycopg.Connection, codec: Codec, catalog: Catalog, keyring: Keyring) -> None:
+    def __init__(
+        self, settings: Settings, conn: psycopg.Connection, codec: Codec, catalog: Catalog, keyring: Keyring,
+        resources: Sequence[Closeable] = (),
+    ) -> None:
         self.settings = settings
         self.catalog = catalog
         self.codec = codec
@@ -56,6 +63,8 @@ class EventStore:
         self._conn = conn
         self.ledger = Ledger(conn, settings.partitions)
         self._relay: Relay | None = None
+        self._plans: dict[str, tuple[Mapping[str, Any], Validator]] = {}
+        self._resources = list(resources)  # closed with the store
 
     @classmethod
     def open(cls, settings: Settings) -> EventStore:
@@ -64,19 +73,20 @@ class EventStore:
         db.migrate(conn)
         ensure_event_topics(settings)
         catalog = Catalog.default()
-        registry = SchemaRegistry(KafkaSchemaLog(settings.kafka, settings.schemas_topic))
-        store = PostgresKeyStore(settings.database_url)
-        store.ensure_schema()
-        keyring = Keyring(store, kek_from_settings(settings))
-        return cls(settings, conn, Codec(registry, catalog, settings.events_topic), catalog, keyring)
+        schema_log = KafkaSchemaLog(settings.kafka, settings.schemas_topic)
+        keys = PostgresKeyStore(settings.database_url)
+        keys.ensure_schema()
+        keyring = Keyring(keys, kek_from_settings(settings))
+        codec = Codec(SchemaRegistry(schema_log), catalog, settings.events_topic)
+        return cls(settings, conn, codec, catalog, keyring, resources=(schema_log, keys))
 
     # -- writing ------------------------------------------------------------------------
     def prepare(self, event: Event) -> EncodedEvent:
         """Validate, fill blind indexes, encrypt personal fields and encode: before anything is sent."""
         full_name = self.catalog.full_name(event.type)
-        schema = self.catalog.schema(full_name)
+        schema, validator = self._plan(full_name)
         data = self._with_blind_indexes(full_name, schema, event.data)
-        validate(full_name, schema, data)
+        validator.validate(data)  # before encryption, so errors name plaintext fields
         sealed = self.personal.seal(full_name, str(event.event_id), data, self.keyring)
         encoded = self.codec.encode(full_name, sealed)
         subject_field = self.catalog.subject_field(full_name)
@@ -84,6 +94,13 @@ class EventStore:
         return EncodedEvent(
             event.event_id, full_name, encoded.schema_id, encoded.value, event.actor, event.occurred_at, subject
         )
+
+    def _plan(self, full_name: str) -> tuple[Mapping[str, Any], Validator]:
+        plan = self._plans.get(full_name)
+        if plan is None:
+            schema = self.catalog.schema(full_name)
+            plan = self._plans[full_name] = (schema, Validator(full_name, schema))
+        return plan
 
     def _with_blind_indexes(self, event_type: str, schema: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
         filled = dict(data)
@@ -144,6 +161,8 @@ class EventStore:
     def close(self) -> None:
         if self._relay is not None:
             self._relay.close()
+        for resource in self._resources:
+            resource.close()
         self._conn.close()
 
     def __enter__(self) -> EventStore:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from events.client import EventStore
+from events.errors import EvpError
 from events.event import Event
 
 
@@ -31,10 +32,13 @@ class ErasureReport:
     reservations: int
     snapshots: tuple[str, ...] = field(default=())
     key_destroyed: bool = False
+    published: bool = False  #: the SubjectForgotten event is on Kafka (else it waits in the outbox)
 
     def __str__(self) -> str:
         verb = "would touch" if self.dry_run else "touched"
         key = "" if self.dry_run else ("; data key destroyed" if self.key_destroyed else "; no live data key was left")
+        if not self.dry_run and not self.published:
+            key += "; erasure recorded, its publication to Kafka is pending (the relay will send it)"
         return (f"erasure of {self.subject_id} {verb} {self.events} events in {len(self.streams)} streams, "
                 f"{self.reservations} reservations, {len(self.snapshots)} snapshots{key}")
 
@@ -69,5 +73,10 @@ def forget_subject(store: EventStore, subject_id: str, *, reason: str, dry_run: 
     with store.ledger.connection.transaction():
         store.ledger.connection.execute("DELETE FROM evp_reservations WHERE stream_id = ANY(%s)", (list(scope.streams),))
     store.append(f"erasure-{subject_id}", Event("SubjectForgotten", {"subject_id": subject_id, "reason": reason}, actor=actor))
-    store.flush()
-    return ErasureReport(subject_id, False, scope.streams, scope.events, scope.reservations, scope.snapshots, destroyed)
+    try:
+        store.flush()
+        published = True
+    except EvpError:  # the key is gone and the event is in the outbox: the erasure stands
+        published = False
+    return ErasureReport(subject_id, False, scope.streams, scope.events, scope.reservations, scope.snapshots,
+                         destroyed, published)

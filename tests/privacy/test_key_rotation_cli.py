@@ -1,0 +1,67 @@
+"""``evp keys rotate``: every data key moves to a new key-encryption key, nothing is lost.
+
+After the command, a fresh process holding only the new KEK file reads every old event;
+the old KEK opens no wrapped key any more; erased subjects stay erased.
+"""
+
+from __future__ import annotations
+
+import random
+
+import psycopg
+import pytest
+
+from events.client import EventStore
+from events.errors import CryptoError, KeyErased
+from events.forget import forget_subject
+from events.kek import LocalKek
+from events.keyring import Keyring, PostgresKeyStore
+from events.personal import REDACTED
+from events.settings import Settings
+from tests.privacy import make_people, register, run_cli, submit
+
+pytestmark = pytest.mark.services
+
+
+def test_rotation_rewraps_every_key_and_retires_the_old_kek(store: EventStore, settings: Settings) -> None:
+    people = make_people(random.Random(), 3)
+    for person in people:
+        register(store, person)
+        submit(store, person, [f"{person.annotator_id}-1"], "digits")
+    forgotten, *kept = people
+    forget_subject(store, forgotten.annotator_id, reason="request")
+    store.flush()
+    old = LocalKek.load_or_create(settings.kek_path)
+    keys = PostgresKeyStore(settings.database_url)
+    live_before = [k for k in keys.all() if not k.erased]
+    assert {k.kek_id for k in live_before} == {old.key_id}
+    assert all(old.unwrap(k.wrapped, subject_id=k.subject_id) for k in live_before if k.wrapped)  # not vacuous
+
+    done = run_cli(settings, "keys", "rotate")
+
+    assert done.returncode == 0, done.stderr
+    assert f"re-wrapped {len(live_before)} keys" in done.stdout  # the people kept and the blind-index key
+    new = LocalKek.load_or_create(settings.kek_path)
+    assert new.key_id != old.key_id and new.key_id in done.stdout
+    assert not settings.kek_path.with_name(settings.kek_path.name + ".next").exists()
+    live_after = [k for k in keys.all() if not k.erased]
+    assert [k.subject_id for k in live_after] == [k.subject_id for k in live_before]
+    for stored in live_after:
+        assert stored.kek_id == new.key_id and stored.wrapped is not None
+        with pytest.raises(CryptoError):
+            old.unwrap(stored.wrapped, subject_id=stored.subject_id)
+        with pytest.raises(CryptoError):
+            Keyring(keys, old).data_key(stored.subject_id, create=False)
+
+    with EventStore.open(settings) as fresh, psycopg.connect(settings.database_url) as conn:
+        assert fresh.keyring.kek_id == new.key_id  # it found only the new KEK file
+        streams = [r[0] for r in conn.execute("SELECT DISTINCT stream_id FROM evp_events ORDER BY 1").fetchall()]
+        decoded = [event for stream in streams for event in fresh.read_stream(stream)]
+        assert len(decoded) == conn.execute("SELECT count(*) FROM evp_events").fetchone()[0]  # type: ignore[index]
+        names = {e.data["annotator_id"]: (e.data["name"], e.data["email"]) for e in decoded if "email" in e.data}
+        assert names == {p.annotator_id: (p.name, p.email) for p in kept} | {forgotten.annotator_id: (REDACTED, REDACTED)}
+        with pytest.raises(KeyErased):
+            fresh.keyring.data_key(forgotten.annotator_id, create=True)
+        # the blind-index key moved too: an email still finds its reservation
+        indexes = {e.data["email_index"] for e in decoded if "email_index" in e.data}
+        assert {fresh.reserve_email(p.email).value for p in kept} <= indexes

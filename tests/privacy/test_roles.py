@@ -1,0 +1,199 @@
+"""Database roles: a role that must not see a column cannot select it.
+
+Each role is checked two ways: concrete queries that must fail with
+``InsufficientPrivilege`` (or succeed), and the complete list of columns PostgreSQL says
+the role may read in the database's own schemas, which must equal the intended one — so a
+forgotten grant or a stray ``GRANT ... TO PUBLIC`` anywhere shows up.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import psycopg.errors
+import pytest
+
+from events.client import EventStore
+from events.errors import ConfigurationError
+from events.event import Event
+from events.forget import forget_subject
+from events.settings import Settings
+from projections.rebuild import rebuild, shadow_name
+from projections.roles import AUDIT_COLUMNS, Roles, drop_roles, setup_roles
+from projections.runner import ProjectionRunner
+from projections.samples import SamplesView, read_samples
+from tests.privacy import make_people, register, submit, with_role
+
+VIEWS = "evp_views"
+AUDIT = "evp_audit"
+MASKED_COLUMNS = ["annotator_id", "registered_at", "erased"]
+#: Columns that hold personal data (sealed) or are derived from it (the blind index).
+PERSONAL_COLUMNS = {"name", "email", "name_sealed", "email_sealed", "email_index"}
+
+
+@pytest.fixture
+def prefix(settings: Settings) -> Iterator[str]:
+    """A role prefix private to this test; the roles are dropped afterwards."""
+    name = f"{settings.topic_prefix.lower()}_"
+    yield name
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        drop_roles(conn, name)
+
+
+@pytest.fixture
+def people(store: EventStore, settings: Settings) -> list[Any]:
+    """Two annotators with samples, projected into the views."""
+    people = make_people(random.Random(), 2)
+    for i, person in enumerate(people):
+        register(store, person)
+        submit(store, person, [f"{person.annotator_id}-{n}" for n in range(3)], f"digits:{i}")
+    store.flush()
+    with ProjectionRunner(settings, SamplesView()) as runner:
+        runner.catch_up()
+    return people
+
+
+@pytest.fixture
+def roles(settings: Settings, people: list[Any], prefix: str) -> Roles:
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        return setup_roles(conn, prefix=prefix)
+
+
+def as_role(settings: Settings, role: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(with_role(settings.database_url, role), autocommit=True)
+
+
+def readable_columns(conn: psycopg.Connection[Any], role: str) -> set[str]:
+    """``schema.table.column`` for every column ``role`` may SELECT outside the system catalogs."""
+    rows = conn.execute(
+        "SELECT n.nspname || '.' || c.relname || '.' || a.attname FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_attribute a ON a.attrelid = c.oid"
+        " WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'v', 'm', 'f')"
+        " AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_toast%%'"
+        " AND has_schema_privilege(%s, n.oid, 'USAGE') AND has_column_privilege(%s, c.oid, a.attnum, 'SELECT')",
+        (role, role),
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
+def table_columns(conn: psycopg.Connection[Any], schema: str, table: str) -> set[str]:
+    rows = conn.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s", (schema, table)
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
+def assert_denied(conn: psycopg.Connection[Any], query: str) -> None:
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute(query)
+
+
+pytestmark = pytest.mark.services
+
+
+def test_analyst_reads_only_pseudonymized_views(settings: Settings, roles: Roles, people: list[Any], store: EventStore) -> None:
+    with as_role(settings, roles.analyst) as conn:
+        for query in (
+            f"SELECT name_sealed FROM {VIEWS}.annotators",
+            f"SELECT email_sealed FROM {VIEWS}.annotators",
+            f"SELECT email_index FROM {VIEWS}.annotators",
+            f"SELECT * FROM {VIEWS}.annotators",
+            "SELECT * FROM evp_data_keys",
+            "SELECT value FROM evp_events",
+            "SELECT position FROM evp_events",
+            f"SELECT * FROM {AUDIT}.ledger",
+            f"SELECT * FROM {VIEWS}.evp_offsets",
+            "CREATE TABLE public.planted (x int)",
+        ):
+            assert_denied(conn, query)
+        cur = conn.execute(f"SELECT * FROM {VIEWS}.annotators_masked ORDER BY annotator_id")
+        assert [d.name for d in cur.description or []] == MASKED_COLUMNS
+        assert cur.fetchall() and all(not erased for _, _, erased in conn.execute(
+            f"SELECT * FROM {VIEWS}.annotators_masked").fetchall())
+        assert len(read_samples(conn.cursor(), VIEWS)) == 6
+
+    forget_subject(store, people[0].annotator_id, reason="request")
+    with as_role(settings, roles.analyst) as conn:
+        erased = dict(conn.execute(f"SELECT annotator_id, erased FROM {VIEWS}.annotators_masked").fetchall())
+    assert erased == {people[0].annotator_id: True, people[1].annotator_id: False}
+
+    with psycopg.connect(settings.database_url) as admin:
+        samples = table_columns(admin, VIEWS, "samples")
+        assert {"sample_id", "annotator_id", "label", "features"} <= samples and not samples & PERSONAL_COLUMNS
+        expected = {f"{VIEWS}.samples.{c}" for c in samples} | {f"{VIEWS}.annotators_masked.{c}" for c in MASKED_COLUMNS}
+        assert readable_columns(admin, roles.analyst) == expected
+
+
+def test_auditor_reads_the_ledger_but_not_values_keys_or_views(settings: Settings, roles: Roles) -> None:
+    with as_role(settings, roles.auditor) as conn:
+        audited = conn.execute(f"SELECT position, event_type, subject_id FROM {AUDIT}.ledger ORDER BY position").fetchall()
+        direct = conn.execute("SELECT position, event_type, subject_id FROM evp_events ORDER BY position").fetchall()
+        assert audited == direct and len(audited) == 2 + 6
+        for query in (
+            "SELECT value FROM evp_events",
+            "SELECT * FROM evp_events",
+            "SELECT wrapped_key FROM evp_data_keys",
+            "SELECT subject_id FROM evp_data_keys",
+            f"SELECT * FROM {VIEWS}.samples",
+            f"SELECT * FROM {VIEWS}.annotators_masked",
+        ):
+            assert_denied(conn, query)
+    with psycopg.connect(settings.database_url) as admin:
+        expected = {f"{AUDIT}.ledger.{c}" for c in AUDIT_COLUMNS} | {f"public.evp_events.{c}" for c in AUDIT_COLUMNS}
+        assert readable_columns(admin, roles.auditor) == expected
+
+
+def test_projector_runs_the_projection_but_reads_no_ledger_or_keys(
+    settings: Settings, roles: Roles, store: EventStore, people: list[Any]
+) -> None:
+    submit(store, people[1], ["late-sample"], "digits:late")
+    store.flush()
+    with ProjectionRunner(settings.with_(database_url=with_role(settings.database_url, roles.projector)), SamplesView()) as runner:
+        assert runner.catch_up().applied == 1
+    with as_role(settings, roles.projector) as conn:
+        assert "late-sample" in read_samples(conn.cursor(), VIEWS)
+        for query in ("SELECT value FROM evp_events", "SELECT wrapped_key FROM evp_data_keys", f"SELECT * FROM {AUDIT}.ledger"):
+            assert_denied(conn, query)
+        assert conn.execute("SELECT count(*) FROM evp_data_keys WHERE erased_at IS NOT NULL").fetchone() == (0,)
+        readable = readable_columns(conn, roles.projector)
+    assert {c for c in readable if not c.startswith(f"{VIEWS}.")} == {"public.evp_data_keys.subject_id", "public.evp_data_keys.erased_at"}
+
+
+def test_setup_is_idempotent_and_removes_stale_grants(settings: Settings, roles: Roles) -> None:
+    with psycopg.connect(settings.database_url, autocommit=True) as admin:
+        before = {r: readable_columns(admin, r) for r in roles.all()}
+        admin.execute(f"GRANT SELECT ON {VIEWS}.annotators TO {roles.analyst}")
+        admin.execute("GRANT SELECT ON evp_data_keys TO PUBLIC")
+        admin.execute(f"ALTER ROLE {roles.auditor} BYPASSRLS CREATEDB")
+        assert f"{VIEWS}.annotators.name_sealed" in readable_columns(admin, roles.analyst)  # the stale grant took
+
+        assert setup_roles(admin, prefix=roles.analyst.removesuffix("analyst")) == roles
+        assert {r: readable_columns(admin, r) for r in roles.all()} == before
+        flags = admin.execute("SELECT rolbypassrls, rolcreatedb, rolcanlogin FROM pg_roles WHERE rolname = %s",
+                              (roles.auditor,)).fetchone()
+        assert flags == (False, False, False)
+
+
+def test_grants_survive_a_rebuild_when_set_up_before_the_swap(settings: Settings, roles: Roles, people: list[Any]) -> None:
+    with psycopg.connect(settings.database_url, autocommit=True) as admin:
+        prefix = roles.analyst.removesuffix("analyst")
+        result = rebuild(settings, SamplesView(), before_swap=lambda: setup_roles(admin, shadow_name(VIEWS), prefix=prefix))
+        assert result.rows["samples"] == 6
+    with as_role(settings, roles.analyst) as conn:
+        assert len(conn.execute(f"SELECT * FROM {VIEWS}.annotators_masked").fetchall()) == 2
+        assert_denied(conn, f"SELECT name_sealed FROM {VIEWS}.annotators")
+
+
+def test_setup_before_the_projection_names_what_is_missing(settings: Settings, store: EventStore, prefix: str) -> None:
+    store.append("sample-x", Event("SampleSubmitted", {"sample_id": "x", "annotator_id": "a", "features": [0.0] * 64, "label": 1}))
+    with psycopg.connect(settings.database_url, autocommit=True) as conn, pytest.raises(ConfigurationError, match="evp_views.samples"):
+        setup_roles(conn, prefix=prefix)
+
+
+@pytest.mark.parametrize("bad", ["Evp_", "1evp_", "evp-", "x" * 60, ""])
+def test_role_prefixes_are_checked(bad: str) -> None:
+    with pytest.raises(ConfigurationError, match="role prefix"):
+        Roles.named(bad)
