@@ -21,21 +21,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-import psycopg
 from kafka import TopicPartition
 
+from _support import throwaway, timed  # noqa: E402  (also puts the repo on sys.path)
 from events.client import EventStore
 from events.event import HEADER_EVENT_ID, NO_STREAM, Event, ExpectedVersion, kafka_headers
-from events.kafka import admin, consumer, ensure_topic, producer
+from events.kafka import consumer, ensure_topic, producer
 from events.relay import Relay
 from events.settings import Settings
 
@@ -68,39 +64,7 @@ def sample(i: int) -> Event:
     return Event("SampleSubmitted", {"sample_id": f"s-{i}", "annotator_id": f"a-{i % 7}", "features": [float(i % 17)] * 64, "label": i % 10})
 
 
-# -- a throwaway place to run in -----------------------------------------------------------
-@contextmanager
-def throwaway(base: Settings) -> Iterator[Settings]:
-    """A fresh database and topic prefix, dropped afterwards."""
-    root, _, _ = base.database_url.rpartition("/")
-    name = f"evp_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(f"{root}/postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    with tempfile.TemporaryDirectory() as home:
-        settings = base.with_(
-            database_url=f"{root}/{name}", topic_prefix=f"bench{uuid.uuid4().hex[:8]}", home=Path(home), kek_file=Path(home) / "kek"
-        )
-        try:
-            yield settings
-        finally:
-            with psycopg.connect(f"{root}/postgres", autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            client = admin(settings.kafka)
-            try:
-                mine = [t for t in client.list_topics() if t.startswith(settings.topic_prefix + ".")]
-                if mine:
-                    client.delete_topics(mine)
-            finally:
-                client.close()
-
-
 # -- measurements ----------------------------------------------------------------------------
-def timed(work: Callable[[], None]) -> float:
-    started = time.perf_counter()
-    work()
-    return time.perf_counter() - started
-
-
 class Appender:
     """Appends with expected versions it tracks itself, as a consistent producer would."""
 

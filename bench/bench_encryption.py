@@ -24,16 +24,14 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from tempfile import TemporaryDirectory
 
-import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _support import throwaway  # noqa: E402
 from events import crypto  # noqa: E402
 from events.client import EventStore  # noqa: E402
 from events.event import Event  # noqa: E402
@@ -147,24 +145,6 @@ def cipher_rates(operations: int) -> dict[str, float]:
     return {"seal_text": timed(seal), "open_text": timed(open_)}
 
 
-@contextmanager
-def private_services(base: Settings) -> Iterator[Settings]:
-    """A throwaway database and topic prefix on the running services."""
-    name = f"evp_bench_{uuid.uuid4().hex[:12]}"
-    admin = base.database_url.rpartition("/")[0] + "/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        with TemporaryDirectory() as home:
-            yield base.with_(
-                database_url=base.database_url.rpartition("/")[0] + f"/{name}",
-                topic_prefix=f"bench{uuid.uuid4().hex[:8]}", home=Path(home), kek_file=Path(home) / "kek",
-            )
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
@@ -172,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     size.add_argument("--large", action="store_const", dest="size", const="large")
     args = parser.parse_args(argv)
     events = SIZES[args.size or "default"]
-    with private_services(Settings.from_env()) as settings:
+    with throwaway(Settings.from_env()) as settings:
         with EventStore.open(settings) as encrypted, EventStore.open(settings) as plain:
             plain.personal = PersonalData(StaticCatalog({}))
             rates = sdk_rates(encrypted, plain, events)

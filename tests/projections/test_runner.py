@@ -220,7 +220,7 @@ def test_rebuild_gives_the_incremental_view_and_readers_never_see_it_half_built(
     assert seen == sorted(seen), "once the new view is visible, the old one never comes back"
     total = sum(expected.versions.values()) + 1
     assert (result.replay.applied, result.replay.skipped) == (total, total)
-    assert result.rows == {"annotators": 1, "samples": full}
+    assert result.rows == {"annotators": 1, "forgotten_subjects": 0, "samples": full}
     with psycopg.connect(settings.database_url) as conn:
         assert view_rows(conn) == incremental
         assert_view(conn, expected.rows)

@@ -75,8 +75,14 @@ def test_a_record_the_view_cannot_hold_is_refused_naming_the_field() -> None:
 
 
 def test_other_event_types_are_ignored() -> None:
-    other = LogRecord(0, 0, "run-1", 1, uuid.uuid4(), "evp.platform.SubjectForgotten", 1, "", "", {"subject_id": "x"})
+    other = LogRecord(0, 0, "run-1", 1, uuid.uuid4(), "evp.platform.TrainingRunRecorded", 1, "", "", {"run_id": "x"})
     assert net_changes([other]) == Changes()
+
+
+def test_an_erasure_is_carried_as_a_subject_to_redact() -> None:
+    forgotten = LogRecord(0, 0, "erasure-x", 1, uuid.uuid4(), "evp.platform.SubjectForgotten", 1, "", "",
+                          {"subject_id": "x", "reason": "request"})
+    assert net_changes([forgotten]) == Changes(forgotten=("x",))
 
 
 # -- against the real services -------------------------------------------------------------
@@ -146,3 +152,34 @@ def test_annotators_keep_personal_data_sealed_and_openable(store: EventStore, se
         store.keyring,
     )
     assert (opened["name"], opened["email"]) == ("Ada Lovelace", "ada@example.org")
+
+
+def register(store: EventStore, annotator_id: str) -> None:
+    store.append(f"annotator-{annotator_id}", Event("AnnotatorRegistered", {
+        "annotator_id": annotator_id, "name": f"Name {annotator_id}", "email": f"{annotator_id}@example.org"}))
+
+
+def forget_event(store: EventStore, subject_id: str) -> None:
+    store.append(f"erasure-{subject_id}", Event("SubjectForgotten", {"subject_id": subject_id, "reason": "request"}))
+
+
+@pytest.mark.services
+def test_erasures_redact_annotators_whether_they_arrive_before_or_after_the_registration(
+    store: EventStore, settings: Settings
+) -> None:
+    register(store, "a1")
+    register(store, "a2")
+    forget_event(store, "a1")
+    forget_event(store, "b1")  # before b1 registers: the view must remember it
+    store.flush()
+    with ProjectionRunner(settings, SamplesView()) as runner:
+        runner.catch_up()
+    register(store, "b1")
+    store.flush()
+    with ProjectionRunner(settings, SamplesView()) as runner:
+        runner.catch_up()
+    with psycopg.connect(settings.database_url) as conn:
+        rows = {r[0]: r[1:] for r in conn.execute(
+            "SELECT annotator_id, erased, name_sealed IS NULL, email_sealed IS NULL, email_index IS NULL"
+            " FROM evp_views.annotators")}
+    assert rows == {"a1": (True, True, True, True), "b1": (True, True, True, True), "a2": (False, False, False, False)}

@@ -1,0 +1,50 @@
+"""What every benchmark needs: a throwaway place on the running services, and a stopwatch."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from events.kafka import admin  # noqa: E402
+from events.settings import Settings  # noqa: E402
+
+
+@contextmanager
+def throwaway(base: Settings) -> Iterator[Settings]:
+    """A fresh database, topic prefix and home, all removed afterwards."""
+    root, _, _ = base.database_url.rpartition("/")
+    name = f"evp_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(f"{root}/postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    with tempfile.TemporaryDirectory() as home:
+        settings = base.with_(
+            database_url=f"{root}/{name}", topic_prefix=f"bench{uuid.uuid4().hex[:8]}", home=Path(home),
+            kek_file=Path(home) / "kek",
+        )
+        try:
+            yield settings
+        finally:
+            with psycopg.connect(f"{root}/postgres", autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            client = admin(settings.kafka)
+            try:
+                mine = [t for t in client.list_topics() if t.startswith(settings.topic_prefix + ".")]
+                if mine:
+                    client.delete_topics(mine)
+            finally:
+                client.close()
+
+
+def timed(work: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
