@@ -38,6 +38,14 @@ from events.ledger import EVENT_COLUMNS, NOTIFY_CHANNEL, row_to_event
 log = logging.getLogger(__name__)
 
 
+_MARK_PUBLISHED = (
+    "WITH marked AS ("
+    " UPDATE evp_events e SET kafka_offset = p.kafka_offset"
+    " FROM unnest(%s::bigint[], %s::bigint[]) AS p (position, kafka_offset) WHERE e.position = p.position)"
+    " DELETE FROM evp_outbox WHERE position = ANY(%s::bigint[])"
+)
+
+
 def lease_class(topic: str) -> int:
     """The advisory-lock class id of a topic's partition leases (a stable 31-bit hash)."""
     return zlib.crc32(f"evp-relay:{topic}".encode()) & 0x7FFFFFFF
@@ -142,10 +150,10 @@ class Relay:
                 self._drop_producer()
                 raise EvpError(f"kafka did not acknowledge position {event.position}: {err}") from err
             offsets.append((event.position, metadata.offset))
-        with conn.transaction():
-            with conn.cursor() as cur:
-                cur.executemany("UPDATE evp_events SET kafka_offset = %s WHERE position = %s", [(o, p) for p, o in offsets])
-                cur.execute("DELETE FROM evp_outbox WHERE position = ANY(%s)", ([p for p, _ in offsets],))
+        positions = [p for p, _ in offsets]
+        # One statement for the whole batch: record where each event landed and clear it
+        # from the outbox, atomically (a crash before this commits means a re-send).
+        conn.execute(_MARK_PUBLISHED, (positions, [o for _, o in offsets], positions))
         return len(events)
 
     def _ensure_producer(self) -> KafkaProducer:
@@ -160,6 +168,16 @@ class Relay:
             except Exception:  # noqa: BLE001 - it is already broken
                 pass
             self._producer = None
+
+    def newest_pending(self) -> int | None:
+        """The highest outbox position right now (None when the outbox is empty)."""
+        row = self._connection().execute("SELECT max(position) FROM evp_outbox").fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def pending_through(self, position: int) -> int:
+        """How many events up to ``position`` still wait in the outbox."""
+        row = self._connection().execute("SELECT count(*) FROM evp_outbox WHERE position <= %s", (position,)).fetchone()
+        return int(row[0]) if row else 0
 
     # -- running ------------------------------------------------------------------------
     def wait_for_work(self, timeout: float) -> None:
@@ -218,15 +236,24 @@ def relay_status(conn: psycopg.Connection, topic: str) -> RelayStatus:
 
 
 def drain(relay: Relay, *, timeout: float = 60.0) -> int:
-    """Publish until the outbox is empty (used by ``flush`` and one-shot commands)."""
+    """Publish until every event that was in the outbox when called is on Kafka.
+
+    Events appended meanwhile do not extend the wait, so a flush on a busy system ends.
+    Partitions leased by another relay are waited for, not taken over; returns how many
+    events this call sent itself.
+    """
     deadline = time.monotonic() + timeout
+    upto = relay.newest_pending()
     total = 0
-    while True:
+    while upto is not None:
         total += relay.publish_pending()
-        conn = relay._connection()
-        left = conn.execute("SELECT count(*) FROM evp_outbox").fetchone()[0]  # type: ignore[index]
+        left = relay.pending_through(upto)
         if left == 0:
-            return total
+            break
         if time.monotonic() > deadline:
-            raise ServiceUnavailable("relay", relay.topic, f"{left} events still unpublished after {timeout:.0f}s (another relay holds their lease?)")
+            raise ServiceUnavailable(
+                "relay", relay.topic,
+                f"{left} events still unpublished after {timeout:.0f}s (is another relay holding their lease but stuck?)",
+            )
         relay.wait_for_work(0.2)
+    return total
