@@ -21,7 +21,9 @@ from tqdm import tqdm
 from events.cli_common import print_json, print_table
 from events.errors import EvpError
 from events.settings import Settings
-from projections.rebuild import rebuild
+from events import db
+from projections.rebuild import rebuild, shadow_name
+from projections.roles import DEFAULT_PREFIX, roles_exist, setup_roles
 from projections.runner import BatchOutcome, Progress, Projection, ProjectionRunner, projection_lag
 from projections.samples import SamplesView
 
@@ -89,8 +91,14 @@ def _catch_up(args: argparse.Namespace, settings: Settings) -> int:
 
 def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
     projection = _projection(args)
-    with _progress_bar(f"rebuild {args.schema or projection.default_schema}") as on_progress:
-        result = rebuild(settings, projection, schema=args.schema, on_progress=on_progress)
+    schema = args.schema or projection.default_schema
+    with db.connect(settings.database_url, autocommit=True) as conn:
+        # A swapped-in schema has no grants: give the shadow the roles' grants before the
+        # swap, so analysts never lose access (or gain any) during a rebuild.
+        prefix = args.role_prefix
+        regrant = (lambda: setup_roles(conn, shadow_name(schema), prefix=prefix)) if roles_exist(conn, prefix) else None
+        with _progress_bar(f"rebuild {schema}") as on_progress:
+            result = rebuild(settings, projection, schema=args.schema, on_progress=on_progress, before_swap=regrant)
     if args.json:
         print_json({"schema": result.schema, "replay": result.replay.__dict__, "rows": result.rows, "seconds": result.seconds})
         return 0
@@ -98,6 +106,16 @@ def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
     rows = ", ".join(f"{table} {count}" for table, count in result.rows.items())
     print(f"rebuilt {result.schema} in {result.seconds:.1f}s: {r.applied} applied, {r.skipped} duplicates skipped, "
           f"{r.dead_lettered} dead-lettered; rows: {rows}")
+    return 0
+
+
+def _grant(args: argparse.Namespace, settings: Settings) -> int:
+    projection = _projection(args)
+    schema = args.schema or projection.default_schema
+    with db.connect(settings.database_url, autocommit=True) as conn:
+        roles = setup_roles(conn, schema, prefix=args.role_prefix)
+    print(f"roles ready on {schema}: {roles.projector} (writes views), {roles.analyst} (masked views only), "
+          f"{roles.auditor} (audit view of the ledger)")
     return 0
 
 
@@ -139,6 +157,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     add("catch-up", "apply everything up to the current end of the log, then exit", _catch_up, batch=True)
     add("rebuild", "replay the log into a shadow schema and swap it in atomically", _rebuild)
     add("status", "per-partition lag of the view behind the events topic", _status)
+    add("grant", "create or refresh the projector, analyst and auditor roles and their grants", _grant, json=False)
+    for name in ("rebuild", "grant"):
+        group.choices[name].add_argument("--role-prefix", default=DEFAULT_PREFIX,
+                                         help="names the roles <prefix>projector, <prefix>analyst, <prefix>auditor")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -94,6 +94,12 @@ class Roles:
         return (self.projector, self.analyst, self.auditor)
 
 
+def roles_exist(conn: psycopg.Connection[Any], prefix: str = DEFAULT_PREFIX) -> bool:
+    """Whether :func:`setup_roles` ran on this server for ``prefix`` (the analyst role exists)."""
+    row = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (Roles.named(prefix).analyst,)).fetchone()
+    return row is not None
+
+
 def setup_roles(
     conn: psycopg.Connection[Any],
     views_schema: str = DEFAULT_VIEWS_SCHEMA,

@@ -197,3 +197,20 @@ def test_setup_before_the_projection_names_what_is_missing(settings: Settings, s
 def test_role_prefixes_are_checked(bad: str) -> None:
     with pytest.raises(ConfigurationError, match="role prefix"):
         Roles.named(bad)
+
+
+def test_grant_and_rebuild_commands_keep_the_analyst_on_masked_views_only(
+    settings: Settings, people: list[Any], prefix: str
+) -> None:
+    import subprocess
+    import sys
+
+    env = {**settings.to_env(), "PATH": "/usr/bin:/bin"}
+    for command in (["grant"], ["rebuild"]):
+        result = subprocess.run([sys.executable, "-m", "projections.cli", *command, "--role-prefix", prefix],
+                                capture_output=True, text=True, env=env, timeout=180)
+        assert result.returncode == 0, result.stderr
+    analyst = Roles.named(prefix).analyst
+    with as_role(settings, analyst) as conn:
+        assert conn.execute(f"SELECT count(*) FROM {VIEWS}.samples").fetchone()[0] == 6  # type: ignore[index]
+        assert_denied(conn, f"SELECT name_sealed FROM {VIEWS}.annotators")
