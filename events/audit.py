@@ -8,7 +8,7 @@ from typing import Any
 
 from events.client import EventStore
 from events.errors import CryptoError
-from events.event import RecordedEvent
+from events.event import Event, RecordedEvent
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,24 @@ def _entry(store: EventStore, record: RecordedEvent, decrypt: bool) -> AuditEntr
 
 
 def stream_history(store: EventStore, stream_id: str, *, decrypt: bool = False) -> list[AuditEntry]:
-    """Every event of one stream, in version order."""
-    return [_entry(store, r, decrypt) for r in store.ledger.read_stream(stream_id)]
+    """Every event of one stream, in version order. The read itself is recorded (``AuditQueried``)."""
+    entries = [_entry(store, r, decrypt) for r in store.ledger.read_stream(stream_id)]
+    _record_read(store, "stream", stream_id, None, decrypt, len(entries))
+    return entries
 
 
 def subject_history(store: EventStore, subject_id: str, *, decrypt: bool = False) -> list[AuditEntry]:
-    """Every event that holds the subject's personal data or that the subject performed, in log order."""
-    return [_entry(store, r, decrypt) for r in store.ledger.events_concerning(subject_id)]
+    """Every event that holds the subject's personal data, that the subject performed, or that
+    audited them, in log order. The read itself is recorded (``AuditQueried``)."""
+    entries = [_entry(store, r, decrypt) for r in store.ledger.events_concerning(subject_id)]
+    _record_read(store, "subject", subject_id, subject_id, decrypt, len(entries))
+    return entries
+
+
+def _record_read(store: EventStore, query: str, target: str, subject_id: str | None, decrypted: bool, results: int) -> None:
+    """Audit reads are events too: who looked, at what, and whether they decrypted it."""
+    data = {"query": query, "target": target, "subject_id": subject_id, "decrypted": decrypted, "results": results}
+    store.append(f"audit-reads-{query}", Event("AuditQueried", data, actor=store.settings.actor))
 
 
 def summarize(data: Mapping[str, Any], width: int = 60) -> str:

@@ -90,7 +90,7 @@ class EventStore:
         sealed = self.personal.seal(full_name, str(event.event_id), data, self.keyring)
         encoded = self.codec.encode(full_name, sealed)
         subject_field = self.catalog.subject_field(full_name)
-        subject = str(data[subject_field]) if subject_field else None
+        subject = data.get(subject_field) if subject_field else None
         return EncodedEvent(
             event.event_id, full_name, encoded.schema_id, encoded.value, event.actor, event.occurred_at, subject
         )

@@ -36,6 +36,7 @@ class Settings:
     home: Path = Path(".evp")
     kek: str | None = None
     kek_file: Path | None = None
+    actor: str = "evp"  #: who this process acts for, recorded with the events it appends
 
     def __post_init__(self) -> None:
         if not _PREFIX.match(self.topic_prefix):
@@ -85,6 +86,7 @@ class Settings:
             env["EVP_KEK"] = self.kek
         if self.kek_file is not None:
             env["EVP_KEK_FILE"] = str(self.kek_file)
+        env["EVP_ACTOR"] = self.actor
         return env
 
     @classmethod
@@ -103,4 +105,5 @@ class Settings:
             home=Path(env.get("EVP_HOME", ".evp")),
             kek=env.get("EVP_KEK") or None,
             kek_file=Path(kek_file) if kek_file else None,
+            actor=env.get("EVP_ACTOR") or env.get("USER") or env.get("LOGNAME") or "evp",
         )

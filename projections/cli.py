@@ -96,9 +96,13 @@ def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
         # A swapped-in schema has no grants: give the shadow the roles' grants before the
         # swap, so analysts never lose access (or gain any) during a rebuild.
         prefix = args.role_prefix
-        regrant = (lambda: setup_roles(conn, shadow_name(schema), prefix=prefix)) if roles_exist(conn, prefix) else None
+
+        def regrant() -> None:
+            setup_roles(conn, shadow_name(schema), prefix=prefix)
+
+        keep_grants = regrant if roles_exist(conn, prefix) else None
         with _progress_bar(f"rebuild {schema}") as on_progress:
-            result = rebuild(settings, projection, schema=args.schema, on_progress=on_progress, before_swap=regrant)
+            result = rebuild(settings, projection, schema=args.schema, on_progress=on_progress, before_swap=keep_grants)
     if args.json:
         print_json({"schema": result.schema, "replay": result.replay.__dict__, "rows": result.rows, "seconds": result.seconds})
         return 0

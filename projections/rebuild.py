@@ -19,6 +19,8 @@ import psycopg
 from psycopg import sql
 
 from events import db
+from events.client import EventStore
+from events.event import Event
 from events.settings import Settings
 from projections.runner import CatchUpResult, Progress, Projection, ProjectionRunner, view_lock
 
@@ -77,7 +79,18 @@ def rebuild(
             cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(live)))
             cur.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(sql.Identifier(shadow), sql.Identifier(live)))
         rows = table_counts(conn, live)
+    _record(settings, projection, live, replay)
     return RebuildResult(live, replay, rows, time.monotonic() - started)
+
+
+def _record(settings: Settings, projection: Projection, schema: str, replay: CatchUpResult) -> None:
+    """Rebuilds are events too (the platform records itself)."""
+    with EventStore.open(settings) as store:
+        store.append(f"rebuilds-{projection.name}", Event("ProjectionRebuilt", {
+            "projection": projection.name, "schema": schema, "applied": replay.applied, "skipped": replay.skipped,
+            "dead_lettered": replay.dead_lettered,
+        }, actor=settings.actor))
+        store.flush()
 
 
 def table_counts(conn: psycopg.Connection[Any], schema: str) -> dict[str, int]:

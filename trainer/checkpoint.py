@@ -46,7 +46,7 @@ class RngStates:
         return cls(
             python=random.getstate(),
             # NumPy's state holds an ndarray, which weights_only loading refuses: keep plain parts.
-            numpy={"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            numpy={"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
                    "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
             torch_cpu=torch.get_rng_state(),
             torch_cuda=tuple(torch.cuda.get_rng_state_all()) if cuda else (),

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -149,14 +150,14 @@ def _event_data(m: SnapshotManifest) -> dict[str, object]:
     }
 
 
-def _from_event(data: dict[str, object]) -> SnapshotManifest:
-    ranges = {int(r["partition"]): (int(r["start"]), int(r["end"])) for r in data["ranges"]}  # type: ignore[index,union-attr]
+def _from_event(data: Mapping[str, Any]) -> SnapshotManifest:
+    ranges = {int(r["partition"]): (int(r["start"]), int(r["end"])) for r in data["ranges"]}
     return SnapshotManifest(
         snapshot_id=str(data["snapshot_id"]), topic=str(data["topic"]), ranges=ranges,
-        schema_ids=tuple(data["schema_ids"]), transform=str(data["transform"]),  # type: ignore[arg-type]
-        transform_version=int(data["transform_version"]), content_hash=str(data["content_hash"]),  # type: ignore[arg-type]
-        record_count=int(data["record_count"]), sample_count=int(data["sample_count"]),  # type: ignore[arg-type]
-        shards=tuple(ShardInfo(**s) for s in data["shards"]),  # type: ignore[arg-type,union-attr]
+        schema_ids=tuple(data["schema_ids"]), transform=str(data["transform"]),
+        transform_version=int(data["transform_version"]), content_hash=str(data["content_hash"]),
+        record_count=int(data["record_count"]), sample_count=int(data["sample_count"]),
+        shards=tuple(ShardInfo(**s) for s in data["shards"]),
     )
 
 
@@ -166,8 +167,7 @@ def load_manifest(store: EventStore, snapshot_id: str) -> SnapshotManifest:
         events = store.read_stream(f"snapshot-{snapshot_id}", decrypt=False)
     except NotFound as err:
         raise NotFound(f"snapshot {snapshot_id!r} was never recorded") from err
-    recorded = _from_event(dict(events[0].data))
-    return recorded
+    return _from_event(events[0].data)
 
 
 def load_examples(store: EventStore, snapshot_id: str) -> Examples:

@@ -58,3 +58,14 @@ def test_cli_prints_json_for_scripts(store: EventStore, settings: Settings) -> N
     missing = subprocess.run([sys.executable, "-m", "events.cli", "audit", "stream", "nope"],
                              capture_output=True, text=True, env={**settings.to_env(), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert missing.returncode == 1 and "'nope' does not exist" in missing.stderr
+
+
+def test_audit_reads_are_recorded_as_events(store: EventStore) -> None:
+    seed(store)
+    subject_history(store, "a1", decrypt=True)
+    stream_history(store, "sample-1")
+    reads = [e.data for e in store.read_stream("audit-reads-subject")] + [e.data for e in store.read_stream("audit-reads-stream")]
+    assert [(r["query"], r["target"], r["decrypted"]) for r in reads] == [("subject", "a1", True), ("stream", "sample-1", False)]
+    assert reads[0]["results"] == 5 and reads[1]["results"] == 3
+    # the next subject query shows that a1's history was read
+    assert "AuditQueried" in [e.event_type for e in subject_history(store, "a1")]

@@ -18,6 +18,8 @@ EXPECTED = {
     "evp.platform.SnapshotCreated",
     "evp.platform.TrainingRunRecorded",
     "evp.platform.SubjectForgotten",
+    "evp.platform.AuditQueried",
+    "evp.platform.ProjectionRebuilt",
 }
 
 
