@@ -3,9 +3,9 @@
 It stores what Confluent's Schema Registry stores — subject, version, global id and
 schema text — in a compacted Kafka topic, so that the wire format's schema id always
 resolves, in this process or any other, now or in ten years. Only the part serializers
-need is here (register, look up by id, latest of a subject); a REST façade speaking the
-Confluent API (``POST /subjects/{s}/versions``, ``GET /schemas/ids/{id}``) can sit on
-top of :class:`SchemaRegistry` later without changing the stored records.
+need is here (register, look up by id, latest of a subject); :mod:`events.registry_http`
+serves the same registry over the Confluent REST API (``evp registry serve``), so
+third-party clients can read evp's topics.
 
 There is no registry server to hand out ids, so the log itself is the arbiter. A
 registrar appends a *claim* for the next free id and re-reads the log; every reader folds
@@ -287,3 +287,8 @@ class SchemaRegistry:
         """Every version under ``subject``, oldest first."""
         with self._lock:
             return tuple(self._refresh().versions.get(subject, ()))
+
+    def subjects(self) -> tuple[str, ...]:
+        """Every subject with at least one version, sorted (a lost claim leaves none)."""
+        with self._lock:
+            return tuple(sorted(s for s, history in self._refresh().versions.items() if history))
