@@ -30,7 +30,6 @@ import json
 import os
 import struct
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,8 +40,9 @@ from typing import IO, Any
 import fastavro
 from kafka import TopicPartition
 
-from events.errors import EvpError, IntegrityError, NotFound, ServiceUnavailable
+from events.errors import EvpError, IntegrityError, NotFound
 from events.kafka import consumer, kafka_errors
+from events.log import read_pinned
 from events.settings import Settings
 
 FORMAT = "evp-backup"
@@ -54,8 +54,6 @@ SCHEMAS, EVENTS = "SCHEMAS", "EVENTS"  #: a record's source topic, in file order
 PROGRESS_EVERY = 1000
 #: Records sent before waiting for their acknowledgements during a restore (events.restore).
 PRODUCE_CHUNK = 5000
-#: A read that gets no record for this long, short of its pinned end, fails.
-READ_IDLE_TIMEOUT_S = 30.0
 
 RECORD_SCHEMA: dict[str, Any] = {
     "type": "record",
@@ -336,34 +334,9 @@ def _pin(bootstrap: str, topic: str) -> dict[int, tuple[int, int]]:
 
 
 def _read_pinned(bootstrap: str, topic: str, source: str, ranges: Ranges) -> Iterator[BackupRecord]:
-    """Every record in ``[start, end)`` of each partition, in partition then offset order, undecoded.
-
-    Offsets may have gaps (compaction, transaction markers); the consumer's position moves
-    past them, so the loop ends at the pinned end whether or not a record sits there.
-    """
-    reader = consumer(bootstrap, max_poll_records=5000)
-    try:
-        with kafka_errors(bootstrap):
-            for partition, (start, end) in sorted(ranges.items()):
-                if end <= start:
-                    continue
-                tp = TopicPartition(topic, partition)
-                reader.assign([tp])
-                reader.seek(tp, start)
-                deadline = time.monotonic() + READ_IDLE_TIMEOUT_S
-                while reader.position(tp) < end:
-                    batch = reader.poll(timeout_ms=500).get(tp, [])
-                    for message in batch:
-                        if message.offset >= end:
-                            break
-                        yield BackupRecord.from_message(source, message)
-                    if batch:
-                        deadline = time.monotonic() + READ_IDLE_TIMEOUT_S
-                    elif time.monotonic() > deadline:
-                        raise ServiceUnavailable("kafka", bootstrap, f"no records from {topic!r} partition {partition} "
-                                                 f"before offset {end} within {READ_IDLE_TIMEOUT_S:.0f}s")
-    finally:
-        reader.close()
+    """Every record in ``[start, end)`` of each partition, undecoded (see :func:`events.log.read_pinned`)."""
+    for message in read_pinned(bootstrap, topic, ranges, max_poll_records=5000):
+        yield BackupRecord.from_message(source, message)
 
 
 def _write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from importlib import resources
-from urllib.parse import urlsplit
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from events.errors import ServiceUnavailable
 
@@ -14,11 +14,13 @@ _MIGRATION_LOCK = 0x65767000  # "evp\0": serialises concurrent migrations
 
 
 def describe(conninfo: str) -> str:
-    """host:port/db of a connection string, without credentials, for error messages."""
-    parts = urlsplit(conninfo)
-    if parts.scheme.startswith("postgres"):
-        return f"{parts.hostname}:{parts.port or 5432}{parts.path or '/'}"
-    return "(connection string)"
+    """``host:port/dbname`` of a connection string (URL or key=value) — never the password."""
+    try:
+        params = conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        return "<unparsable connection string>"
+    host = params.get("host") or params.get("hostaddr") or "localhost"
+    return f"{host}:{params.get('port') or 5432}/{params.get('dbname') or params.get('user') or ''}"
 
 
 def connect(conninfo: str, *, autocommit: bool = False, connect_timeout: int = 10) -> psycopg.Connection:

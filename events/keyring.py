@@ -21,9 +21,9 @@ from typing import Any, Protocol
 
 import psycopg
 import psycopg.errors
-from psycopg.conninfo import conninfo_to_dict
 
 from events.crypto import KEY_BYTES
+from events.db import describe
 from events.errors import ConfigurationError, CryptoError, KeyErased, NotFound, ServiceUnavailable
 from events.kek import KeyEncryptionKey, kek_mismatch
 
@@ -142,7 +142,7 @@ class PostgresKeyStore:
 
     def __init__(self, conninfo: str) -> None:
         self._conninfo = conninfo
-        self._target = _describe(conninfo)
+        self._target = describe(conninfo)
         self._conn: psycopg.Connection[Any] | None = None
         self._lock = threading.Lock()
 
@@ -232,16 +232,6 @@ class PostgresKeyStore:
 def _stored(row: tuple[Any, ...]) -> StoredKey:
     subject_id, kek_id, wrapped, created_at, erased_at = row
     return StoredKey(subject_id, kek_id, None if wrapped is None else bytes(wrapped), created_at, erased_at)
-
-
-def _describe(conninfo: str) -> str:
-    """``host:port/dbname`` for error messages — never the password."""
-    try:
-        params = conninfo_to_dict(conninfo)
-    except psycopg.ProgrammingError:
-        return "<unparsable connection string>"
-    host = params.get("host") or params.get("hostaddr") or "localhost"
-    return f"{host}:{params.get('port') or 5432}/{params.get('dbname') or params.get('user') or ''}"
 
 
 class Keyring:

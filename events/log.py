@@ -7,6 +7,7 @@ a crash carry the same stream id and version; :class:`Deduplicator` drops them.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any
 from kafka import TopicPartition
 
 from events.codec import Codec
-from events.errors import DecodeError
+from events.errors import DecodeError, ServiceUnavailable
 from events.event import HEADER_ACTOR, HEADER_EVENT_ID, HEADER_OCCURRED_AT, HEADER_STREAM_VERSION
 from events.kafka import consumer, kafka_errors
 
@@ -103,11 +104,21 @@ def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
         reader.close()
 
 
-def read_range(
-    bootstrap: str, topic: str, codec: Codec, ranges: Mapping[int, tuple[int, int]], *, poll_ms: int = 500
-) -> Iterator[LogRecord | BadRecord]:
-    """Every record in ``[start, end)`` of each partition, partition by partition, in offset order."""
-    reader = consumer(bootstrap)
+#: A pinned read that gets no record for this long, short of its end, fails.
+READ_IDLE_TIMEOUT_S = 30.0
+
+
+def read_pinned(
+    bootstrap: str, topic: str, ranges: Mapping[int, tuple[int, int]], *, max_poll_records: int = 2000
+) -> Iterator[Any]:
+    """Every raw record in ``[start, end)`` of each partition, partition by partition, in offset order.
+
+    Offsets may have gaps (compaction, transaction markers); the consumer's position moves
+    past them, so the loop ends at the pinned end whether or not a record sits there. A
+    partition that yields nothing for :data:`READ_IDLE_TIMEOUT_S` raises ServiceUnavailable
+    rather than waiting forever.
+    """
+    reader = consumer(bootstrap, max_poll_records=max_poll_records)
     try:
         with kafka_errors(bootstrap):
             for partition, (start, end) in sorted(ranges.items()):
@@ -116,16 +127,25 @@ def read_range(
                 tp = TopicPartition(topic, partition)
                 reader.assign([tp])
                 reader.seek(tp, start)
-                position = start
-                while position < end:
-                    batch = reader.poll(timeout_ms=poll_ms).get(tp, [])
+                deadline = time.monotonic() + READ_IDLE_TIMEOUT_S
+                while reader.position(tp) < end:
+                    batch = reader.poll(timeout_ms=500).get(tp, [])
                     for message in batch:
                         if message.offset >= end:
-                            position = end
                             break
-                        yield decode_record(codec, message)
-                        position = message.offset + 1
-                    if not batch:
-                        position = max(position, reader.position(tp))
+                        yield message
+                    if batch:
+                        deadline = time.monotonic() + READ_IDLE_TIMEOUT_S
+                    elif time.monotonic() > deadline:
+                        raise ServiceUnavailable("kafka", bootstrap, f"no records from {topic!r} partition {partition} "
+                                                 f"before offset {end} within {READ_IDLE_TIMEOUT_S:.0f}s")
     finally:
         reader.close()
+
+
+def read_range(
+    bootstrap: str, topic: str, codec: Codec, ranges: Mapping[int, tuple[int, int]]
+) -> Iterator[LogRecord | BadRecord]:
+    """Every record in ``[start, end)`` of each partition, decoded (bad ones as :class:`BadRecord`)."""
+    for message in read_pinned(bootstrap, topic, ranges):
+        yield decode_record(codec, message)
