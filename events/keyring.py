@@ -12,6 +12,7 @@ its adapters; :class:`Keyring` holds the policy (create, cache, forget, rotate).
 from __future__ import annotations
 
 import secrets
+import time
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -237,15 +238,20 @@ def _stored(row: tuple[Any, ...]) -> StoredKey:
 class Keyring:
     """Data keys per subject, plus the blind-index key, behind one KEK.
 
-    Plaintext data keys are cached per instance. :meth:`forget` drops the subject from
-    this cache; another process's keyring keeps its cached copy until :meth:`evict` (for
-    example on hearing the erasure event) or until it is recreated.
+    Plaintext data keys are cached per instance for ``cache_seconds``. :meth:`forget` drops
+    the subject from this cache at once; another process's keyring re-reads the store when
+    its cached copy expires (or on :meth:`evict`), so an erasure stops every writer and
+    reader within ``cache_seconds`` without a message bus.
     """
 
-    def __init__(self, store: KeyStore, kek: KeyEncryptionKey) -> None:
+    #: How long another process may go on using a key that was just forgotten.
+    DEFAULT_CACHE_SECONDS = 10.0
+
+    def __init__(self, store: KeyStore, kek: KeyEncryptionKey, *, cache_seconds: float = DEFAULT_CACHE_SECONDS) -> None:
         self._store = store
         self._kek = kek
-        self._cache: dict[str, bytes] = {}
+        self._cache: dict[str, tuple[bytes, float]] = {}  # subject -> (data key, fetched at)
+        self.cache_seconds = cache_seconds
         self._lock = threading.RLock()
 
     @property
@@ -306,8 +312,8 @@ class Keyring:
     def _key(self, subject_id: str, *, create: bool) -> bytes:
         with self._lock:
             cached = self._cache.get(subject_id)
-            if cached is not None:
-                return cached
+            if cached is not None and time.monotonic() - cached[1] < self.cache_seconds:
+                return cached[0]
             stored = self._store.get(subject_id)
             if stored is None:
                 if not create:
@@ -322,7 +328,7 @@ class Keyring:
                     )
                 )
             data_key = _unwrap(self._kek, stored)
-            self._cache[subject_id] = data_key
+            self._cache[subject_id] = (data_key, time.monotonic())
             return data_key
 
 

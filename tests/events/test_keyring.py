@@ -297,3 +297,16 @@ def test_an_unreachable_server_is_reported_without_the_password() -> None:
     with pytest.raises(ServiceUnavailable, match=re.escape("postgresql at 127.0.0.1:1/evp_keys")) as caught:
         keys.get("ada")
     assert "hunter2" not in str(caught.value)
+
+
+def test_another_keyring_stops_using_a_forgotten_key_once_its_cache_expires() -> None:
+    store = MemoryKeyStore()
+    kek = LocalKek.generate()
+    writer = Keyring(store, kek, cache_seconds=0.05)
+    other = Keyring(store, kek)
+    key = writer.data_key("s1", create=True)
+    other.forget("s1")
+    assert writer.data_key("s1", create=True) == key  # still cached in the writer's process
+    time.sleep(0.06)
+    with pytest.raises(KeyErased):
+        writer.data_key("s1", create=True)
