@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
+
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 from events.client import EventStore
 from events.errors import IntegrityError, NotFound
@@ -103,3 +106,41 @@ def test_content_hash_depends_on_every_row(store: EventStore) -> None:
     from trainer.data import Examples
 
     assert content_hash(Examples(examples.sample_ids, changed, examples.labels)) != manifest.content_hash
+
+
+# One store for all examples: each example writes to its own streams (a fresh tag), and the
+# snapshot's content is compared for the samples of that tag only.
+_OPS = st.lists(st.tuples(st.sampled_from(["submit", "correct", "retract"]), st.integers(0, 5), st.integers(0, 9)),
+                min_size=1, max_size=25)
+
+
+@hsettings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=_OPS)
+def test_a_snapshot_is_the_fold_of_any_history_and_rematerializes_to_the_same_hash(
+    store: EventStore, ops: list[tuple[str, int, int]]
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    expected: dict[str, int] = {}
+    versions: dict[str, int] = {}
+    for op, n, label in ops:
+        sample, stream = f"{tag}-{n}", f"sample-{tag}-{n}"
+        if op == "submit":
+            event = Event("SampleSubmitted", {"sample_id": sample, "annotator_id": "a1", "features": [float(n)] * 64,
+                                              "label": label})
+            expected[sample] = label
+        elif op == "correct":
+            event = Event("LabelCorrected", {"sample_id": sample, "annotator_id": "a2", "previous_label": 0,
+                                             "label": label})
+            if sample in expected:
+                expected[sample] = label
+        else:
+            event = Event("SampleRetracted", {"sample_id": sample, "annotator_id": "a1", "reason": "r"})
+            expected.pop(sample, None)
+        versions[stream] = store.append(stream, event, versions.get(stream, 0)).last_version
+    manifest = create_snapshot(store)
+    examples = load_examples(store, manifest.snapshot_id)
+    mine = {i: int(label) for i, label in zip(examples.sample_ids, examples.labels) if i.startswith(tag)}
+    assert mine == expected
+    for shard in manifest.shards:
+        (snapshot_dir(store, manifest.snapshot_id) / shard.name).unlink()
+    assert content_hash(load_examples(store, manifest.snapshot_id)) == manifest.content_hash
