@@ -23,7 +23,8 @@ import logging
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg
@@ -201,6 +202,23 @@ class Relay:
                 self._reset_connection()
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    @contextmanager
+    def in_background(self) -> Iterator[Relay]:
+        """Run this relay in a daemon thread for the ``with`` block; stop and close it after.
+
+        For services and tests that append and want publication to follow by itself; a
+        deployment runs ``evp relay run`` instead.
+        """
+        stop = threading.Event()
+        thread = threading.Thread(target=self.run, args=(stop,), name=f"relay-{self.topic}", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join(self.poll_interval + 30)
+            self.close()
 
     def _reset_connection(self) -> None:
         if self._conn is not None:

@@ -7,12 +7,10 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from typing import ContextManager
 
 import pytest
 from hypothesis import given
@@ -23,7 +21,6 @@ from events import db
 from events.client import EventStore
 from events.event import HEADER_EVENT_ID
 from events.kafka import consumer
-from events.ledger import NOTIFY_CHANNEL
 from events.partitioning import partition_for
 from events.relay import Relay, relay_status
 from events.settings import Settings
@@ -104,19 +101,8 @@ def fill(store: EventStore, count: int, tag: str) -> list[str]:
     return streams
 
 
-@contextmanager
-def running(relay: Relay) -> Iterator[Relay]:
-    stop = threading.Event()
-    thread = threading.Thread(target=relay.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        yield relay
-    finally:
-        stop.set()
-        with db.connect(relay.database_url, autocommit=True) as conn:  # wake it: it checks `stop` between waits
-            conn.execute("SELECT pg_notify(%s, 'stop')", (NOTIFY_CHANNEL,))
-        thread.join(15)
-        relay.close()
+def running(relay: Relay) -> ContextManager[Relay]:
+    return relay.in_background()
 
 
 def new_relay(settings: Settings, poll_interval: float = 0.5) -> Relay:

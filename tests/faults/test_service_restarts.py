@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import ContextManager
 
 import pytest
 
@@ -47,18 +48,9 @@ def restore_services(settings: Settings) -> Iterator[None]:
         services("up", service)
 
 
-@contextmanager
-def relay_running(settings: Settings) -> Iterator[Relay]:
+def relay_running(settings: Settings) -> ContextManager[Relay]:
     relay = Relay(settings.database_url, settings.kafka, settings.events_topic, settings.partitions, poll_interval=0.2)
-    stop = threading.Event()
-    thread = threading.Thread(target=relay.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        yield relay
-    finally:
-        stop.set()
-        thread.join(30)
-        relay.close()
+    return relay.in_background()
 
 
 @contextmanager
