@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -41,6 +40,7 @@ import fastavro
 from kafka import TopicPartition
 
 from events.errors import EvpError, IntegrityError, NotFound
+from events.files import write_atomically
 from events.kafka import consumer, kafka_errors
 from events.log import read_pinned
 from events.settings import Settings
@@ -339,25 +339,6 @@ def _read_pinned(bootstrap: str, topic: str, source: str, ranges: Ranges) -> Ite
         yield BackupRecord.from_message(source, message)
 
 
-def _write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """``write`` into a temporary file beside ``path``, fsync it, then rename it into place."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            write(out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself survives a crash
-    finally:
-        os.close(directory)
-
-
 def create_backup(settings: Settings, path: Path | str, *, on_progress: OnProgress | None = None) -> Manifest:
     """Back up the events topic (pinned now) and the schema registry's topic into ``path``.
 
@@ -394,7 +375,7 @@ def create_backup(settings: Settings, path: Path | str, *, on_progress: OnProgre
         )
         spooled = (BackupRecord.from_avro(d) for d in fastavro.reader(spool, reader_schema=_PARSED))
         records = (r.to_avro() for r in reporting(spooled, "write", tally.seen, on_progress))
-        _write_atomically(path, lambda out: fastavro.writer(
+        write_atomically(path, lambda out: fastavro.writer(
             out, _PARSED, records, codec="deflate", metadata={MANIFEST_KEY: manifest.to_json()},
         ))
     return manifest

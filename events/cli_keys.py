@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from events.files import write_bytes_atomically
 from events.kek import LocalKek, kek_from_settings
 from events.keyring import Keyring, PostgresKeyStore
 from events.settings import Settings
@@ -20,22 +21,13 @@ def _rotate(args: argparse.Namespace, settings: Settings) -> int:
     # The new key is on disk before any data key is re-wrapped under it: a crash in
     # between leaves `<file>.next` holding the key that the store now needs.
     pending = target.with_name(target.name + ".next")
-    _write_private(pending, new.export_base64() + "\n")
+    write_bytes_atomically(pending, (new.export_base64() + "\n").encode(), mode=0o600)
     count = Keyring(store, old).rotate(new)
     os.replace(pending, target)
     print(f"re-wrapped {count} keys from key-encryption key {old.key_id} to {new.key_id}; new key written to {target}")
     if settings.kek:
         print("note: EVP_KEK is set in the environment; replace it with the new key (base64 in the file above)")
     return 0
-
-
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -12,9 +12,7 @@ back with ``weights_only=True``: loading a checkpoint never runs pickled code.
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import numpy as np
 import torch
 
 from events.errors import ConfigurationError, IntegrityError, NotFound
+from events.files import write_atomically
 from trainer.config import TrainConfig
 from trainer.model import weights_sha256
 
@@ -105,17 +104,7 @@ class Checkpoint:
                     "torch_cuda": list(self.rng.torch_cuda), "sampler": self.rng.sampler},
             "environment": self.environment,
         }
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-        try:
-            with os.fdopen(handle, "wb") as file:
-                torch.save(payload, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        _fsync_directory(path.parent)
+        write_atomically(path, lambda file: torch.save(payload, file))
 
     @classmethod
     def load(cls, path: Path, *, config: TrainConfig) -> Checkpoint:
@@ -156,15 +145,3 @@ class Checkpoint:
 
 _FIELDS = frozenset({"config_json", "epoch", "step_in_epoch", "global_step", "permutation", "model",
                      "model_sha256", "optimizer", "rng", "environment"})
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -18,6 +18,7 @@ import torch
 from events.client import EventStore
 from events.errors import NotFound
 from events.event import Event
+from events.files import write_atomically
 from events.ids import uuid7
 from trainer.config import TrainConfig
 from trainer.snapshot import load_examples
@@ -74,9 +75,7 @@ def train_snapshot(
 
 
 def _save_weights(store: EventStore, record: RunRecord, result: TrainResult) -> None:
-    folder = run_dir(store, record.run_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(result.state_dict, folder / "weights.pt")
+    write_atomically(run_dir(store, record.run_id) / "weights.pt", lambda out: torch.save(result.state_dict, out))
 
 
 def load_run(store: EventStore, run_id: str) -> RunRecord:

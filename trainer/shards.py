@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from events.errors import IntegrityError
+from events.files import write_bytes_atomically
 from trainer.data import Examples
 
 MAGIC = b"EVPSHRD1"
@@ -67,9 +67,7 @@ def write_shards(examples: Examples, folder: Path, rows_per_shard: int = 1024) -
         part = examples.select(np.arange(start, min(start + rows_per_shard, len(examples))))
         blob = encode_shard(part)
         name = f"shard-{index:05d}.bin"
-        temporary = folder / f".{name}.tmp"
-        temporary.write_bytes(blob)
-        os.replace(temporary, folder / name)
+        write_bytes_atomically(folder / name, blob)
         infos.append(ShardInfo(name, hashlib.sha256(blob).hexdigest(), len(part)))
     return infos
 

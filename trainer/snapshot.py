@@ -26,6 +26,7 @@ import numpy as np
 from events.client import EventStore
 from events.errors import IntegrityError, NotFound
 from events.event import Event
+from events.files import write_bytes_atomically
 from events.ids import uuid7
 from events.log import BadRecord, Deduplicator, LogRecord, end_offsets, read_range
 from trainer.data import Examples
@@ -134,7 +135,7 @@ def create_snapshot(store: EventStore, progress: Progress | None = None, *, acto
         content_hash=content_hash(examples), record_count=fold.records, sample_count=len(examples),
         shards=tuple(shards), skipped_records=fold.skipped,
     )
-    (folder / "manifest.json").write_text(manifest.to_json())
+    write_bytes_atomically(folder / "manifest.json", manifest.to_json().encode())
     store.append(f"snapshot-{snapshot_id}", Event("SnapshotCreated", _event_data(manifest), actor=actor))
     store.flush()
     return manifest
