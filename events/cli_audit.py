@@ -31,6 +31,22 @@ def _subject(args: argparse.Namespace, settings: Settings) -> int:
         return _show(subject_history(store, args.id, decrypt=args.decrypt), args.json)
 
 
+def _verify(args: argparse.Namespace, settings: Settings) -> int:
+    from events.integrity import verify_log
+
+    with EventStore.open(settings) as store:
+        report = verify_log(store)
+    if args.json:
+        print_json({"intact": report.intact, "records_read": report.records_read,
+                    "events_checked": report.events_checked, "findings": [f.__dict__ for f in report.findings]})
+    else:
+        for finding in report.findings:
+            print(f"{finding.kind:8} {finding.detail}")
+        verdict = "intact: the topic and the ledger agree" if report.intact else f"{len(report.findings)} findings"
+        print(f"{report.events_checked} ledger events, {report.records_read} topic records: {verdict}")
+    return 0 if report.intact else 1
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser("audit", help="who changed what, when, in order")
     group = parser.add_subparsers(dest="audit_command", metavar="QUERY", required=True)
@@ -43,3 +59,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         query.add_argument("--json", action="store_true", help="machine-readable output")
         query.add_argument("--decrypt", action="store_true", help="decrypt personal fields (needs the keyring)")
         query.set_defaults(func=func)
+    verify = group.add_parser("verify", help="was the log tampered with? compare the topic with the ledger")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(func=_verify)
