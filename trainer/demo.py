@@ -9,8 +9,8 @@ must not touch anything else in the same services), then:
 4. publishes the outbox and runs the samples projection;
 5. cuts a snapshot and verifies it against Kafka;
 6. trains, then replays the training and compares the weights;
-7. forgets one annotator and shows the redacted view;
-8. answers audit queries.
+7. answers audit queries, forgets one annotator and shows the redacted view;
+8. checks that the log was not tampered with.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from events.cli_common import print_table
 from events.client import EventStore
 from events.event import NO_STREAM, Event
 from events.forget import forget_subject
+from events.integrity import verify_log
 from events.personal import REDACTED
 from events.settings import Settings
 from trainer.config import TrainConfig
@@ -155,8 +156,16 @@ def run_demo(settings: Settings, epochs: int) -> int:
             print(f"    models trained on data they touched: {', '.join(r.run_id for r in models)}")
 
         _forget_step(step, store, settings)
-    ok = run.heldout_accuracy >= 0.90 and outcome.identical
-    print(f"\ndemo {'finished' if ok else 'FAILED'}: accuracy {run.heldout_accuracy:.4f}, replay {verdict}")
+
+        with step("audit: was the log tampered with? (the topic against the ledger)"):
+            integrity = verify_log(store)
+            for finding in integrity.findings:
+                print(f"    {finding.kind}: {finding.detail}")
+            print(f"    {integrity.events_checked} events, {integrity.records_read} records: "
+                  f"{'intact' if integrity.intact else 'NOT intact'}")
+    ok = run.heldout_accuracy >= 0.90 and outcome.identical and integrity.intact
+    print(f"\ndemo {'finished' if ok else 'FAILED'}: accuracy {run.heldout_accuracy:.4f}, replay {verdict}, "
+          f"log {'intact' if integrity.intact else 'NOT intact'}")
     return 0 if ok else 1
 
 
