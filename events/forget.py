@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from events.client import EventStore
 from events.errors import EvpError
-from events.event import Event
+from events.event import Event, RecordedEvent
 
 
 @dataclass(frozen=True)
@@ -44,16 +44,13 @@ class ErasureReport:
 
 
 def erasure_scope(store: EventStore, subject_id: str) -> ErasureReport:
-    conn = store.ledger.connection
     events = store.ledger.events_concerning(subject_id)
     streams = tuple(sorted({e.stream_id for e in events}))
-    reservations = conn.execute(
-        "SELECT count(*) FROM evp_reservations WHERE stream_id = ANY(%s)", (list(streams),)
-    ).fetchone()[0]  # type: ignore[index]
-    return ErasureReport(subject_id, True, streams, len(events), int(reservations), _snapshots_holding(store, events))
+    reservations = store.ledger.reservations_held(streams)
+    return ErasureReport(subject_id, True, streams, len(events), reservations, _snapshots_holding(store, events))
 
 
-def _snapshots_holding(store: EventStore, events: list) -> tuple[str, ...]:  # type: ignore[type-arg]
+def _snapshots_holding(store: EventStore, events: list[RecordedEvent]) -> tuple[str, ...]:
     """Snapshots whose pinned ranges include any of the subject's events."""
     placed = [(e.partition, e.offset) for e in events if e.offset is not None]
     found = []
@@ -70,8 +67,7 @@ def forget_subject(store: EventStore, subject_id: str, *, reason: str, dry_run: 
     if dry_run:
         return scope
     destroyed = store.keyring.forget(subject_id)
-    with store.ledger.connection.transaction():
-        store.ledger.connection.execute("DELETE FROM evp_reservations WHERE stream_id = ANY(%s)", (list(scope.streams),))
+    store.ledger.release_all(scope.streams)
     store.append(f"erasure-{subject_id}", Event("SubjectForgotten", {"subject_id": subject_id, "reason": reason}, actor=actor))
     try:
         store.flush()

@@ -135,6 +135,18 @@ class Ledger:
             )
             return cur.rowcount == 1
 
+    def reservations_held(self, stream_ids: Sequence[str]) -> int:
+        """How many reservations these streams hold."""
+        row = self._conn.execute(
+            "SELECT count(*) FROM evp_reservations WHERE stream_id = ANY(%s)", (list(stream_ids),)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def release_all(self, stream_ids: Sequence[str]) -> int:
+        """Free every reservation these streams hold (an erasure); returns how many."""
+        cur = self._conn.execute("DELETE FROM evp_reservations WHERE stream_id = ANY(%s)", (list(stream_ids),))
+        return cur.rowcount
+
     def version(self, stream_id: str) -> int | None:
         row = self._conn.execute("SELECT version FROM evp_streams WHERE stream_id = %s", (stream_id,)).fetchone()
         return None if row is None else int(row[0])

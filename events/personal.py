@@ -58,12 +58,9 @@ class PersonalData:
         or an already sealed one, and :class:`KeyErased` for a forgotten subject: a
         forgotten person's data is not accepted again.
         """
-        out = dict(datum)
-        fields, subject_field = self._policy(event_type)
-        present = [field for field in fields if out.get(field) is not None]
+        out, present, subject = self._personal_part(event_type, datum)
         if not present:
             return out
-        subject = self._subject(event_type, subject_field, out)
         data_key = keyring.data_key(subject, create=True)
         for field in present:
             value = out[field]
@@ -83,12 +80,9 @@ class PersonalData:
         is still readable). Raises :class:`CryptoError` for a value that is not sealed,
         was tampered with or moved, or whose subject has no key at all.
         """
-        out = dict(datum)
-        fields, subject_field = self._policy(event_type)
-        present = [field for field in fields if out.get(field) is not None]
+        out, present, subject = self._personal_part(event_type, datum)
         if not present:
             return out
-        subject = self._subject(event_type, subject_field, out)
         for field in present:
             if not isinstance(out[field], str) or not crypto.is_sealed(out[field]):
                 raise CryptoError(f"{event_type} field {field!r} holds personal data that is not encrypted")
@@ -101,6 +95,14 @@ class PersonalData:
         for field in present:
             out[field] = crypto.open_text(data_key, out[field], crypto.field_aad(event_id, event_type, field, subject))
         return out
+
+    def _personal_part(self, event_type: str, datum: Mapping[str, Any]) -> tuple[dict[str, Any], list[str], str]:
+        """A copy of ``datum``, its non-null personal fields, and their subject ("" when there are none)."""
+        out = dict(datum)
+        fields, subject_field = self._policy(event_type)
+        present = [field for field in fields if out.get(field) is not None]
+        subject = self._subject(event_type, subject_field, out) if present else ""
+        return out, present, subject
 
     def _policy(self, event_type: str) -> tuple[tuple[str, ...], str]:
         fields = tuple(self._catalog.personal_fields(event_type))

@@ -24,7 +24,7 @@ from events.settings import Settings
 from events import db
 from projections.rebuild import rebuild, shadow_name
 from projections.roles import DEFAULT_PREFIX, roles_exist, setup_roles
-from projections.runner import BatchOutcome, Progress, Projection, ProjectionRunner, projection_lag
+from projections.runner import BatchOutcome, CatchUpResult, Progress, Projection, ProjectionRunner, projection_lag
 from projections.samples import SamplesView
 
 #: The projections evp ships, by the name the command line uses.
@@ -84,9 +84,12 @@ def _catch_up(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print_json(result.__dict__)
     else:
-        print(f"caught up in {result.seconds:.1f}s: {result.applied} applied, {result.skipped} duplicates skipped, "
-              f"{result.dead_lettered} dead-lettered")
+        print(f"caught up in {result.seconds:.1f}s: {_counts(result)}")
     return 0
+
+
+def _counts(result: CatchUpResult) -> str:
+    return f"{result.applied} applied, {result.skipped} duplicates skipped, {result.dead_lettered} dead-lettered"
 
 
 def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
@@ -106,10 +109,8 @@ def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print_json({"schema": result.schema, "replay": result.replay.__dict__, "rows": result.rows, "seconds": result.seconds})
         return 0
-    r = result.replay
     rows = ", ".join(f"{table} {count}" for table, count in result.rows.items())
-    print(f"rebuilt {result.schema} in {result.seconds:.1f}s: {r.applied} applied, {r.skipped} duplicates skipped, "
-          f"{r.dead_lettered} dead-lettered; rows: {rows}")
+    print(f"rebuilt {result.schema} in {result.seconds:.1f}s: {_counts(result.replay)}; rows: {rows}")
     return 0
 
 
