@@ -14,7 +14,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from events.kafka import admin  # noqa: E402
+from events.adapters.kafka import admin  # noqa: E402
 from events.settings import Settings  # noqa: E402
 
 

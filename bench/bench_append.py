@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from kafka import TopicPartition
 
 from _support import throwaway, timed  # noqa: E402  (also puts the repo on sys.path)
-from events.client import EventStore
+from events.store.client import EventStore
 from events.event import HEADER_EVENT_ID, NO_STREAM, Event, ExpectedVersion, kafka_headers
-from events.kafka import consumer, ensure_topic, producer
-from events.relay import Relay
+from events.adapters.kafka import consumer, ensure_topic, producer
+from events.store.relay import Relay
 from events.settings import Settings
 
 BATCH = 100

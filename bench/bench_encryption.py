@@ -32,10 +32,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _support import throwaway  # noqa: E402
-from events import crypto  # noqa: E402
-from events.client import EventStore  # noqa: E402
+from events.privacy import cipher
+from events.store.client import EventStore  # noqa: E402
 from events.event import Event  # noqa: E402
-from events.personal import PersonalData, StaticCatalog  # noqa: E402
+from events.privacy.personal import PersonalData, StaticCatalog  # noqa: E402
 from events.settings import Settings  # noqa: E402
 
 SIZES = {"small": 1_000, "default": 5_000, "large": 25_000}
@@ -127,19 +127,19 @@ def sdk_rates(encrypted: EventStore, plain: EventStore, size: int) -> list[Rate]
 
 def cipher_rates(operations: int) -> dict[str, float]:
     """Operations per second of the field cipher alone, on an email-sized value."""
-    key = secrets.token_bytes(crypto.KEY_BYTES)
-    aad = crypto.field_aad(str(uuid.uuid4()), "evp.samples.AnnotatorRegistered", "email", "annotator-1")
+    key = secrets.token_bytes(cipher.KEY_BYTES)
+    aad = cipher.field_aad(str(uuid.uuid4()), "evp.samples.AnnotatorRegistered", "email", "annotator-1")
     text = "annotator.12345@example.org"
-    sealed = crypto.seal_text(key, text, aad)
+    sealed = cipher.seal_text(key, text, aad)
 
     def seal() -> int:
         for _ in range(operations):
-            crypto.seal_text(key, text, aad)
+            cipher.seal_text(key, text, aad)
         return operations
 
     def open_() -> int:
         for _ in range(operations):
-            crypto.open_text(key, sealed, aad)
+            cipher.open_text(key, sealed, aad)
         return operations
 
     return {"seal_text": timed(seal), "open_text": timed(open_)}

@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from kafka import TopicPartition
 
 from _support import throwaway, timed  # noqa: E402  (also puts the repo on sys.path)
-from events import db
-from events.client import EventStore
+from events.adapters import postgres
+from events.store.client import EventStore
 from events.event import Event
-from events.kafka import consumer
+from events.adapters.kafka import consumer
 from events.settings import Settings
 from projections.runner import ProjectionRunner
 from projections.samples import SamplesView
@@ -39,7 +39,7 @@ def rows(count: int) -> list[dict[str, object]]:
 
 
 def copy_baseline(settings: Settings, data: Sequence[dict[str, object]]) -> float:
-    with db.connect(settings.database_url) as conn:
+    with postgres.connect(settings.database_url) as conn:
         conn.execute("CREATE TABLE plain_samples (sample_id text PRIMARY KEY, annotator_id text, label integer,"
                      " features real[])")
         conn.commit()

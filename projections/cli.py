@@ -18,10 +18,10 @@ from contextlib import contextmanager
 
 from tqdm import tqdm
 
-from events.cli_common import print_json, print_table
+from events.cli.common import print_json, print_table
 from events.errors import EvpError
 from events.settings import Settings
-from events import db
+from events.adapters import postgres
 from projections.rebuild import rebuild, shadow_name
 from projections.roles import DEFAULT_PREFIX, roles_exist, setup_roles
 from projections.runner import BatchOutcome, CatchUpResult, Progress, Projection, ProjectionRunner, projection_lag
@@ -95,7 +95,7 @@ def _counts(result: CatchUpResult) -> str:
 def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
     projection = _projection(args)
     schema = args.schema or projection.default_schema
-    with db.connect(settings.database_url, autocommit=True) as conn:
+    with postgres.connect(settings.database_url, autocommit=True) as conn:
         # A swapped-in schema has no grants: give the shadow the roles' grants before the
         # swap, so analysts never lose access (or gain any) during a rebuild.
         prefix = args.role_prefix
@@ -117,7 +117,7 @@ def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
 def _grant(args: argparse.Namespace, settings: Settings) -> int:
     projection = _projection(args)
     schema = args.schema or projection.default_schema
-    with db.connect(settings.database_url, autocommit=True) as conn:
+    with postgres.connect(settings.database_url, autocommit=True) as conn:
         roles = setup_roles(conn, schema, prefix=args.role_prefix)
     print(f"roles ready on {schema}: {roles.projector} (writes views), {roles.analyst} (masked views only), "
           f"{roles.auditor} (audit view of the ledger)")

@@ -1,6 +1,6 @@
 """Dead letters: records a projection cannot apply go to a side topic, and the projection goes on.
 
-A record is dead-lettered when it cannot be decoded (a :class:`~events.log.BadRecord`) or
+A record is dead-lettered when it cannot be decoded (a :class:`~events.store.log.BadRecord`) or
 when its projection refuses it (a *poison* record: :data:`POISON_ERRORS`). The letter keeps
 the original key, value and headers byte for byte and adds headers that say why and where
 it came from, so it can be inspected, fixed and re-published.
@@ -20,7 +20,7 @@ import psycopg
 from kafka import KafkaProducer, TopicPartition
 
 from events.errors import EvpError, InvalidEvent
-from events.kafka import consumer, kafka_errors, producer as make_producer
+from events.adapters.kafka import consumer, kafka_errors, producer as make_producer
 
 #: Errors that mean "this record is bad", not "the platform is broken": the record is
 #: dead-lettered and the batch goes on. Anything else stops the runner (and is retried).

@@ -18,8 +18,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from events import db
-from events.client import EventStore
+from events.adapters import postgres
+from events.store.client import EventStore
 from events.event import Event
 from events.settings import Settings
 from projections.runner import CatchUpResult, Progress, Projection, ProjectionRunner, view_lock
@@ -61,7 +61,7 @@ def rebuild(
     started = time.monotonic()
     live = schema or projection.default_schema
     shadow = shadow_name(live)
-    with db.connect(settings.database_url, autocommit=True) as conn:
+    with postgres.connect(settings.database_url, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(shadow)))  # a crashed rebuild's
     with ProjectionRunner(settings, projection, schema=shadow) as runner:
         replay = runner.catch_up(on_progress)
@@ -73,7 +73,7 @@ def rebuild(
     )
     if before_swap is not None:
         before_swap()
-    with db.connect(settings.database_url, autocommit=True) as conn:
+    with postgres.connect(settings.database_url, autocommit=True) as conn:
         with conn.transaction(), conn.cursor() as cur:
             cur.execute(view_lock(live))
             cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(live)))

@@ -19,7 +19,7 @@ deployments sharing a server keep their roles apart.
 
 Order of setup (each step idempotent):
 
-1. open an :class:`events.client.EventStore` (creates the ledger and keyring tables);
+1. open an :class:`events.store.client.EventStore` (creates the ledger and keyring tables);
 2. run the projection once (``ProjectionRunner.open`` or ``catch_up``) as an administrator;
 3. call :func:`setup_roles` as that administrator (a superuser, or a role owning the
    tables and allowed to create roles); from then on the projector may run the projection.

@@ -34,13 +34,13 @@ import psycopg
 from kafka import KafkaConsumer, TopicPartition
 from psycopg import sql
 
-from events import db
-from events.catalog import Catalog
-from events.codec import Codec
+from events.adapters import postgres
+from events.schema.catalog import Catalog
+from events.schema.codec import Codec
 from events.errors import ConfigurationError, EvpError, ServiceUnavailable
-from events.kafka import consumer as make_consumer, ensure_event_topics, kafka_errors
-from events.log import BadRecord, LogRecord, decode_record, end_offsets
-from events.registry import KafkaSchemaLog, SchemaRegistry
+from events.adapters.kafka import consumer as make_consumer, ensure_event_topics, kafka_errors
+from events.store.log import BadRecord, LogRecord, decode_record, end_offsets
+from events.schema.registry import KafkaSchemaLog, SchemaRegistry
 from events.settings import Settings
 from projections.deadletter import POISON_ERRORS, STAGE_APPLY, STAGE_DECODE, DeadLetterQueue, describe_error
 
@@ -233,7 +233,7 @@ class ProjectionRunner:
         """Connect, create the schema and seek to the stored positions (idempotent)."""
         if self._conn is None or self._conn.closed:
             self._reset()  # positions come from the database: a new connection means a new seek
-            self._conn = db.connect(self.settings.database_url, autocommit=True)
+            self._conn = postgres.connect(self.settings.database_url, autocommit=True)
             ensure_schema(self._conn, self.projection, self.schema)
         if self._codec is None:
             self._codec = open_codec(self.settings)
@@ -464,7 +464,7 @@ class ProjectionRunner:
 def projection_lag(settings: Settings, schema: str) -> list[PartitionLag]:
     """How far a projection's schema is behind the events topic, per partition."""
     ends = end_offsets(settings.kafka, settings.events_topic)
-    with db.connect(settings.database_url, autocommit=True) as conn, conn.cursor() as cur:
+    with postgres.connect(settings.database_url, autocommit=True) as conn, conn.cursor() as cur:
         stored = stored_offsets(cur, schema, settings.events_topic) if _has_offsets(cur, schema) else {}
     return [PartitionLag(p, stored.get(p), ends[p]) for p in sorted(ends)]
 

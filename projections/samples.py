@@ -32,10 +32,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from events import crypto
-from events.catalog import Catalog
+from events.privacy import cipher
+from events.schema.catalog import Catalog
 from events.errors import InvalidEvent
-from events.log import LogRecord
+from events.store.log import LogRecord
 from projections.runner import parse_timestamp
 
 DEFAULT_SCHEMA = "evp_views"
@@ -114,7 +114,7 @@ def _annotator(record: LogRecord) -> AnnotatorRow:
     data = record.data
     for field in Catalog.default().personal_fields(record.event_type):
         value = data.get(field)
-        if not isinstance(value, str) or not crypto.is_sealed(value):
+        if not isinstance(value, str) or not cipher.is_sealed(value):
             raise InvalidEvent(record.event_type, field, "personal data arrived unencrypted; the view stores only ciphertext")
     return AnnotatorRow(
         annotator_id=_required_id(record, "annotator_id"),

@@ -19,7 +19,7 @@ import pytest
 from events.settings import Settings
 
 if TYPE_CHECKING:
-    from events.client import EventStore
+    from events.store.client import EventStore
 
 REPO = Path(__file__).resolve().parents[1]
 SERVICES = REPO / "platform" / "services.py"
@@ -79,7 +79,7 @@ def settings(services: Settings, database_url: str, tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def store(settings: Settings) -> Iterator[EventStore]:
-    from events.client import EventStore
+    from events.store.client import EventStore
 
     with EventStore.open(settings) as opened:
         yield opened

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from events.errors import ConfigurationError, IntegrityError, NotFound
-from events.files import write_atomically
+from events.adapters.files import write_atomically
 from trainer.config import TrainConfig
 from trainer.model import weights_sha256
 

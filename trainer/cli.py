@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
-from events.cli_common import print_json
-from events.client import EventStore
+from events.cli.common import print_json
+from events.store.client import EventStore
 from events.settings import Settings
 from trainer.config import TrainConfig
 from trainer.progress import bar, step_bar

@@ -23,14 +23,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from events import db
-from events.audit import subject_history, summarize
-from events.cli_common import print_table
-from events.client import EventStore
+from events.adapters import postgres
+from events.ops.audit import subject_history, summarize
+from events.cli.common import print_table
+from events.store.client import EventStore
 from events.event import NO_STREAM, Event
-from events.forget import forget_subject
-from events.integrity import verify_log
-from events.personal import REDACTED
+from events.ops.forget import forget_subject
+from events.ops.integrity import verify_log
+from events.privacy.personal import REDACTED
 from events.settings import Settings
 from trainer.config import TrainConfig
 from trainer.demo_reset import fresh_demo_settings
@@ -176,7 +176,7 @@ def _project(settings: Settings) -> dict[str, int]:
 
     with step_bar("projecting", unit="rec") as progress, ProjectionRunner(settings, SamplesView()) as runner:
         result = runner.catch_up(lambda done: progress(done.consumed, done.total))
-    with db.connect(settings.database_url, autocommit=True) as conn:
+    with postgres.connect(settings.database_url, autocommit=True) as conn:
         counts = conn.execute(
             f"SELECT (SELECT count(*) FROM {DEFAULT_SCHEMA}.samples), (SELECT count(*) FROM {DEFAULT_SCHEMA}.annotators),"
             f" (SELECT count(*) FROM {DEFAULT_SCHEMA}.annotators WHERE erased)"

@@ -7,9 +7,9 @@ import time
 
 import psycopg
 
-from events import db
+from events.adapters import postgres
 from events.errors import ServiceUnavailable
-from events.kafka import admin, kafka_errors
+from events.adapters.kafka import admin, kafka_errors
 from events.settings import Settings
 
 DEMO_DATABASE = "evp_demo"
@@ -23,12 +23,12 @@ def fresh_demo_settings(settings: Settings) -> Settings:
     name right after deleting it can race with the deletion.
     """
     base, _, _ = settings.database_url.rpartition("/")
-    with db.connect(f"{base}/postgres", autocommit=True) as conn:
+    with postgres.connect(f"{base}/postgres", autocommit=True) as conn:
         try:
             conn.execute(f'DROP DATABASE IF EXISTS "{DEMO_DATABASE}" WITH (FORCE)')
             conn.execute(f'CREATE DATABASE "{DEMO_DATABASE}"')
         except psycopg.Error as err:
-            raise ServiceUnavailable("postgresql", db.describe(settings.database_url),
+            raise ServiceUnavailable("postgresql", postgres.describe(settings.database_url),
                                      f"cannot create the demo database {DEMO_DATABASE!r}: {err}") from err
     _delete_old_topics(settings)
     home = settings.home / "demo"

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from events.client import EventStore
+from events.store.client import EventStore
 from events.errors import NotFound
 from events.event import Event
-from events.files import write_atomically
+from events.adapters.files import write_atomically
 from events.ids import uuid7
 from trainer.config import TrainConfig
 from trainer.snapshot import load_examples

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from events.errors import IntegrityError
-from events.files import write_bytes_atomically
+from events.adapters.files import write_bytes_atomically
 from trainer.data import Examples
 
 MAGIC = b"EVPSHRD1"

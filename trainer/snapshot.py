@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from events.client import EventStore
+from events.store.client import EventStore
 from events.errors import IntegrityError, NotFound
 from events.event import Event
-from events.files import write_bytes_atomically
+from events.adapters.files import write_bytes_atomically
 from events.ids import uuid7
-from events.log import BadRecord, Deduplicator, LogRecord, end_offsets, read_range
+from events.store.log import BadRecord, Deduplicator, LogRecord, end_offsets, read_range
 from trainer.data import Examples
 from trainer.shards import FEATURES, ShardInfo, read_shards, write_shards
 

@@ -34,10 +34,10 @@ from typing import Any, TextIO
 import psycopg
 from kafka import TopicPartition
 
-from events import db
+from events.adapters import postgres
 from events.errors import ConcurrencyError, EvpError
 from events.event import HEADER_EVENT_ID, HEADER_STREAM_VERSION, NO_STREAM, Event, ExpectedVersion
-from events.kafka import consumer
+from events.adapters.kafka import consumer
 from events.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,7 +83,7 @@ def read_topic(settings: Settings, *, timeout: float = 60.0) -> StreamLog:
 
 def read_ledger(database_url: str) -> StreamLog:
     """Every ledger event, grouped by stream, in version order."""
-    with db.connect(database_url, autocommit=True) as conn:
+    with postgres.connect(database_url, autocommit=True) as conn:
         rows = conn.execute("SELECT stream_id, version, event_id FROM evp_events ORDER BY stream_id, version").fetchall()
     found: StreamLog = defaultdict(list)
     for stream_id, version, event_id in rows:
@@ -92,7 +92,7 @@ def read_ledger(database_url: str) -> StreamLog:
 
 
 def outbox_depth(database_url: str) -> int:
-    with db.connect(database_url, autocommit=True) as conn:
+    with postgres.connect(database_url, autocommit=True) as conn:
         return int(conn.execute("SELECT count(*) FROM evp_outbox").fetchone()[0])  # type: ignore[index]
 
 
@@ -343,7 +343,7 @@ def summary_line(name: str, facts: Mapping[str, object]) -> str:
 
 # -- entry points of the worker processes --------------------------------------------------
 def _main_write(args: argparse.Namespace) -> int:
-    from events.client import EventStore
+    from events.store.client import EventStore
 
     settings = Settings.from_env()
     streams = [f"{args.streams}-{i}" for i in range(args.stream_count)]
@@ -355,7 +355,7 @@ def _main_write(args: argparse.Namespace) -> int:
 
 
 def _main_relay(args: argparse.Namespace) -> int:
-    from events.relay import Relay
+    from events.store.relay import Relay
 
     settings = Settings.from_env()
     stop = threading.Event()

@@ -22,7 +22,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from events.client import EventStore
+from events.store.client import EventStore
 from events.settings import Settings
 from projections.runner import ProjectionRunner, projection_lag
 from projections.samples import SamplesView

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from events.client import EventStore
+from events.store.client import EventStore
 from events.settings import Settings
 from tests.faults.helpers import (
     assert_journal_consistent,

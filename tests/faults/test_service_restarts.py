@@ -19,8 +19,8 @@ from typing import ContextManager
 
 import pytest
 
-from events.client import EventStore
-from events.relay import Relay
+from events.store.client import EventStore
+from events.store.relay import Relay
 from events.settings import Settings
 from tests.faults.helpers import (
     JournalEntry,

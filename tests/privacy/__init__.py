@@ -32,7 +32,7 @@ import psycopg
 import psycopg.errors
 import psycopg.sql
 
-from events.client import EventStore
+from events.store.client import EventStore
 from events.event import NO_STREAM, Event
 from events.settings import Settings
 

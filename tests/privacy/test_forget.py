@@ -14,10 +14,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from events.client import EventStore
+from events.store.client import EventStore
 from events.errors import KeyErased
-from events.forget import erasure_scope, forget_subject
-from events.personal import REDACTED
+from events.ops.forget import erasure_scope, forget_subject
+from events.privacy.personal import REDACTED
 from events.settings import Settings
 from projections.runner import ProjectionRunner
 from projections.samples import SamplesView

@@ -11,12 +11,12 @@ import random
 import psycopg
 import pytest
 
-from events.client import EventStore
+from events.store.client import EventStore
 from events.errors import CryptoError, KeyErased
-from events.forget import forget_subject
-from events.kek import LocalKek
-from events.keyring import Keyring, PostgresKeyStore
-from events.personal import REDACTED
+from events.ops.forget import forget_subject
+from events.privacy.kek import LocalKek
+from events.privacy.keyring import Keyring, PostgresKeyStore
+from events.privacy.personal import REDACTED
 from events.settings import Settings
 from tests.privacy import make_people, register, run_cli, submit
 

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from events.client import EventStore
+from events.store.client import EventStore
 from events.errors import EvpError
 from events.event import Event
 from events.settings import Settings

@@ -16,10 +16,10 @@ import psycopg
 import psycopg.errors
 import pytest
 
-from events.client import EventStore
+from events.store.client import EventStore
 from events.errors import ConfigurationError
 from events.event import Event
-from events.forget import forget_subject
+from events.ops.forget import forget_subject
 from events.settings import Settings
 from projections.rebuild import rebuild, shadow_name
 from projections.roles import AUDIT_COLUMNS, Roles, drop_roles, setup_roles

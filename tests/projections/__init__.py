@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 
-from events.client import EventStore
+from events.store.client import EventStore
 from events.event import Event
 from projections.samples import read_samples
 

@@ -15,10 +15,10 @@ import psycopg
 import pytest
 from hypothesis import given, strategies as st
 
-from events.client import EventStore
+from events.store.client import EventStore
 from events.event import HEADER_EVENT_ID, HEADER_OCCURRED_AT, HEADER_STREAM_VERSION, Event
-from events.kafka import producer
-from events.log import LogRecord
+from events.adapters.kafka import producer
+from events.store.log import LogRecord
 from events.settings import Settings
 from projections import cli
 from projections.deadletter import STAGE_APPLY, STAGE_DECODE, read_dead_letters

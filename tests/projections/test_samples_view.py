@@ -10,11 +10,11 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from events.client import EventStore
+from events.store.client import EventStore
 from events.errors import InvalidEvent
 from events.event import Event
-from events.log import LogRecord
-from events.personal import blind_index
+from events.store.log import LogRecord
+from events.privacy.personal import blind_index
 from events.settings import Settings
 from projections.runner import ProjectionRunner
 from projections.samples import Changes, SamplesView, net_changes

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sklearn.datasets import load_digits
 
-from events.client import EventStore
+from events.store.client import EventStore
 from events.event import Event
 from trainer.config import TrainConfig
 from trainer.runs import load_run, replay_run, runs_of_snapshot, train_snapshot

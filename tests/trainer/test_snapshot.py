@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from events.client import EventStore
+from events.store.client import EventStore
 from events.errors import IntegrityError, NotFound
 from events.event import Event
 from trainer.snapshot import content_hash, create_snapshot, load_examples, snapshot_dir, verify_snapshot

@@ -1,0 +1,227 @@
+"""The stream ledger: expected-version appends with idempotency, in PostgreSQL.
+
+Kafka has no per-key compare-and-set, so the decision "may this event be appended at
+version n" is made here, under a row lock on the stream, in the same transaction that
+writes the transactional outbox. The relay publishes the outbox afterwards.
+
+Contract of :meth:`Ledger.append`:
+
+1. If the event ids are already in the ledger, the call is a retry: every id must be
+   there, in the same stream, and the original positions are returned; nothing is written.
+2. Otherwise the stream row is locked; the expected version is checked; on mismatch
+   :class:`ConcurrencyError` is raised and nothing is written.
+3. Reservations (if any) are claimed, events get versions ``current+1 ..``, rows go to
+   ``evp_events`` and ``evp_outbox``, and ``NOTIFY evp_outbox`` wakes relays at commit.
+
+All of it runs server-side in ``evp_append`` (``sql/002_append.sql``): one round trip
+per append, whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import psycopg
+
+from events.errors import ConcurrencyError, EvpError, InvalidEvent, NotFound, UniquenessViolation
+from events.event import ANY, NO_STREAM, AppendResult, EncodedEvent, ExpectedVersion, RecordedEvent
+from events.store.partitioning import partition_for
+
+NOTIFY_CHANNEL = "evp_outbox"  #: also named in sql/002_append.sql
+MAX_EVENT_BYTES = 900_000  # below Kafka's default 1 MiB message.max.bytes, headers included
+MAX_STREAM_ID = 255
+
+EVENT_COLUMNS = (
+    "position, stream_id, version, event_id, event_type, schema_id, value, actor, "
+    "occurred_at, recorded_at, partition, kafka_offset"
+)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A claim that ``value`` is unique within ``scope`` (for example an email's blind index)."""
+
+    scope: str
+    value: str
+
+
+def row_to_event(row: tuple) -> RecordedEvent:  # type: ignore[type-arg]
+    position, stream_id, version, event_id, event_type, schema_id, value, actor, occurred, recorded, part, off = row
+    return RecordedEvent(
+        position=position, stream_id=stream_id, version=version, event_id=event_id, event_type=event_type,
+        schema_id=schema_id, value=bytes(value), actor=actor, occurred_at=occurred, recorded_at=recorded,
+        partition=part, offset=off,
+    )
+
+
+def check_stream_id(stream_id: str) -> None:
+    if not isinstance(stream_id, str) or not stream_id or len(stream_id) > MAX_STREAM_ID:
+        raise InvalidEvent("append", "stream_id", f"must be a non-empty string of at most {MAX_STREAM_ID} characters")
+    check_text("append", "stream_id", stream_id)
+
+
+def check_text(event_type: str, field: str, value: str | None) -> None:
+    """PostgreSQL text cannot hold NUL: refuse it by name rather than fail mid-transaction."""
+    if value is not None and "\x00" in value:
+        raise InvalidEvent(event_type, field, "must not contain NUL characters")
+
+
+class Ledger:
+    """Appends and reads streams in PostgreSQL.
+
+    ``conn`` must be in autocommit mode: each append is its own explicit transaction and
+    reads never leave one open. One instance per connection; not thread-safe.
+    """
+
+    def __init__(self, conn: psycopg.Connection, partitions: int) -> None:
+        if not conn.autocommit:
+            raise EvpError("Ledger needs an autocommit connection (events.adapters.postgres.connect(..., autocommit=True))")
+        self._conn = conn
+        self._partitions = partitions
+
+    @property
+    def connection(self) -> psycopg.Connection:
+        return self._conn
+
+    def append(
+        self,
+        stream_id: str,
+        events: Sequence[EncodedEvent],
+        expected_version: ExpectedVersion = ANY,
+        reservations: Sequence[Reservation] = (),
+    ) -> AppendResult:
+        check_stream_id(stream_id)
+        if not events:
+            raise InvalidEvent("append", "events", "at least one event is needed")
+        for event in events:
+            if len(event.value) > MAX_EVENT_BYTES:
+                raise InvalidEvent(event.event_type, "(record)", f"{len(event.value)} bytes exceeds the {MAX_EVENT_BYTES}-byte limit")
+            check_text(event.event_type, "actor", event.actor)
+            check_text(event.event_type, "subject_id", event.subject_id)
+        if len({e.event_id for e in events}) != len(events):
+            raise InvalidEvent("append", "event_id", "the same event id appears twice in one append")
+        kind, expected = _expected_arguments(expected_version)
+        arguments = (
+            stream_id, kind, expected, partition_for(stream_id, self._partitions),
+            [e.event_id for e in events], [e.event_type for e in events], [e.schema_id for e in events],
+            [e.value for e in events], [e.actor for e in events], [e.subject_id for e in events],
+            [e.occurred_at for e in events], [r.scope for r in reservations], [r.value for r in reservations],
+        )
+        for attempt in (1, 2):
+            try:
+                # One statement on an autocommit connection: one round trip, one transaction.
+                row = self._conn.execute(_APPEND, arguments).fetchone()
+                assert row is not None
+                duplicate, first, last, positions = row
+                return AppendResult(stream_id, first, last, tuple(positions), duplicate=duplicate)
+            except psycopg.errors.UniqueViolation as err:
+                # Another writer committed one of these event ids between our check and our
+                # insert: the second attempt sees it and answers as a retry would.
+                if attempt == 2:
+                    raise ConcurrencyError(stream_id, expected_version, self.version(stream_id)) from err
+            except psycopg.OperationalError as err:
+                raise EvpError(f"append to {stream_id!r} failed, nothing was written: {err}") from err
+            except psycopg.Error as err:
+                raise _translate(err, stream_id, expected_version) from err
+        raise AssertionError("unreachable")
+
+    def release(self, scope: str, value: str, stream_id: str) -> bool:
+        """Free a reservation held by ``stream_id`` (for example after an erasure)."""
+        with self._conn.transaction():
+            cur = self._conn.execute(
+                "DELETE FROM evp_reservations WHERE scope = %s AND value = %s AND stream_id = %s", (scope, value, stream_id)
+            )
+            return cur.rowcount == 1
+
+    def reservations_held(self, stream_ids: Sequence[str]) -> int:
+        """How many reservations these streams hold."""
+        row = self._conn.execute(
+            "SELECT count(*) FROM evp_reservations WHERE stream_id = ANY(%s)", (list(stream_ids),)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def release_all(self, stream_ids: Sequence[str]) -> int:
+        """Free every reservation these streams hold (an erasure); returns how many."""
+        cur = self._conn.execute("DELETE FROM evp_reservations WHERE stream_id = ANY(%s)", (list(stream_ids),))
+        return cur.rowcount
+
+    def version(self, stream_id: str) -> int | None:
+        row = self._conn.execute("SELECT version FROM evp_streams WHERE stream_id = %s", (stream_id,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def read_stream(self, stream_id: str, from_version: int = 1) -> list[RecordedEvent]:
+        """Every event of a stream from ``from_version`` on, by index: never a topic scan."""
+        rows = self._conn.execute(
+            f"SELECT {EVENT_COLUMNS} FROM evp_events WHERE stream_id = %s AND version >= %s ORDER BY version",
+            (stream_id, from_version),
+        ).fetchall()
+        if not rows and from_version <= 1:
+            raise NotFound(f"stream {stream_id!r} does not exist")
+        return [row_to_event(r) for r in rows]
+
+    def read_stream_after(self, stream_id: str, version: int) -> list[RecordedEvent]:
+        """Events after ``version`` (an empty list for an unknown stream, unlike read_stream)."""
+        rows = self._conn.execute(
+            f"SELECT {EVENT_COLUMNS} FROM evp_events WHERE stream_id = %s AND version > %s ORDER BY version",
+            (stream_id, version),
+        ).fetchall()
+        return [row_to_event(r) for r in rows]
+
+    def read_positions(self, positions: Sequence[int]) -> list[RecordedEvent]:
+        rows = self._conn.execute(
+            f"SELECT {EVENT_COLUMNS} FROM evp_events WHERE position = ANY(%s) ORDER BY position", (list(positions),)
+        ).fetchall()
+        return [row_to_event(r) for r in rows]
+
+    def event_by_id(self, event_id: uuid.UUID) -> RecordedEvent | None:
+        row = self._conn.execute(f"SELECT {EVENT_COLUMNS} FROM evp_events WHERE event_id = %s", (event_id,)).fetchone()
+        return None if row is None else row_to_event(row)
+
+    def events_concerning(self, subject_id: str) -> list[RecordedEvent]:
+        """Events whose personal data belongs to ``subject_id`` or that ``subject_id`` performed."""
+        rows = self._conn.execute(
+            f"SELECT {EVENT_COLUMNS} FROM evp_events WHERE subject_id = %s OR actor = %s ORDER BY position",
+            (subject_id, subject_id),
+        ).fetchall()
+        return [row_to_event(r) for r in rows]
+
+    def streams_with_prefix(self, prefix: str) -> list[str]:
+        rows = self._conn.execute(
+            "SELECT stream_id FROM evp_streams WHERE stream_id LIKE %s ORDER BY stream_id",
+            (prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%",),
+        ).fetchall()
+        return [r[0] for r in rows]
+
+
+
+_APPEND = (
+    "SELECT r_duplicate, r_first, r_last, r_positions FROM evp_append("
+    "%s, %s, %s, %s, %s::uuid[], %s::text[], %s::integer[], %s::bytea[], %s::text[], %s::text[],"
+    " %s::timestamptz[], %s::text[], %s::text[])"
+)
+
+
+def _expected_arguments(expected: ExpectedVersion) -> tuple[str, int]:
+    if expected is ANY:
+        return "any", 0
+    if expected is NO_STREAM:
+        return "no_stream", 0
+    if isinstance(expected, bool) or not isinstance(expected, int) or expected < 0:
+        raise InvalidEvent("append", "expected_version", f"must be a version number >= 0, ANY or NO_STREAM, got {expected!r}")
+    return "exact", expected
+
+
+def _translate(err: psycopg.Error, stream_id: str, expected: ExpectedVersion) -> EvpError:
+    """Map evp_append's own SQLSTATEs to evp's errors; anything else is a plain EvpError."""
+    detail = err.diag.message_detail or ""
+    if err.sqlstate == "EV409":
+        return ConcurrencyError(stream_id, expected, int(detail) if detail else None)
+    if err.sqlstate == "EV423":
+        return UniquenessViolation(f"{err.diag.message_primary} by stream {detail!r}")
+    if err.sqlstate == "EV422":
+        where = f" (stream {detail!r})" if detail else ""
+        return InvalidEvent("append", "event_id", f"ids were partly appended before or to another stream{where}: "
+                            "an idempotency key must name the same events every time")
+    return EvpError(f"append to {stream_id!r} failed, nothing was written: {err}")

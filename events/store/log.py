@@ -1,0 +1,151 @@
+"""Reading the event log from Kafka: decoded records with their coordinates.
+
+Readers pin what they read by (partition, offset) ranges, which is what snapshots record
+and what projections store as their position. Duplicates that the relay may publish after
+a crash carry the same stream id and version; :class:`Deduplicator` drops them.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kafka import TopicPartition
+
+from events.schema.codec import Codec
+from events.errors import DecodeError, ServiceUnavailable
+from events.event import HEADER_ACTOR, HEADER_EVENT_ID, HEADER_OCCURRED_AT, HEADER_STREAM_VERSION
+from events.adapters.kafka import consumer, kafka_errors
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    """One record of the events topic, decoded (personal fields still encrypted)."""
+
+    partition: int
+    offset: int
+    stream_id: str
+    version: int
+    event_id: uuid.UUID
+    event_type: str
+    schema_id: int
+    actor: str
+    occurred_at: str
+    data: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """A record that could not be decoded, with the reason; it goes to the dead-letter topic."""
+
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+    reason: str
+
+
+def decode_record(codec: Codec, message: Any) -> LogRecord | BadRecord:
+    """Decode a kafka-python ConsumerRecord, never raising on bad input."""
+    headers = {k: v for k, v in (message.headers or [])}
+    try:
+        if message.key is None:
+            raise DecodeError("record has no key (stream id)")
+        if message.value is None:
+            raise DecodeError("record has no value")
+        decoded = codec.decode(message.value)
+        try:
+            event_id = uuid.UUID(headers[HEADER_EVENT_ID].decode())
+            version = int(headers[HEADER_STREAM_VERSION].decode())
+        except (KeyError, ValueError, UnicodeDecodeError) as err:
+            raise DecodeError(f"missing or malformed evp headers: {err}") from err
+        return LogRecord(
+            partition=message.partition,
+            offset=message.offset,
+            stream_id=message.key.decode("utf-8", errors="strict"),
+            version=version,
+            event_id=event_id,
+            event_type=decoded.event_type,
+            schema_id=decoded.schema_id,
+            actor=headers.get(HEADER_ACTOR, b"").decode("utf-8", errors="replace"),
+            occurred_at=headers.get(HEADER_OCCURRED_AT, b"").decode("utf-8", errors="replace"),
+            data=decoded.datum,
+        )
+    except (DecodeError, UnicodeDecodeError) as err:
+        return BadRecord(message.partition, message.offset, message.key, message.value, tuple(headers.items()), str(err))
+
+
+class Deduplicator:
+    """Drops records whose (stream, version) was already seen; relays may re-publish after a crash."""
+
+    def __init__(self) -> None:
+        self._versions: dict[str, int] = {}
+
+    def is_new(self, record: LogRecord) -> bool:
+        if record.version <= self._versions.get(record.stream_id, 0):
+            return False
+        self._versions[record.stream_id] = record.version
+        return True
+
+
+def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    """The current end offset of every partition (what a snapshot pins)."""
+    reader = consumer(bootstrap)
+    try:
+        with kafka_errors(bootstrap):
+            partitions = reader.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+            return {tp.partition: off for tp, off in reader.end_offsets(tps).items()}
+    finally:
+        reader.close()
+
+
+#: A pinned read that gets no record for this long, short of its end, fails.
+READ_IDLE_TIMEOUT_S = 30.0
+
+
+def read_pinned(
+    bootstrap: str, topic: str, ranges: Mapping[int, tuple[int, int]], *, max_poll_records: int = 2000
+) -> Iterator[Any]:
+    """Every raw record in ``[start, end)`` of each partition, partition by partition, in offset order.
+
+    Offsets may have gaps (compaction, transaction markers); the consumer's position moves
+    past them, so the loop ends at the pinned end whether or not a record sits there. A
+    partition that yields nothing for :data:`READ_IDLE_TIMEOUT_S` raises ServiceUnavailable
+    rather than waiting forever.
+    """
+    reader = consumer(bootstrap, max_poll_records=max_poll_records)
+    try:
+        with kafka_errors(bootstrap):
+            for partition, (start, end) in sorted(ranges.items()):
+                if end <= start:
+                    continue
+                tp = TopicPartition(topic, partition)
+                reader.assign([tp])
+                reader.seek(tp, start)
+                deadline = time.monotonic() + READ_IDLE_TIMEOUT_S
+                while reader.position(tp) < end:
+                    batch = reader.poll(timeout_ms=500).get(tp, [])
+                    for message in batch:
+                        if message.offset >= end:
+                            break
+                        yield message
+                    if batch:
+                        deadline = time.monotonic() + READ_IDLE_TIMEOUT_S
+                    elif time.monotonic() > deadline:
+                        raise ServiceUnavailable("kafka", bootstrap, f"no records from {topic!r} partition {partition} "
+                                                 f"before offset {end} within {READ_IDLE_TIMEOUT_S:.0f}s")
+    finally:
+        reader.close()
+
+
+def read_range(
+    bootstrap: str, topic: str, codec: Codec, ranges: Mapping[int, tuple[int, int]]
+) -> Iterator[LogRecord | BadRecord]:
+    """Every record in ``[start, end)`` of each partition, decoded (bad ones as :class:`BadRecord`)."""
+    for message in read_pinned(bootstrap, topic, ranges):
+        yield decode_record(codec, message)

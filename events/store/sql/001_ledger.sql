@@ -1,0 +1,55 @@
+-- The consistency core: the stream ledger, its transactional outbox and unique reservations.
+-- Applied by events.adapters.postgres.migrate(); every statement is idempotent.
+
+CREATE TABLE IF NOT EXISTS evp_streams (
+    stream_id  text PRIMARY KEY,
+    version    bigint NOT NULL CHECK (version >= 0),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- One row per event ever appended. `value` is the Kafka record value (wire format, personal
+-- fields already encrypted), so a load by stream id never scans the topic.
+CREATE TABLE IF NOT EXISTS evp_events (
+    position     bigserial PRIMARY KEY,
+    stream_id    text NOT NULL,
+    version      bigint NOT NULL CHECK (version >= 1),
+    event_id     uuid NOT NULL UNIQUE,
+    event_type   text NOT NULL,
+    schema_id    integer NOT NULL,
+    value        bytea NOT NULL,
+    actor        text NOT NULL DEFAULT '',
+    subject_id   text,           -- the data subject whose personal data the event holds, if any
+    occurred_at  timestamptz NOT NULL,
+    recorded_at  timestamptz NOT NULL DEFAULT now(),
+    partition    integer NOT NULL,
+    kafka_offset bigint,
+    UNIQUE (stream_id, version)
+);
+
+CREATE INDEX IF NOT EXISTS evp_events_subject ON evp_events (subject_id) WHERE subject_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS evp_events_actor ON evp_events (actor);
+
+-- Events committed to the ledger but not yet acknowledged by Kafka.
+CREATE TABLE IF NOT EXISTS evp_outbox (
+    position  bigint PRIMARY KEY REFERENCES evp_events (position),
+    partition integer NOT NULL
+);
+CREATE INDEX IF NOT EXISTS evp_outbox_partition ON evp_outbox (partition, position);
+
+-- Uniqueness across streams (for example one annotator per email blind index).
+CREATE TABLE IF NOT EXISTS evp_reservations (
+    scope     text NOT NULL,
+    value     text NOT NULL,
+    stream_id text NOT NULL,
+    reserved_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (scope, value)
+);
+
+-- Aggregate snapshots a stream load may start from.
+CREATE TABLE IF NOT EXISTS evp_aggregate_snapshots (
+    stream_id text NOT NULL,
+    version   bigint NOT NULL,
+    state     jsonb NOT NULL,
+    taken_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (stream_id, version)
+);

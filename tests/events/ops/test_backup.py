@@ -1,0 +1,374 @@
+"""Backups of the event log: round trip through a file into fresh services, integrity, refusal, erasure.
+
+One source is seeded once for the module — annotators with personal data, samples,
+corrections, a retraction, relay duplicates and a snapshot — backed up once, and restored
+once under a new topic prefix into a new database; each test then checks one promise
+against that pair. The erasure test seeds its own source, because it forgets someone.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import uuid
+from contextlib import closing
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fastavro
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from events.ops.backup import MANIFEST_KEY, RECORD_SCHEMA, BackupFile, BackupRecord, Manifest, create_backup, verify_backup
+from events.ops.restore import RestoreReport, copy_keys, restore_backup, retarget_schema_record
+from events.store.client import EventStore
+from events.errors import ConcurrencyError, ConfigurationError, EvpError, IntegrityError
+from events.event import Event
+from events.ops.forget import forget_subject
+from events.privacy.keyring import MemoryKeyStore, PostgresKeyStore
+from events.store.log import end_offsets
+from events.privacy.personal import REDACTED
+from events.settings import Settings
+from tests.conftest import create_database, drop_database
+from tests.privacy import Person, PlaintextScanner, make_people, random_marker, register, run_cli, submit
+
+pytestmark = pytest.mark.services
+
+SAMPLES_EACH = 4
+
+
+@dataclass(frozen=True)
+class Source:
+    settings: Settings
+    people: tuple[Person, ...]
+    marker: str  #: non-personal, travels in every SampleSubmitted: the scanner's control
+    resent: int  #: events the relay published twice
+    snapshot_id: str
+    backup: Path
+
+
+def fresh_settings(services: Settings, home: Path, kek_file: Path) -> Settings:
+    """A new topic prefix and a new database; the caller drops the database."""
+    return services.with_(database_url=create_database(services), topic_prefix=f"t{uuid.uuid4().hex[:10]}",
+                          home=home, kek_file=kek_file)
+
+
+def seed_people(store: EventStore, people: tuple[Person, ...], marker: str) -> None:
+    for person in people:
+        register(store, person)
+        submit(store, person, [f"{person.annotator_id}-s{i}" for i in range(SAMPLES_EACH)], marker)
+    store.flush()
+
+
+def resend(store: EventStore, where: str) -> int:
+    """Put published events back in the outbox and publish them again: what a relay crash causes."""
+    with store.ledger.connection.transaction():
+        count = store.ledger.connection.execute(
+            f"INSERT INTO evp_outbox (position, partition) SELECT position, partition FROM evp_events WHERE {where}"
+        ).rowcount
+    store.flush()
+    return count
+
+
+def record_bytes(path: Path) -> bytes:
+    """Every key, value and header of a backup, decompressed: what a reader of the file can see."""
+    with BackupFile(path) as backup:
+        return b"\n".join(
+            part for r in backup.records()
+            for part in (r.key or b"", r.value or b"", *(k.encode() + (v or b"") for k, v in r.headers))
+        )
+
+
+@pytest.fixture(scope="module")
+def source(services: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Source]:
+    from trainer.snapshot import create_snapshot
+
+    folder = tmp_path_factory.mktemp("backup-source")
+    settings = fresh_settings(services, folder / "home", folder / "kek")
+    rng = random.Random()
+    people = tuple(make_people(rng, 3))
+    marker = random_marker(rng, "backup")
+    try:
+        with EventStore.open(settings) as store:
+            seed_people(store, people, marker)
+            first = people[0].annotator_id
+            store.append(f"sample-{first}-s0", Event("LabelCorrected", {
+                "sample_id": f"{first}-s0", "annotator_id": people[1].annotator_id, "previous_label": 0, "label": 7,
+            }), expected_version=1)
+            store.append(f"sample-{first}-s1", Event("SampleRetracted", {
+                "sample_id": f"{first}-s1", "annotator_id": first, "reason": "blurred",
+            }), expected_version=1)
+            store.flush()
+            resent = resend(store, "stream_id LIKE 'annotator-%' OR version = 2")
+            snapshot_id = create_snapshot(store).snapshot_id
+        backup = folder / "log.evpbak"
+        create_backup(settings, backup)
+        yield Source(settings, people, marker, resent, snapshot_id, backup)
+    finally:
+        drop_database(services, settings.database_url)
+
+
+@pytest.fixture(scope="module")
+def restored(services: Settings, source: Source, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings, RestoreReport]]:
+    """The backup restored under a new prefix, into a new database, with the source's keys copied."""
+    target = fresh_settings(services, tmp_path_factory.mktemp("backup-target") / "home", source.settings.kek_path)
+    keys = PostgresKeyStore(source.settings.database_url)
+    try:
+        yield target, restore_backup(source.backup, target, keys=keys)
+    finally:
+        keys.close()
+        drop_database(services, target.database_url)
+
+
+def stream_ids(settings: Settings) -> list[str]:
+    with psycopg.connect(settings.database_url) as conn:
+        return [r[0] for r in conn.execute("SELECT stream_id FROM evp_streams ORDER BY stream_id")]
+
+
+def manifest_of(path: Path) -> Manifest:
+    with BackupFile(path) as backup:
+        return backup.manifest
+
+
+def first_offsets(path: Path) -> dict[uuid.UUID, tuple[int, int]]:
+    """Where each event id first appears in a backup (offsets are preserved by the restore)."""
+    found: dict[uuid.UUID, tuple[int, int]] = {}
+    with BackupFile(path) as backup:
+        for r in backup.records():
+            headers = dict(r.headers)
+            if r.source == "EVENTS":
+                found.setdefault(uuid.UUID((headers["evp.event_id"] or b"").decode()), (r.partition, r.offset))
+    return found
+
+
+def ledger_subjects(settings: Settings) -> list[tuple[Any, ...]]:
+    with psycopg.connect(settings.database_url) as conn:
+        return conn.execute("SELECT event_id, subject_id, actor FROM evp_events ORDER BY event_id").fetchall()
+
+
+def ledger_state(settings: Settings) -> tuple[Any, ...]:
+    with psycopg.connect(settings.database_url) as conn:
+        return (conn.execute("SELECT count(*), max(position) FROM evp_events").fetchone(),
+                conn.execute("SELECT count(*) FROM evp_outbox").fetchone())
+
+
+# -- the round trip ------------------------------------------------------------------------
+def test_every_stream_comes_back_with_the_same_events_and_personal_data(source: Source, restored: tuple[Settings, RestoreReport]) -> None:
+    target, report = restored
+    assert verify_backup(source.backup) == manifest_of(source.backup)
+    streams = stream_ids(source.settings)
+    first_copies = first_offsets(source.backup)
+    assert stream_ids(target) == streams and len(streams) >= 3 * (1 + SAMPLES_EACH) + 1
+    with EventStore.open(source.settings) as before, EventStore.open(target) as after:
+        for stream in streams:
+            old, new = before.read_stream(stream), after.read_stream(stream)
+            assert [(e.record.event_id, e.record.version, e.type, e.record.actor, e.record.occurred_at, e.data)
+                    for e in new] == [(e.record.event_id, e.record.version, e.type, e.record.actor,
+                                       e.record.occurred_at, e.data) for e in old], stream
+            # positions come from the records' headers; a re-sent event's offset is its first copy's
+            assert [e.record.position for e in new] == [e.record.position for e in old], stream
+            assert [(e.record.partition, e.record.offset) for e in new] == \
+                   [first_copies[e.record.event_id] for e in old], stream
+        for person in source.people:
+            data = after.read_stream(person.stream_id)[0].data
+            assert (data["name"], data["email"]) == (person.name, person.email)
+    # subject ids are derived again from the catalog's subject field: erasure and audit scopes agree
+    assert ledger_subjects(target) == ledger_subjects(source.settings)
+    assert report.offsets_preserved and report.foreign == 0 and not report.incomplete_streams
+    assert report.streams == len(streams)
+    assert end_offsets(target.kafka, target.events_topic) == end_offsets(source.settings.kafka, source.settings.events_topic)
+    assert ledger_state(target)[1] == (0,)  # nothing waits in the restored outbox
+
+
+def test_relay_duplicates_stay_on_the_topic_but_enter_the_ledger_once(source: Source, restored: tuple[Settings, RestoreReport]) -> None:
+    target, report = restored
+    source_events = ledger_state(source.settings)[0][0]
+    assert source.resent > 0
+    assert report.duplicates == source.resent
+    assert report.records == source_events + source.resent == manifest_of(source.backup).records
+    assert report.ledger_events == source_events == ledger_state(target)[0][0]
+
+
+def test_the_restored_copy_serves_snapshots_views_audits_and_new_appends(source: Source, restored: tuple[Settings, RestoreReport]) -> None:
+    from events.ops.audit import subject_history
+    from projections.runner import ProjectionRunner
+    from projections.samples import SamplesView, read_samples
+    from trainer.snapshot import verify_snapshot
+
+    target, _ = restored
+    views = []
+    for settings in (source.settings, target):
+        with ProjectionRunner(settings, SamplesView()) as runner:
+            runner.catch_up()
+        with psycopg.connect(settings.database_url) as conn, conn.cursor() as cur:
+            views.append(read_samples(cur))
+    assert views[0] == views[1] and len(views[0]) == 3 * SAMPLES_EACH - 1
+    with EventStore.open(target) as store:
+        # the snapshot's pinned offsets still name the same records on the restored topic
+        assert verify_snapshot(store, source.snapshot_id).records_read > 0
+        person = source.people[2]
+        history = subject_history(store, person.annotator_id, decrypt=True)
+        assert history[0].data["email"] == person.email
+        version = store.ledger.version(person.stream_id)
+        assert version == 1
+        with pytest.raises(ConcurrencyError):
+            store.append(person.stream_id, Event("SampleRetracted", {
+                "sample_id": "x", "annotator_id": person.annotator_id, "reason": "stale"}), expected_version=0)
+        sample_version = store.ledger.version(f"sample-{person.annotator_id}-s0")
+        assert sample_version == 1
+        appended = store.append(f"sample-{person.annotator_id}-s0", Event("LabelCorrected", {
+            "sample_id": f"{person.annotator_id}-s0", "annotator_id": person.annotator_id, "previous_label": 1,
+            "label": 2}), expected_version=sample_version)
+        assert appended.first_version == 2
+        store.flush()
+        newest = store.ledger.read_stream(f"sample-{person.annotator_id}-s0")[-1]
+        assert newest.offset is not None and newest.position > ledger_state(source.settings)[0][1]
+    # the registry's subjects moved with the topic, so the new append reused the restored schema id
+    with psycopg.connect(source.settings.database_url) as conn:
+        ids = conn.execute("SELECT DISTINCT schema_id FROM evp_events WHERE event_type = %s", (newest.event_type,)).fetchall()
+    assert ids == [(newest.schema_id,)]
+
+
+# -- integrity -----------------------------------------------------------------------------
+def header_end(data: bytes) -> int:
+    """Where a container's records begin: its header ends with the sync marker every block ends with."""
+    sync = data[-16:]
+    return data.index(sync) + len(sync)
+
+
+def test_a_byte_flipped_anywhere_in_the_records_fails_verification(source: Source, tmp_path_factory: pytest.TempPathFactory) -> None:
+    data = source.backup.read_bytes()
+    start = header_end(data)
+    tampered = tmp_path_factory.mktemp("tampered") / "flipped.evpbak"
+
+    @hsettings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.integers(start, len(data) - 1))
+    def flipped(at: int) -> None:
+        tampered.write_bytes(data[:at] + bytes([data[at] ^ 0x5A]) + data[at + 1:])
+        with pytest.raises(IntegrityError, match=re.escape(str(tampered))):
+            verify_backup(tampered)
+
+    flipped()
+
+
+def test_truncated_and_re_encoded_backups_fail_verification_naming_what_differs(source: Source, tmp_path: Path) -> None:
+    data = source.backup.read_bytes()
+    truncated = tmp_path / "truncated.evpbak"
+    for cut in (len(data) - 1, len(data) // 2, header_end(data)):
+        truncated.write_bytes(data[:cut])
+        with pytest.raises(IntegrityError):
+            verify_backup(truncated)
+
+    # A forger who re-encodes the records validly but keeps the manifest is caught by the hash…
+    with BackupFile(source.backup) as backup:
+        manifest, records = backup.manifest, list(backup.records())
+    last = records[-1]
+    value = last.value or b"\x00"
+    changed = BackupRecord(last.source, last.partition, last.offset, last.timestamp, last.key,
+                           value[:-1] + bytes([value[-1] ^ 1]), last.headers)
+
+    def forge(name: str, body: list[BackupRecord]) -> Path:
+        path = tmp_path / name
+        with path.open("wb") as out:
+            fastavro.writer(out, fastavro.parse_schema(RECORD_SCHEMA),
+                            [r.to_avro() for r in body], codec="deflate", metadata={MANIFEST_KEY: manifest.to_json()})
+        return path
+
+    with pytest.raises(IntegrityError, match="sha256"):
+        verify_backup(forge("changed.evpbak", records[:-1] + [changed]))
+    # …and one who drops a record by the counts.
+    with pytest.raises(IntegrityError, match=f"partition {last.partition} has"):
+        verify_backup(forge("dropped.evpbak", records[:-1]))
+    with pytest.raises(IntegrityError, match="out of order"):
+        verify_backup(forge("reordered.evpbak", records[-1:] + records[:-1]))
+
+
+def test_restore_refuses_a_non_empty_target_and_writes_nothing(services: Settings, source: Source,
+                                                               restored: tuple[Settings, RestoreReport]) -> None:
+    target, _ = restored
+    before = (end_offsets(target.kafka, target.events_topic), ledger_state(target))
+    with pytest.raises(EvpError, match=rf"topic '{target.events_topic}' is not empty.*new EVP_TOPIC_PREFIX"):
+        restore_backup(source.backup, target)
+    assert (end_offsets(target.kafka, target.events_topic), ledger_state(target)) == before
+
+    # an empty topic over a ledger that holds events is refused too, before any topic is created
+    other = target.with_(topic_prefix=f"t{uuid.uuid4().hex[:10]}")
+    with pytest.raises(EvpError, match="already holds .* events"):
+        restore_backup(source.backup, other)
+    assert end_offsets(other.kafka, other.events_topic) == {}
+    with pytest.raises(ConfigurationError, match="EVP_PARTITIONS=3"):
+        restore_backup(source.backup, other.with_(partitions=5))
+
+
+def test_schema_subjects_follow_the_restored_topic() -> None:
+    record = b'{"id": 4, "schema": "{}", "subject": "old.events-evp.samples.SampleSubmitted", "version": 2}'
+    moved = retarget_schema_record(record, "old.events", "new.events")
+    assert b'"subject": "new.events-evp.samples.SampleSubmitted"' in moved and b'"id": 4' in moved
+    assert retarget_schema_record(b"not json", "old.events", "new.events") == b"not json"
+    assert retarget_schema_record(record, "other.events", "new.events") == record
+
+
+# -- crypto-shredding ----------------------------------------------------------------------
+def test_forgetting_someone_reaches_backups_taken_before(services: Settings, settings: Settings, store: EventStore,
+                                                         tmp_path: Path) -> None:
+    rng = random.Random()
+    people = tuple(make_people(rng, 2))
+    marker = random_marker(rng, "backup")
+    seed_people(store, people, marker)
+    before_erasure = tmp_path / "before.evpbak"
+    create_backup(settings, before_erasure)
+    personal = PlaintextScanner(n for p in people for n in p.personal)
+    control = PlaintextScanner([marker])
+    sources = {"file": before_erasure.read_bytes(), "records": record_bytes(before_erasure)}
+    assert control.scan(sources).keys() >= {"records"}, "the scanner must see what the file holds"
+    assert personal.scan(sources) == {}
+
+    with closing(PostgresKeyStore(settings.database_url)) as live_keys:
+        old_keys = MemoryKeyStore()  # a key copy taken before the erasure (say, a stale key backup)
+        copy_keys(live_keys, old_keys)
+        forgotten, kept = people
+        forget_subject(store, forgotten.annotator_id, reason="test")
+        stale = old_keys.get(forgotten.annotator_id)
+        assert stale is not None and not stale.erased  # that copy alone could still decrypt them
+        assert personal.scan({"file": before_erasure.read_bytes(), "records": record_bytes(before_erasure)}) == {}
+        after_erasure = tmp_path / "after.evpbak"
+        create_backup(settings, after_erasure)
+
+        for backup, keys in ((before_erasure, live_keys), (after_erasure, old_keys)):
+            target = fresh_settings(services, tmp_path / "restored", settings.kek_path)
+            try:
+                report = restore_backup(backup, target, keys=keys)
+                with EventStore.open(target) as copy:
+                    gone = copy.read_stream(forgotten.stream_id)[0].data
+                    assert (gone["name"], gone["email"]) == (REDACTED, REDACTED), backup.name
+                    still = copy.read_stream(kept.stream_id)[0].data
+                    assert (still["name"], still["email"]) == (kept.name, kept.email)
+                # the stale key copy is overruled by the erasure recorded in the log itself
+                assert report.erasures_applied == (() if backup is before_erasure else (forgotten.annotator_id,))
+            finally:
+                drop_database(services, target.database_url)
+
+
+# -- the command line ----------------------------------------------------------------------
+def test_cli_creates_and_verifies_a_backup_and_reports_tampering(source: Source, tmp_path: Path) -> None:
+    path = tmp_path / "cli.evpbak"
+    created = run_cli(source.settings, "backup", "create", str(path))
+    assert created.returncode == 0, created.stderr
+    manifest = verify_backup(path)
+    assert f"sha256 {manifest.sha256}" in created.stdout
+    assert manifest.records == manifest_of(source.backup).records
+
+    verified = run_cli(source.settings, "backup", "verify", str(path))
+    assert verified.returncode == 0, verified.stderr
+    assert "verified" in verified.stdout
+
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    broken = run_cli(source.settings, "backup", "verify", str(path))
+    assert broken.returncode == 1 and "evp: error:" in broken.stderr and str(path) in broken.stderr
+
+    refused = run_cli(source.settings, "backup", "restore", str(source.backup))
+    assert refused.returncode == 1 and "is not empty" in refused.stderr
