@@ -37,6 +37,7 @@ class Settings:
     kek: str | None = None
     kek_file: Path | None = None
     actor: str = "evp"  #: who this process acts for, recorded with the events it appends
+    project: Path | None = None  #: EVP_PROJECT: an evp.toml or its folder (else ./evp.toml, if any)
 
     def __post_init__(self) -> None:
         if not _PREFIX.match(self.topic_prefix):
@@ -87,6 +88,8 @@ class Settings:
         if self.kek_file is not None:
             env["EVP_KEK_FILE"] = str(self.kek_file)
         env["EVP_ACTOR"] = self.actor
+        if self.project is not None:
+            env["EVP_PROJECT"] = str(self.project)
         return env
 
     @classmethod
@@ -97,6 +100,7 @@ class Settings:
         except ValueError as err:
             raise ConfigurationError(f"EVP_PARTITIONS must be a whole number, got {env['EVP_PARTITIONS']!r}") from err
         kek_file = env.get("EVP_KEK_FILE")
+        project = env.get("EVP_PROJECT")
         return cls(
             kafka=env.get("EVP_KAFKA") or DEFAULT_KAFKA,
             database_url=env.get("EVP_DATABASE_URL") or DEFAULT_DATABASE_URL,
@@ -106,4 +110,5 @@ class Settings:
             kek=env.get("EVP_KEK") or None,
             kek_file=Path(kek_file) if kek_file else None,
             actor=env.get("EVP_ACTOR") or env.get("USER") or env.get("LOGNAME") or "evp",
+            project=Path(project) if project else None,
         )

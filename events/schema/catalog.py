@@ -110,9 +110,14 @@ class Catalog:
             self._add(schema)
 
     @classmethod
-    def default(cls) -> Catalog:
-        """The schemas packaged with evp (loaded once per process)."""
-        return _packaged_catalog()
+    def platform(cls) -> Catalog:
+        """evp's own event types (namespace ``evp.platform``), loaded once per process."""
+        return _platform_catalog()
+
+    @classmethod
+    def with_platform(cls, schemas: Iterable[Schema]) -> Catalog:
+        """The platform's event types plus ``schemas`` (a project's); a name defined twice is refused."""
+        return cls([*_platform_schemas(), *schemas])
 
     def _add(self, schema: Schema) -> None:
         if not isinstance(schema, dict) or schema.get("type") != "record":
@@ -163,7 +168,7 @@ class Catalog:
 
 
 @cache
-def _packaged_catalog() -> Catalog:
+def _platform_schemas() -> tuple[Schema, ...]:
     folder = resources.files("events.schema").joinpath("platform")
     schemas = []
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
@@ -177,4 +182,9 @@ def _packaged_catalog() -> Catalog:
         if schema.get("name") != expected:
             raise SchemaError(f"schema file {entry.name} defines {schema.get('name')!r}, expected {expected!r}")
         schemas.append(schema)
-    return Catalog(schemas)
+    return tuple(schemas)
+
+
+@cache
+def _platform_catalog() -> Catalog:
+    return Catalog(copy.deepcopy(list(_platform_schemas())))
