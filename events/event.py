@@ -43,8 +43,21 @@ class Event:
 
 
 @dataclass(frozen=True)
+class Reservation:
+    """A claim that ``value`` (a blind index) is unique within ``scope``, held for ``subject_id``."""
+
+    scope: str
+    value: str
+    subject_id: str | None = None
+
+
+@dataclass(frozen=True)
 class EncodedEvent:
-    """An event after validation, encryption and Avro encoding: ready for the ledger."""
+    """An event after validation, encryption and Avro encoding: ready for the ledger.
+
+    ``subject_id`` is the record's own subject; ``subject_ids`` every subject whose data it
+    holds; ``reservations`` the unique values its schema declares (claimed with the append).
+    """
 
     event_id: uuid.UUID
     event_type: str
@@ -53,6 +66,8 @@ class EncodedEvent:
     actor: str
     occurred_at: datetime
     subject_id: str | None = None
+    subject_ids: tuple[str, ...] = ()
+    reservations: tuple[Reservation, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from events.errors import ConfigurationError, SchemaError
+from events.schema.catalog import Catalog
 from events.settings import Settings
 
 PROJECT_FILE = "evp.toml"
@@ -138,6 +139,12 @@ class Project:
             known = ", ".join(sorted(table)) or "none"
             raise ConfigurationError(f"{self.file}: no {kind[:-1]} named {name!r} (declared: {known})")
         return import_spec(spec, self.root, where=f"{kind}.{name}")
+
+
+def catalog_for(settings: Settings) -> Catalog:
+    """The platform's event types plus the project's, when there is a project."""
+    project = find_project(settings)
+    return Catalog.platform() if project is None else Catalog.with_platform(project.schemas())
 
 
 def find_project(settings: Settings) -> Project | None:

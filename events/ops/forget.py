@@ -9,8 +9,9 @@ Contract of :func:`forget_subject`:
 
 1. find what the erasure touches (streams, events, reservations, snapshots, training runs);
 2. unless ``dry_run``: destroy the data key (a tombstone remains, so the subject cannot be
-   silently re-keyed), release the subject's unique reservations (their blind indexes would
-   otherwise let a key holder test guesses of the email), and append a ``SubjectForgotten``
+   silently re-keyed), release the subject's unique reservations and only theirs (their
+   blind indexes would otherwise let a key holder test guesses of the values; another
+   person's reservation on the same stream stays), and append a ``SubjectForgotten``
    event, which carries no personal data and tells projections to redact their rows.
 """
 
@@ -46,7 +47,7 @@ class ErasureReport:
 def erasure_scope(store: EventStore, subject_id: str) -> ErasureReport:
     events = store.ledger.events_concerning(subject_id)
     streams = tuple(sorted({e.stream_id for e in events}))
-    reservations = store.ledger.reservations_held(streams)
+    reservations = store.ledger.reservations_of(subject_id)
     return ErasureReport(subject_id, True, streams, len(events), reservations, _snapshots_holding(store, events))
 
 
@@ -62,13 +63,16 @@ def _snapshots_holding(store: EventStore, events: list[RecordedEvent]) -> tuple[
     return tuple(found)
 
 
-def forget_subject(store: EventStore, subject_id: str, *, reason: str, dry_run: bool = False, actor: str = "evp") -> ErasureReport:
+def forget_subject(
+    store: EventStore, subject_id: str, *, reason: str, dry_run: bool = False, actor: str | None = None
+) -> ErasureReport:
     scope = erasure_scope(store, subject_id)
     if dry_run:
         return scope
     destroyed = store.keyring.forget(subject_id)
-    store.ledger.release_all(scope.streams)
-    store.append(f"erasure-{subject_id}", Event("SubjectForgotten", {"subject_id": subject_id, "reason": reason}, actor=actor))
+    store.ledger.release_subject(subject_id)
+    erasure = Event("SubjectForgotten", {"subject_id": subject_id, "reason": reason}, actor=actor or store.settings.actor)
+    store.append(f"erasure-{subject_id}", erasure)
     try:
         store.flush()
         published = True

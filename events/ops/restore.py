@@ -206,17 +206,17 @@ _STAGE = """
 CREATE TEMP TABLE evp_restore (
     position bigint, stream_id text NOT NULL, version bigint NOT NULL, event_id uuid NOT NULL,
     event_type text NOT NULL, schema_id integer NOT NULL, value bytea NOT NULL, actor text NOT NULL,
-    subject_id text, occurred_at timestamptz NOT NULL, recorded_at timestamptz NOT NULL,
+    subject_id text, subject_ids text[] NOT NULL, occurred_at timestamptz NOT NULL, recorded_at timestamptz NOT NULL,
     partition integer NOT NULL, kafka_offset bigint NOT NULL
 ) ON COMMIT DROP
 """
-_COLUMNS = ("position, stream_id, version, event_id, event_type, schema_id, value, actor, subject_id, "
+_COLUMNS = ("position, stream_id, version, event_id, event_type, schema_id, value, actor, subject_id, subject_ids, "
             "occurred_at, recorded_at, partition, kafka_offset")
 _SEQUENCE = "pg_get_serial_sequence('evp_events', 'position')"
 _INSERT = f"""
 INSERT INTO evp_events ({_COLUMNS})
 SELECT DISTINCT ON (stream_id, version) coalesce(position, nextval({_SEQUENCE})), stream_id, version, event_id,
-       event_type, schema_id, value, actor, subject_id, occurred_at, recorded_at, partition, kafka_offset
+       event_type, schema_id, value, actor, subject_id, subject_ids, occurred_at, recorded_at, partition, kafka_offset
   FROM evp_restore ORDER BY stream_id, version, kafka_offset
 """
 
@@ -232,6 +232,7 @@ class _LedgerRow:
     value: bytes
     actor: str
     subject_id: str | None
+    subject_ids: list[str]
     occurred_at: datetime
     recorded_at: datetime
     partition: int
@@ -244,9 +245,8 @@ class _LedgerRow:
 class _RowBuilder:
     """Turns a record back into the ledger row the relay published it from."""
 
-    def __init__(self, codec: Codec, catalog: Catalog) -> None:
-        self._codec, self._catalog = codec, catalog
-        self._known = set(catalog.names())
+    def __init__(self, codec: Codec) -> None:
+        self._codec = codec
 
     def row(self, record: BackupRecord, offset: int) -> _LedgerRow | None:
         """The row, or None for a record that evp did not write (no key or evp headers)."""
@@ -261,11 +261,12 @@ class _RowBuilder:
             check_text(event_type, "actor", actor)
             position = headers.get(HEADER_POSITION)
             schema_id, _ = split_value(record.value)
+            subject, subjects = self._subjects(record.value)
             return _LedgerRow(
                 position=int(position.decode()) if position else None, stream_id=stream_id,
                 version=int(headers[HEADER_STREAM_VERSION].decode()),
                 event_id=uuid.UUID(headers[HEADER_EVENT_ID].decode()), event_type=event_type, schema_id=schema_id,
-                value=record.value, actor=actor, subject_id=self._subject(event_type, record.value),
+                value=record.value, actor=actor, subject_id=subject, subject_ids=subjects,
                 occurred_at=datetime.fromisoformat(headers[HEADER_OCCURRED_AT].decode()),
                 recorded_at=datetime.fromtimestamp(record.timestamp / 1000, UTC),
                 partition=record.partition, kafka_offset=offset,
@@ -273,16 +274,20 @@ class _RowBuilder:
         except (KeyError, ValueError, UnicodeDecodeError, DecodeError, InvalidEvent):
             return None
 
-    def _subject(self, event_type: str, value: bytes) -> str | None:
-        """The data subject, as the SDK derived it: the catalog's subject field of the decoded event."""
-        subject_field = self._catalog.subject_field(event_type) if event_type in self._known else None
-        if subject_field is None:
-            return None
+    def _subjects(self, value: bytes) -> tuple[str | None, list[str]]:
+        """The record's subject and every subject it concerns, as the SDK derived them.
+
+        Read from the policy of the schema the event was written with, so a restore needs
+        no project code.
+        """
         try:
-            subject = self._codec.decode(value).datum.get(subject_field)
+            decoded = self._codec.decode(value)
         except DecodeError:
-            return None
-        return subject if isinstance(subject, str) and "\x00" not in subject else None
+            return None, []
+        policy = decoded.policy
+        subject = decoded.datum.get(policy.subject_field) if policy.subject_field else None
+        subjects = [s for s in policy.subjects(decoded.datum) if "\x00" not in s]
+        return (subject if isinstance(subject, str) and "\x00" not in subject else None), subjects
 
 
 @dataclass(frozen=True)
@@ -362,7 +367,7 @@ def restore_backup(
     """
     path = Path(path)
     manifest = verify_backup(path, on_progress=on_progress)
-    catalog = Catalog.default()
+    catalog = Catalog.platform()  # events are read with the schemas they were written with
     conn = postgres.connect(settings.database_url, autocommit=True)
     target_keys = PostgresKeyStore(settings.database_url)
     try:
@@ -377,7 +382,7 @@ def restore_backup(
                 schema_log.append(key, value)
             ensure_event_topics(settings)
             placement = _produce(path, settings, manifest, on_progress)
-            builder = _RowBuilder(Codec(SchemaRegistry(schema_log), catalog, settings.events_topic), catalog)
+            builder = _RowBuilder(Codec(SchemaRegistry(schema_log), catalog, settings.events_topic))
             outcome = _rebuild_ledger(conn, path, manifest, placement, builder, target_keys,
                                       catalog.full_name("SubjectForgotten"), on_progress)
         finally:

@@ -75,9 +75,14 @@ def is_sealed(value: str) -> bool:
 
 
 def seal_text(data_key: bytes, plaintext: str, aad: bytes) -> str:
-    """Encrypt ``plaintext`` under ``data_key`` with a fresh random nonce."""
+    """Encrypt ``plaintext`` (as UTF-8) under ``data_key`` with a fresh random nonce."""
+    return seal_bytes(data_key, plaintext.encode("utf-8"), aad)
+
+
+def seal_bytes(data_key: bytes, plaintext: bytes, aad: bytes) -> str:
+    """Encrypt ``plaintext`` under ``data_key`` with a fresh random nonce, as sealed text."""
     nonce = os.urandom(NONCE_BYTES)
-    body = _aead(data_key).encrypt(nonce, plaintext.encode("utf-8"), aad)
+    body = _aead(data_key).encrypt(nonce, plaintext, aad)
     return SEALED_PREFIX + base64.urlsafe_b64encode(nonce + body).decode("ascii").rstrip("=")
 
 
@@ -87,6 +92,15 @@ def open_text(data_key: bytes, sealed: str, aad: bytes) -> str:
     Raises :class:`CryptoError` if the text is malformed, or if authentication fails: the
     value was tampered with, moved to another record/field/subject, or the key is wrong.
     """
+    plain = open_bytes(data_key, sealed, aad)
+    try:
+        return plain.decode("utf-8")
+    except UnicodeDecodeError as err:  # authenticated, so only a writer bug gets here
+        raise CryptoError("sealed value decrypted to bytes that are not UTF-8") from err
+
+
+def open_bytes(data_key: bytes, sealed: str, aad: bytes) -> bytes:
+    """Decrypt a value made by :func:`seal_bytes`; the same errors as :func:`open_text`."""
     if not sealed.startswith(SEALED_PREFIX):
         raise CryptoError(f"value is not sealed text (no {SEALED_PREFIX!r} prefix)")
     encoded = sealed[len(SEALED_PREFIX) :]
@@ -98,16 +112,12 @@ def open_text(data_key: bytes, sealed: str, aad: bytes) -> str:
         raise CryptoError(f"sealed text is too short ({len(raw)} bytes) to hold a nonce and a tag")
     nonce, body = raw[:NONCE_BYTES], raw[NONCE_BYTES:]
     try:
-        plain = _aead(data_key).decrypt(nonce, body, aad)
+        return _aead(data_key).decrypt(nonce, body, aad)
     except InvalidTag as err:
         raise CryptoError(
             "sealed value failed authentication: it was tampered or moved to another "
             "record, field or subject, or the data key is wrong"
         ) from err
-    try:
-        return plain.decode("utf-8")
-    except UnicodeDecodeError as err:  # authenticated, so only a writer bug gets here
-        raise CryptoError("sealed value decrypted to bytes that are not UTF-8") from err
 
 
 def normalise_identifier(value: str) -> str:

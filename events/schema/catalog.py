@@ -1,12 +1,10 @@
-"""The event catalog: the Avro schemas evp ships, looked up by name.
+"""The event catalog: the current schema of every event type a process knows, by name.
 
-Each record lives in ``events/schema/platform/<Name>.avsc``. The catalog is the producer's and
-reader's *current* view of every event type; the registry keeps every version ever used
-on the wire. Schema properties carry privacy metadata so that code never hard-codes it:
-
-- ``"confluent:tags": ["PII"]`` on a field marks personal data (the ecosystem's tag
-  convention, so third-party tools see the same classification);
-- ``"evp.subject": "<field>"`` on a record names the field holding the data subject's id.
+The platform's own event types live in ``events/schema/platform/<Name>.avsc`` (namespace
+``evp.platform``); a project adds its own (:mod:`events.project`). The catalog is the
+producer's and reader's *current* view; the registry keeps every version ever used on the
+wire. Schema properties carry the privacy policy (:mod:`events.privacy.policy`), so code
+never hard-codes which fields are personal, whose they are, or which are unique.
 
 This module is also the one place a schema dict is parsed (:func:`normalize`), so the
 validator, the compatibility checker and the registry agree on names and canonical form.
@@ -26,10 +24,8 @@ from fastavro import parse_schema
 from fastavro.schema import SchemaParseException, UnknownType
 
 from events.errors import SchemaError
+from events.privacy.policy import Policy, policy_of, to_wire
 
-PII_TAG = "PII"
-TAGS_PROPERTY = "confluent:tags"
-SUBJECT_PROPERTY = "evp.subject"
 
 Schema = dict[str, Any]
 
@@ -101,11 +97,17 @@ def full_name(schema: Mapping[str, Any]) -> str:
 
 
 class Catalog:
-    """Event schemas by full name ("evp.samples.SampleSubmitted") and short name."""
+    """Event schemas by full name ("shop.OrderPlaced") and, where unambiguous, short name.
+
+    Each entry is the schema as **declared** (what producers validate against); the
+    :meth:`wire_schema` is what is registered and travels (personal fields sealed, see
+    :func:`events.privacy.policy.to_wire`), and :meth:`policy` is the privacy policy.
+    Adding a schema validates its Avro and its policy, naming the field that is wrong.
+    """
 
     def __init__(self, schemas: Iterable[Schema]) -> None:
-        self._by_name: dict[str, Schema] = {}
-        self._full_names: list[str] = []
+        self._by_full: dict[str, Schema] = {}
+        self._by_short: dict[str, list[str]] = {}
         for schema in schemas:
             self._add(schema)
 
@@ -116,55 +118,63 @@ class Catalog:
 
     @classmethod
     def with_platform(cls, schemas: Iterable[Schema]) -> Catalog:
-        """The platform's event types plus ``schemas`` (a project's); a name defined twice is refused."""
-        return cls([*_platform_schemas(), *schemas])
+        """The platform's event types plus ``schemas`` (a project's); a full name defined twice is refused."""
+        return cls([*copy.deepcopy(list(_platform_schemas())), *schemas])
 
     def _add(self, schema: Schema) -> None:
         if not isinstance(schema, dict) or schema.get("type") != "record":
             raise SchemaError(f"an event schema must be an Avro record, got {schema!r:.80}")
         normalize(schema)
         full = full_name(schema)
-        short = full.rsplit(".", 1)[-1]
-        for name in {full, short}:
-            if name in self._by_name:
-                raise SchemaError(f"event name {name!r} is defined twice in the catalog")
-        subject = schema.get(SUBJECT_PROPERTY)
-        if subject is not None and subject not in {f["name"] for f in schema["fields"]}:
-            raise SchemaError(f"{full}: {SUBJECT_PROPERTY} names {subject!r}, which is not a field")
-        self._by_name[full] = self._by_name[short] = schema
-        self._full_names.append(full)
+        if full in self._by_full:
+            raise SchemaError(f"event type {full!r} is defined twice")
+        policy_of(schema)  # raises SchemaError naming the field
+        for field in policy_of(schema).personal:
+            try:
+                normalize(field.plain_type) if not isinstance(field.plain_type, str) else None
+            except SchemaError as err:
+                raise SchemaError(f"{full}: personal field {field.name!r} must have a self-contained type "
+                                  f"(it is encrypted on its own): {err}") from err
+        normalize(to_wire(schema))
+        self._by_full[full] = schema
+        self._by_short.setdefault(full.rsplit(".", 1)[-1], []).append(full)
 
     def names(self) -> tuple[str, ...]:
         """Full names of every event type, sorted."""
-        return tuple(sorted(self._full_names))
+        return tuple(sorted(self._by_full))
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._lookup(name) is not None
 
     def schema(self, name: str) -> Schema:
-        """The current schema of an event type, by full or short name.
-
-        A copy: the default catalog is shared by the whole process, so a caller that
-        edits its schema must not change everyone else's.
-        """
+        """The declared schema of an event type, by full or short name (a copy: catalogs are shared)."""
         return copy.deepcopy(self._schema(name))
 
-    def _schema(self, name: str) -> Schema:
-        try:
-            return self._by_name[name]
-        except KeyError:
-            raise SchemaError(f"unknown event type {name!r}; known: {', '.join(self.names())}") from None
+    def wire_schema(self, name: str) -> Schema:
+        """The schema that is registered and written: personal fields as sealed strings."""
+        return to_wire(self._schema(name))
+
+    def policy(self, name: str) -> Policy:
+        """The privacy policy the event type declares."""
+        return policy_of(self._schema(name))
 
     def full_name(self, name: str) -> str:
         return full_name(self._schema(name))
 
-    def personal_fields(self, name: str) -> tuple[str, ...]:
-        """Top-level fields tagged as personal data, in schema order."""
-        return tuple(
-            f["name"] for f in self._schema(name)["fields"] if PII_TAG in f.get(TAGS_PROPERTY, ())
-        )
+    def _lookup(self, name: str) -> str | None:
+        if name in self._by_full:
+            return name
+        candidates = self._by_short.get(name, [])
+        return candidates[0] if len(candidates) == 1 else None
 
-    def subject_field(self, name: str) -> str | None:
-        """The field holding the data subject's id, or None if the event has no subject."""
-        subject = self._schema(name).get(SUBJECT_PROPERTY)
-        return None if subject is None else str(subject)
+    def _schema(self, name: str) -> Schema:
+        full = self._lookup(name)
+        if full is None:
+            ambiguous = self._by_short.get(name, [])
+            if len(ambiguous) > 1:
+                raise SchemaError(f"event type {name!r} is ambiguous: use one of {', '.join(sorted(ambiguous))}")
+            raise SchemaError(f"unknown event type {name!r}; known: {', '.join(self.names())}")
+        return self._by_full[full]
 
 
 @cache

@@ -23,6 +23,7 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from events.schema.catalog import Catalog, canonical_json, full_name
 from events.errors import DecodeError, SchemaError
 from events.schema.registry import SchemaRegistry
+from events.privacy.policy import Policy, policy_of
 from events.schema.validation import Validator
 
 MAGIC_BYTE = 0
@@ -41,6 +42,7 @@ class DecodedValue:
     schema_id: int
     event_type: str
     datum: dict[str, Any]
+    policy: Policy  #: the privacy policy of the schema the value was written with
 
 
 def encode_value(schema_id: int, parsed_schema: Any, datum: Mapping[str, Any]) -> bytes:
@@ -74,13 +76,17 @@ class _ReaderPlan:
     event_type: str
     writer: Any
     reader: Any
+    policy: Policy
 
 
 class Codec:
     """Encodes catalog events for one topic and decodes any registered value."""
 
-    def __init__(self, registry: SchemaRegistry, catalog: Catalog, topic: str) -> None:
+    def __init__(self, registry: SchemaRegistry, catalog: Catalog, topic: str, *, registration: str = "auto") -> None:
+        if registration not in ("auto", "explicit"):
+            raise SchemaError(f"registration must be 'auto' or 'explicit', got {registration!r}")
         self.registry, self.catalog, self.topic = registry, catalog, topic
+        self.registration = registration
         self._writers: dict[str, _WriterPlan] = {}
         self._ids: dict[str, int] = {}
         self._readers: dict[int, _ReaderPlan] = {}
@@ -93,7 +99,10 @@ class Codec:
     def encode(self, event_type: str, datum: Mapping[str, Any]) -> EncodedValue:
         """Validate ``datum`` (InvalidEvent names the bad field), then frame it; nothing is sent.
 
-        The schema is registered on first use, only once an event of that type is valid.
+        ``datum`` is in wire form (personal fields already sealed). The wire schema is
+        registered on first use, only once an event of that type is valid; with
+        ``registration="explicit"`` it must have been registered before (``evp schemas
+        register``), else SchemaError says so.
         """
         plan = self._writer_plan(event_type)
         plan.validator.validate(datum)
@@ -104,7 +113,7 @@ class Codec:
         with self._lock:
             plan = self._writers.get(event_type)
             if plan is None:
-                schema = self.catalog.schema(event_type)
+                schema = self.catalog.wire_schema(event_type)
                 name = full_name(schema)
                 plan = _WriterPlan(name, schema, parse_schema(schema), Validator(name, schema))
                 self._writers[event_type] = plan
@@ -114,7 +123,17 @@ class Codec:
         with self._lock:
             schema_id = self._ids.get(plan.event_type)
             if schema_id is None:
-                schema_id = self.registry.register(self.subject(plan.event_type), plan.schema)
+                subject = self.subject(plan.event_type)
+                if self.registration == "explicit":
+                    found = self.registry.lookup(subject, plan.schema)
+                    if found is None:
+                        raise SchemaError(
+                            f"the schema of {plan.event_type} is not registered under {subject!r} and this project "
+                            "registers explicitly: run `evp schemas register` (after `evp check`)"
+                        )
+                    schema_id = found
+                else:
+                    schema_id = self.registry.register(subject, plan.schema)
                 self._ids[plan.event_type] = schema_id
             return schema_id
 
@@ -138,7 +157,11 @@ class Codec:
                               f"unread bytes after the record at byte {_HEADER.size + source.tell()}")
         if not isinstance(datum, dict):
             raise DecodeError(f"schema id {schema_id} is not a record schema")
-        return DecodedValue(schema_id, plan.event_type, datum)
+        return DecodedValue(schema_id, plan.event_type, datum, plan.policy)
+
+    def policy(self, schema_id: int) -> Policy:
+        """The privacy policy of the schema with this id (the writer's); DecodeError if unknown."""
+        return self._reader_plan(schema_id).policy
 
     def _reader_plan(self, schema_id: int) -> _ReaderPlan:
         with self._lock:
@@ -158,9 +181,10 @@ class Codec:
         try:
             name = full_name(writer_schema)
             writer = parse_schema(writer_schema)
-            current = self.catalog.schema(name) if name in self.catalog.names() else writer_schema
+            current = self.catalog.wire_schema(name) if name in self.catalog else writer_schema
             # Same schema both sides: no resolution step (fastavro is ~2x faster without one).
             reader = None if canonical_json(current) == canonical_json(writer_schema) else parse_schema(current)
-            return _ReaderPlan(event_type=name, writer=writer, reader=reader)
+            # The policy is the writer's: readers honour what the event was written under.
+            return _ReaderPlan(event_type=name, writer=writer, reader=reader, policy=policy_of(writer_schema))
         except Exception as err:  # noqa: BLE001 - a registered schema that fastavro refuses
             raise DecodeError(f"schema id {schema_id}: writer schema unusable: {err}") from err

@@ -270,6 +270,13 @@ class SchemaRegistry:
         raise SchemaError(f"could not register a schema under {subject!r}: "
                           f"lost {MAX_CLAIM_ATTEMPTS} races for an id to other registrars")
 
+    def lookup(self, subject: str, schema: dict[str, Any]) -> int | None:
+        """The id of ``schema`` under ``subject`` if it is registered there, else None; never writes."""
+        canonical = canonical_json(schema)
+        with self._lock:
+            known = self._state.ids_by_schema.get((subject, canonical))
+            return known if known is not None else self._refresh().ids_by_schema.get((subject, canonical))
+
     def get(self, schema_id: int) -> RegisteredSchema:
         """The schema with this global id; re-reads the log once if it is not known yet."""
         with self._lock:

@@ -15,21 +15,23 @@ from typing import Any, Protocol
 import psycopg
 
 from events.adapters import postgres
+from events.project import find_project
 from events.schema.catalog import Catalog
 from events.schema.codec import Codec
 from events.errors import InvalidEvent
-from events.event import ANY, AppendResult, EncodedEvent, Event, ExpectedVersion, RecordedEvent
+from events.event import ANY, AppendResult, EncodedEvent, Event, ExpectedVersion, RecordedEvent, Reservation
 from events.adapters.kafka import ensure_event_topics
 from events.privacy.kek import kek_from_settings
 from events.privacy.keyring import Keyring, PostgresKeyStore
-from events.store.ledger import Ledger, Reservation
-from events.privacy.personal import PersonalData, blind_index
+from events.store.log import LogRecord
+from events.store.ledger import Ledger
+from events.privacy import personal
+from events.privacy.personal import blind_index
+from events.privacy.policy import Policy
 from events.schema.registry import KafkaSchemaLog, SchemaRegistry
 from events.store.relay import Relay, drain
 from events.settings import Settings
 from events.schema.validation import Validator
-
-BLIND_INDEX_OF = "evp.blind_index_of"
 
 
 class Closeable(Protocol):
@@ -59,61 +61,81 @@ class EventStore:
         self.catalog = catalog
         self.codec = codec
         self.keyring = keyring
-        self.personal = PersonalData(catalog)
         self._conn = conn
         self.ledger = Ledger(conn, settings.partitions)
         self._relay: Relay | None = None
-        self._plans: dict[str, tuple[Mapping[str, Any], Validator]] = {}
+        self._plans: dict[str, tuple[Policy, Validator]] = {}
         self._resources = list(resources)  # closed with the store
 
     @classmethod
-    def open(cls, settings: Settings) -> EventStore:
-        """Connect to both services, apply migrations and create topics (all idempotent)."""
+    def open(cls, settings: Settings, catalog: Catalog | None = None, *, registration: str | None = None) -> EventStore:
+        """Connect to both services, apply migrations and create topics (all idempotent).
+
+        ``catalog`` defaults to the platform's event types plus the project's, and
+        ``registration`` to the project's (``auto`` without a project); see
+        :mod:`events.project`.
+        """
+        project = find_project(settings) if catalog is None or registration is None else None
         conn = postgres.connect(settings.database_url, autocommit=True)
         postgres.migrate(conn)
         ensure_event_topics(settings)
-        catalog = Catalog.default()
+        if catalog is None:
+            catalog = Catalog.platform() if project is None else Catalog.with_platform(project.schemas())
+        if registration is None:
+            registration = "auto" if project is None else project.registration
         schema_log = KafkaSchemaLog(settings.kafka, settings.schemas_topic)
         keys = PostgresKeyStore(settings.database_url)
         keys.ensure_schema()
         keyring = Keyring(keys, kek_from_settings(settings))
-        codec = Codec(SchemaRegistry(schema_log), catalog, settings.events_topic)
+        codec = Codec(SchemaRegistry(schema_log), catalog, settings.events_topic, registration=registration)
         return cls(settings, conn, codec, catalog, keyring, resources=(schema_log, keys))
 
     # -- writing ------------------------------------------------------------------------
     def prepare(self, event: Event) -> EncodedEvent:
-        """Validate, fill blind indexes, encrypt personal fields and encode: before anything is sent."""
+        """Turn an event into what the ledger stores; nothing is sent or written.
+
+        1. validate the plaintext against the declared schema (errors name plaintext fields);
+        2. fill blind-index fields and compute the unique reservations the schema declares
+           (``evp.unique``), each held for the subject the value belongs to;
+        3. seal every personal field under its own subject's key;
+        4. encode with the wire schema (registering it, unless the project registers
+           explicitly) and note every subject the event concerns.
+
+        An event without an actor is recorded as done by ``Settings.actor`` (``EVP_ACTOR``).
+        """
         full_name = self.catalog.full_name(event.type)
-        schema, validator = self._plan(full_name)
-        data = self._with_blind_indexes(full_name, schema, event.data)
-        validator.validate(data)  # before encryption, so errors name plaintext fields
-        sealed = self.personal.seal(full_name, str(event.event_id), data, self.keyring)
+        policy, validator = self._plan(full_name)
+        data = self._with_blind_indexes(policy, event.data)
+        validator.validate(data)
+        reservations = tuple(
+            Reservation(unique.scope, blind_index(self.keyring, unique.scope, data[unique.name]),
+                        None if unique.subject_field is None else data.get(unique.subject_field))
+            for unique in policy.unique if data.get(unique.name) is not None
+        )
+        sealed = personal.seal(policy, str(event.event_id), data, self.keyring)
         encoded = self.codec.encode(full_name, sealed)
-        subject_field = self.catalog.subject_field(full_name)
-        subject = data.get(subject_field) if subject_field else None
+        subject = data.get(policy.subject_field) if policy.subject_field else None
         return EncodedEvent(
-            event.event_id, full_name, encoded.schema_id, encoded.value, event.actor, event.occurred_at, subject
+            event.event_id, full_name, encoded.schema_id, encoded.value, event.actor or self.settings.actor,
+            event.occurred_at, subject if isinstance(subject, str) else None, policy.subjects(data), reservations,
         )
 
-    def _plan(self, full_name: str) -> tuple[Mapping[str, Any], Validator]:
+    def _plan(self, full_name: str) -> tuple[Policy, Validator]:
         plan = self._plans.get(full_name)
         if plan is None:
-            schema = self.catalog.schema(full_name)
-            plan = self._plans[full_name] = (schema, Validator(full_name, schema))
+            plan = self._plans[full_name] = (self.catalog.policy(full_name),
+                                             Validator(full_name, self.catalog.schema(full_name)))
         return plan
 
-    def _with_blind_indexes(self, event_type: str, schema: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
+    def _with_blind_indexes(self, policy: Policy, data: Mapping[str, Any]) -> dict[str, Any]:
         filled = dict(data)
-        for field in schema["fields"]:
-            source = field.get(BLIND_INDEX_OF)
-            if source is None:
-                continue
-            if field["name"] in filled:
-                raise InvalidEvent(event_type, field["name"], f"is computed from {source!r} by the SDK; do not set it")
+        for field, source in policy.blind_indexes:
+            if field in filled:
+                raise InvalidEvent(policy.event_type, field, f"is computed from {source!r} by the SDK; do not set it")
             value = filled.get(source)
             if not isinstance(value, str):
-                raise InvalidEvent(event_type, source, "must be a string (it feeds a blind index)")
-            filled[field["name"]] = blind_index(self.keyring, source, value)
+                raise InvalidEvent(policy.event_type, source, "must be a string (it feeds a blind index)")
+            filled[field] = blind_index(self.keyring, source, value)
         return filled
 
     def append(
@@ -143,17 +165,21 @@ class EventStore:
         finally:
             self._relay.release_leases()
 
-    def reserve_email(self, email: str) -> Reservation:
-        """A reservation that keeps one stream per email, checked on the blind index."""
-        return Reservation("email", blind_index(self.keyring, "email", email))
-
     # -- reading ------------------------------------------------------------------------
     def decode(self, record: RecordedEvent, *, decrypt: bool = True) -> StoredEvent:
         decoded = self.codec.decode(record.value)
         data = decoded.datum
         if decrypt:
-            data = self.personal.open(decoded.event_type, str(record.event_id), data, self.keyring)
+            data = personal.open_fields(decoded.policy, str(record.event_id), data, self.keyring)
         return StoredEvent(record, data)
+
+    def decrypt(self, record: LogRecord) -> dict[str, Any]:
+        """The data of a record read from the topic, personal fields opened.
+
+        A forgotten subject's personal fields read as :data:`events.privacy.personal.REDACTED`
+        whatever their type; the rest of the record stays readable.
+        """
+        return personal.open_fields(self.codec.policy(record.schema_id), str(record.event_id), record.data, self.keyring)
 
     def read_stream(self, stream_id: str, *, decrypt: bool = True) -> list[StoredEvent]:
         return [self.decode(r, decrypt=decrypt) for r in self.ledger.read_stream(stream_id)]

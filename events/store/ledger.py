@@ -19,6 +19,7 @@ per append, whatever the batch size.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import psycopg
 
 from events.errors import ConcurrencyError, EvpError, InvalidEvent, NotFound, UniquenessViolation
-from events.event import ANY, NO_STREAM, AppendResult, EncodedEvent, ExpectedVersion, RecordedEvent
+from events.event import ANY, NO_STREAM, AppendResult, EncodedEvent, ExpectedVersion, RecordedEvent, Reservation
 from events.store.partitioning import partition_for
 
 NOTIFY_CHANNEL = "evp_outbox"  #: also named in sql/002_append.sql
@@ -37,14 +38,6 @@ EVENT_COLUMNS = (
     "position, stream_id, version, event_id, event_type, schema_id, value, actor, "
     "occurred_at, recorded_at, partition, kafka_offset"
 )
-
-
-@dataclass(frozen=True)
-class Reservation:
-    """A claim that ``value`` is unique within ``scope`` (for example an email's blind index)."""
-
-    scope: str
-    value: str
 
 
 def row_to_event(row: tuple) -> RecordedEvent:  # type: ignore[type-arg]
@@ -103,11 +96,14 @@ class Ledger:
         if len({e.event_id for e in events}) != len(events):
             raise InvalidEvent("append", "event_id", "the same event id appears twice in one append")
         kind, expected = _expected_arguments(expected_version)
+        claims = list(dict.fromkeys([*reservations, *(r for e in events for r in e.reservations)]))
         arguments = (
             stream_id, kind, expected, partition_for(stream_id, self._partitions),
             [e.event_id for e in events], [e.event_type for e in events], [e.schema_id for e in events],
             [e.value for e in events], [e.actor for e in events], [e.subject_id for e in events],
-            [e.occurred_at for e in events], [r.scope for r in reservations], [r.value for r in reservations],
+            [json.dumps(list(e.subject_ids)) for e in events],
+            [e.occurred_at for e in events], [r.scope for r in claims], [r.value for r in claims],
+            [r.subject_id for r in claims],
         )
         for attempt in (1, 2):
             try:
@@ -135,16 +131,18 @@ class Ledger:
             )
             return cur.rowcount == 1
 
-    def reservations_held(self, stream_ids: Sequence[str]) -> int:
-        """How many reservations these streams hold."""
-        row = self._conn.execute(
-            "SELECT count(*) FROM evp_reservations WHERE stream_id = ANY(%s)", (list(stream_ids),)
-        ).fetchone()
+    def reservations_of(self, subject_id: str) -> int:
+        """How many unique reservations hold ``subject_id``'s values."""
+        row = self._conn.execute("SELECT count(*) FROM evp_reservations WHERE subject_id = %s", (subject_id,)).fetchone()
         return int(row[0]) if row else 0
 
-    def release_all(self, stream_ids: Sequence[str]) -> int:
-        """Free every reservation these streams hold (an erasure); returns how many."""
-        cur = self._conn.execute("DELETE FROM evp_reservations WHERE stream_id = ANY(%s)", (list(stream_ids),))
+    def release_subject(self, subject_id: str) -> int:
+        """Free every reservation of ``subject_id``'s values (an erasure), and only those; returns how many.
+
+        Their blind indexes would otherwise let a holder of the index key test guesses of
+        the forgotten values; other subjects' reservations on the same streams stay.
+        """
+        cur = self._conn.execute("DELETE FROM evp_reservations WHERE subject_id = %s", (subject_id,))
         return cur.rowcount
 
     def version(self, stream_id: str) -> int | None:
@@ -182,8 +180,9 @@ class Ledger:
     def events_concerning(self, subject_id: str) -> list[RecordedEvent]:
         """Events whose personal data belongs to ``subject_id`` or that ``subject_id`` performed."""
         rows = self._conn.execute(
-            f"SELECT {EVENT_COLUMNS} FROM evp_events WHERE subject_id = %s OR actor = %s ORDER BY position",
-            (subject_id, subject_id),
+            f"SELECT {EVENT_COLUMNS} FROM evp_events WHERE subject_ids @> ARRAY[%s]::text[] OR subject_id = %s"
+            " OR actor = %s ORDER BY position",
+            (subject_id, subject_id, subject_id),
         ).fetchall()
         return [row_to_event(r) for r in rows]
 
@@ -198,8 +197,8 @@ class Ledger:
 
 _APPEND = (
     "SELECT r_duplicate, r_first, r_last, r_positions FROM evp_append("
-    "%s, %s, %s, %s, %s::uuid[], %s::text[], %s::integer[], %s::bytea[], %s::text[], %s::text[],"
-    " %s::timestamptz[], %s::text[], %s::text[])"
+    "%s, %s, %s, %s, %s::uuid[], %s::text[], %s::integer[], %s::bytea[], %s::text[], %s::text[], %s::text[],"
+    " %s::timestamptz[], %s::text[], %s::text[], %s::text[])"
 )
 
 

@@ -26,7 +26,12 @@ CREATE TABLE IF NOT EXISTS evp_events (
     UNIQUE (stream_id, version)
 );
 
+-- Every data subject whose personal data the event holds (one event may hold several
+-- people's data, each sealed under their own key), plus the record's own subject.
+ALTER TABLE evp_events ADD COLUMN IF NOT EXISTS subject_ids text[] NOT NULL DEFAULT '{}';
+
 CREATE INDEX IF NOT EXISTS evp_events_subject ON evp_events (subject_id) WHERE subject_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS evp_events_subjects ON evp_events USING gin (subject_ids);
 CREATE INDEX IF NOT EXISTS evp_events_actor ON evp_events (actor);
 
 -- Events committed to the ledger but not yet acknowledged by Kafka.
@@ -36,7 +41,8 @@ CREATE TABLE IF NOT EXISTS evp_outbox (
 );
 CREATE INDEX IF NOT EXISTS evp_outbox_partition ON evp_outbox (partition, position);
 
--- Uniqueness across streams (for example one annotator per email blind index).
+-- Uniqueness across streams: a scope (for example "customer-email") and the blind index of
+-- a value. subject_id is whose value it is, so forgetting a subject releases only theirs.
 CREATE TABLE IF NOT EXISTS evp_reservations (
     scope     text NOT NULL,
     value     text NOT NULL,
@@ -44,6 +50,8 @@ CREATE TABLE IF NOT EXISTS evp_reservations (
     reserved_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (scope, value)
 );
+ALTER TABLE evp_reservations ADD COLUMN IF NOT EXISTS subject_id text;
+CREATE INDEX IF NOT EXISTS evp_reservations_subject ON evp_reservations (subject_id) WHERE subject_id IS NOT NULL;
 
 -- Aggregate snapshots a stream load may start from.
 CREATE TABLE IF NOT EXISTS evp_aggregate_snapshots (

@@ -12,11 +12,14 @@
 -- actual version, empty for no stream), EV423 reservation held (DETAIL: the holder),
 -- EV422 ids partly appended before or to another stream (DETAIL: that stream).
 
+DROP FUNCTION IF EXISTS evp_append(text, text, bigint, integer, uuid[], text[], integer[], bytea[], text[], text[],
+                                   timestamptz[], text[], text[]);
+
 CREATE OR REPLACE FUNCTION evp_append(
     p_stream text, p_kind text, p_expected bigint, p_partition integer,
     p_ids uuid[], p_types text[], p_schema_ids integer[], p_values bytea[],
-    p_actors text[], p_subjects text[], p_occurred timestamptz[],
-    p_scopes text[], p_reserved text[]
+    p_actors text[], p_subjects text[], p_subject_sets text[], p_occurred timestamptz[],
+    p_scopes text[], p_reserved text[], p_reserved_for text[]
 ) RETURNS TABLE (r_duplicate boolean, r_first bigint, r_last bigint, r_positions bigint[])
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -55,7 +58,8 @@ BEGIN
     END IF;
 
     FOR i IN 1 .. coalesce(cardinality(p_scopes), 0) LOOP
-        INSERT INTO evp_reservations AS r (scope, value, stream_id) VALUES (p_scopes[i], p_reserved[i], p_stream)
+        INSERT INTO evp_reservations AS r (scope, value, stream_id, subject_id)
+            VALUES (p_scopes[i], p_reserved[i], p_stream, p_reserved_for[i])
             ON CONFLICT (scope, value) DO UPDATE SET scope = EXCLUDED.scope
             RETURNING r.stream_id INTO v_holder;
         IF v_holder <> p_stream THEN
@@ -66,9 +70,10 @@ BEGIN
     v_current := coalesce(v_current, 0);
     FOR i IN 1 .. n LOOP
         INSERT INTO evp_events (stream_id, version, event_id, event_type, schema_id, value, actor, subject_id,
-                                occurred_at, partition)
+                                subject_ids, occurred_at, partition)
         VALUES (p_stream, v_current + i, p_ids[i], p_types[i], p_schema_ids[i], p_values[i], p_actors[i],
-                p_subjects[i], p_occurred[i], p_partition)
+                p_subjects[i], ARRAY(SELECT json_array_elements_text(p_subject_sets[i]::json)), p_occurred[i],
+                p_partition)
         RETURNING position INTO v_position;
         INSERT INTO evp_outbox (position, partition) VALUES (v_position, p_partition);
         v_positions := v_positions || v_position;

@@ -1,169 +1,183 @@
-"""Sealing and opening the personal fields of whole records."""
+"""Sealing and opening personal fields of whole records, as the schema's policy says."""
 
 from __future__ import annotations
 
+import datetime as dt
+import io
 from typing import Any
 
 import pytest
+from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from events.privacy import cipher
 from events.errors import CryptoError, InvalidEvent, KeyErased, SchemaError
+from events.privacy import cipher
 from events.privacy.kek import LocalKek
 from events.privacy.keyring import Keyring, MemoryKeyStore
-from events.privacy.personal import REDACTED, PersonalData, StaticCatalog, blind_index
+from events.privacy.personal import REDACTED, blind_index, open_fields, seal
+from events.privacy.policy import policy_of, to_declared, to_wire
 
-LABEL = "LabelAssigned"
-CATALOG = StaticCatalog(
-    {
-        LABEL: (("annotator_email", "annotator_name"), "annotator_id"),
-        "SampleIngested": ((), None),
-    }
-)
-PERSONAL = PersonalData(CATALOG)
+#: A ticket carries two people's data: the customer's (the record's subject) and the agent's.
+TICKET: dict[str, Any] = {
+    "type": "record", "name": "TicketOpened", "namespace": "helpdesk", "evp.subject": "customer_id",
+    "fields": [
+        {"name": "ticket_id", "type": "string"},
+        {"name": "customer_id", "type": "string"},
+        {"name": "agent_id", "type": "string"},
+        {"name": "customer_name", "type": "string", "confluent:tags": ["PII"]},
+        {"name": "customer_email", "type": "string", "confluent:tags": ["PII"], "evp.unique": "customer-email"},
+        {"name": "birth_date", "type": {"type": "int", "logicalType": "date"}, "confluent:tags": ["PII"]},
+        {"name": "vitals", "type": {"type": "array", "items": "double"}, "confluent:tags": ["PII"]},
+        {"name": "phone", "type": ["null", "string"], "default": None, "confluent:tags": ["PII"]},
+        {"name": "agent_name", "type": "string", "confluent:tags": ["PII"], "evp.subject": "agent_id"},
+        {"name": "priority", "type": "int"},
+    ],
+}
+POLICY = policy_of(TICKET)
+EVENT = "helpdesk.TicketOpened"
 
 
 def _keyring() -> Keyring:
     return Keyring(MemoryKeyStore(), LocalKek.generate())
 
 
-def _label(**changes: Any) -> dict[str, Any]:
+def _ticket(**changes: Any) -> dict[str, Any]:
     return {
-        "sample_id": "s-1",
-        "label": 7,
-        "annotator_id": "ann-7",
-        "annotator_email": "ada@example.org",
-        "annotator_name": "Ada Lovelace",
+        "ticket_id": "t-1", "customer_id": "cus-1", "agent_id": "ag-1", "customer_name": "Ada Lovelace",
+        "customer_email": "ada@example.org", "birth_date": dt.date(1815, 12, 10), "vitals": [36.6, 72.0],
+        "phone": None, "agent_name": "Bo Marchetti", "priority": 2,
     } | changes
 
 
-def test_seal_then_open_round_trips_and_leaves_other_fields_alone() -> None:
-    keyring, datum = _keyring(), _label()
-    sealed = PERSONAL.seal(LABEL, "ev-1", datum, keyring)
-    assert datum == _label()  # the input is not modified
-    unchanged = ("sample_id", "label", "annotator_id")
-    assert {k: sealed[k] for k in unchanged} == {k: datum[k] for k in unchanged}
-    assert cipher.is_sealed(sealed["annotator_email"]) and cipher.is_sealed(sealed["annotator_name"])
-    assert PERSONAL.open(LABEL, "ev-1", sealed, keyring) == datum
+def _through_the_wire(datum: dict[str, Any]) -> dict[str, Any]:
+    """Encode with the wire schema and decode again, as the topic would."""
+    parsed = parse_schema(to_wire(TICKET))
+    out = io.BytesIO()
+    schemaless_writer(out, parsed, datum)
+    out.seek(0)
+    result = schemaless_reader(out, parsed, None)
+    assert isinstance(result, dict)
+    return result
 
 
-@given(st.text(), st.text())
-def test_any_personal_text_round_trips_and_never_appears_in_the_sealed_record(email: str, name: str) -> None:
-    assume(not cipher.is_sealed(email) and not cipher.is_sealed(name))
+def test_the_policy_names_each_field_and_its_own_subject() -> None:
+    assert POLICY.subject_field == "customer_id"
+    owners = {f.name: f.subject_field for f in POLICY.personal}
+    assert owners == {"customer_name": "customer_id", "customer_email": "customer_id", "birth_date": "customer_id",
+                      "vitals": "customer_id", "phone": "customer_id", "agent_name": "agent_id"}
+    assert [(u.name, u.scope, u.subject_field) for u in POLICY.unique] == [("customer_email", "customer-email",
+                                                                           "customer_id")]
+    assert POLICY.subjects(_ticket()) == ("cus-1", "ag-1")
+
+
+def test_personal_fields_of_any_type_round_trip_through_the_wire_schema() -> None:
+    keyring, datum = _keyring(), _ticket()
+    sealed = seal(POLICY, "ev-1", datum, keyring)
+    assert datum == _ticket()  # the input is not modified
+    for field in ("customer_name", "customer_email", "birth_date", "vitals", "agent_name"):
+        assert isinstance(sealed[field], str) and cipher.is_sealed(sealed[field]), field
+    assert sealed["phone"] is None and sealed["priority"] == 2
+    assert open_fields(POLICY, "ev-1", _through_the_wire(sealed), keyring) == datum
+
+
+@given(st.text(), st.lists(st.floats(allow_nan=False, width=64), max_size=40),
+       st.dates(min_value=dt.date(1900, 1, 1)), st.one_of(st.none(), st.text()))
+def test_any_values_round_trip_and_never_appear_in_the_sealed_record(
+    name: str, vitals: list[float], born: dt.date, phone: str | None
+) -> None:
+    assume(not cipher.is_sealed(name) and (phone is None or not cipher.is_sealed(phone)))
     keyring = _keyring()
-    sealed = PERSONAL.seal(LABEL, "ev-1", _label(annotator_email=email, annotator_name=name), keyring)
-    assert sealed["annotator_email"] != email and sealed["annotator_name"] != name
-    assert PERSONAL.open(LABEL, "ev-1", sealed, keyring) == _label(annotator_email=email, annotator_name=name)
+    datum = _ticket(customer_name=name, vitals=vitals, birth_date=born, phone=phone)
+    sealed = seal(POLICY, "ev-1", datum, keyring)
+    assert all(cipher.is_sealed(sealed[f]) for f in ("customer_name", "vitals", "birth_date"))
+    assert open_fields(POLICY, "ev-1", _through_the_wire(sealed), keyring) == datum
 
 
-def test_no_plaintext_personal_data_in_any_sealed_value() -> None:
-    datum = _label()
-    sealed = PERSONAL.seal(LABEL, "ev-1", datum, _keyring())
-    for secret in ("ada@example.org", "Ada Lovelace", "Lovelace", "example.org"):
-        assert not any(secret in str(value) for value in sealed.values())
-
-
-def test_a_forgotten_subject_reads_as_redacted() -> None:
+def test_forgetting_one_person_redacts_only_their_fields() -> None:
     keyring = _keyring()
-    sealed = PERSONAL.seal(LABEL, "ev-1", _label(), keyring)
-    other = PERSONAL.seal(LABEL, "ev-2", _label(annotator_id="ann-8"), keyring)
-    keyring.forget("ann-7")
-    opened = PERSONAL.open(LABEL, "ev-1", sealed, keyring)
-    assert opened == _label(annotator_email=REDACTED, annotator_name=REDACTED)
-    assert PERSONAL.open(LABEL, "ev-2", other, keyring) == _label(annotator_id="ann-8")
+    sealed = seal(POLICY, "ev-1", _ticket(), keyring)
+    keyring.forget("cus-1")
+    opened = open_fields(POLICY, "ev-1", sealed, keyring)
+    for field in ("customer_name", "customer_email", "birth_date", "vitals"):
+        assert opened[field] == REDACTED, field
+    assert opened["agent_name"] == "Bo Marchetti"  # the agent's data is under the agent's key
+    assert opened["priority"] == 2 and opened["ticket_id"] == "t-1"
 
 
-def test_a_forgotten_subject_cannot_be_sealed_again() -> None:
+def test_a_forgotten_subject_is_not_accepted_again() -> None:
     keyring = _keyring()
-    keyring.forget("ann-7")
+    keyring.forget("ag-1")
     with pytest.raises(KeyErased):
-        PERSONAL.seal(LABEL, "ev-1", _label(), keyring)
+        seal(POLICY, "ev-1", _ticket(), keyring)
 
 
-@pytest.mark.parametrize("subject", [None, "", "   "])
-def test_personal_data_without_a_subject_names_the_subject_field(subject: str | None) -> None:
-    with pytest.raises(InvalidEvent, match="annotator_id"):
-        PERSONAL.seal(LABEL, "ev-1", _label(annotator_id=subject), _keyring())
-
-
-def test_already_sealed_values_are_refused() -> None:
+def test_a_value_moved_to_another_field_or_record_fails_authentication() -> None:
     keyring = _keyring()
-    sealed = PERSONAL.seal(LABEL, "ev-1", _label(), keyring)
-    with pytest.raises(InvalidEvent, match=r"annotator_email.*already encrypted"):
-        PERSONAL.seal(LABEL, "ev-1", sealed, keyring)
+    sealed = seal(POLICY, "ev-1", _ticket(), keyring)
+    with pytest.raises(CryptoError, match="authentication"):
+        open_fields(POLICY, "ev-2", sealed, keyring)
+    swapped = sealed | {"customer_name": sealed["customer_email"]}
+    with pytest.raises(CryptoError, match="authentication"):
+        open_fields(POLICY, "ev-1", swapped, keyring)
 
 
-def test_a_non_string_personal_value_is_refused() -> None:
-    with pytest.raises(InvalidEvent, match=r"annotator_name.*string"):
-        PERSONAL.seal(LABEL, "ev-1", _label(annotator_name=42), _keyring())
+def test_missing_subject_is_named() -> None:
+    with pytest.raises(InvalidEvent, match="agent_id"):
+        seal(POLICY, "ev-1", _ticket(agent_id=""), _keyring())
 
 
-def test_null_personal_values_stay_null_and_need_no_key() -> None:
+def test_plaintext_in_a_personal_field_is_refused_on_read_and_sealed_twice_on_write() -> None:
     keyring = _keyring()
-    datum = _label(annotator_email=None, annotator_name=None, annotator_id=None)
-    assert PERSONAL.seal(LABEL, "ev-1", datum, keyring) == datum
-    assert PERSONAL.open(LABEL, "ev-1", datum, keyring) == datum
+    with pytest.raises(CryptoError, match="not encrypted"):
+        open_fields(POLICY, "ev-1", _ticket(vitals="36.6"), keyring)
+    sealed = seal(POLICY, "ev-1", _ticket(), keyring)
+    with pytest.raises(InvalidEvent, match="twice"):
+        seal(POLICY, "ev-1", _ticket(customer_name=sealed["customer_name"]), keyring)
 
 
-def test_event_types_without_personal_fields_pass_through_untouched() -> None:
+def test_wire_and_declared_forms_are_inverse_and_wire_is_idempotent() -> None:
+    wire = to_wire(TICKET)
+    assert to_wire(wire) == wire
+    assert to_declared(wire) == TICKET
+    types = {f["name"]: f["type"] for f in wire["fields"]}
+    assert types["birth_date"] == "string" and types["vitals"] == "string" and types["phone"] == ["null", "string"]
+    assert policy_of(wire) == POLICY  # readers get the same policy from the registered form
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"evp.subject": "nobody"}, "nobody"),
+    ({"evp.subject": "priority"}, "priority"),
+])
+def test_a_bad_record_subject_is_named(change: dict[str, Any], named: str) -> None:
+    with pytest.raises(SchemaError, match=named):
+        policy_of(TICKET | change)
+
+
+def test_personal_data_without_any_subject_is_refused_naming_the_field() -> None:
+    schema = {**TICKET, "fields": [f for f in TICKET["fields"]]}
+    del schema["evp.subject"]
+    with pytest.raises(SchemaError, match="customer_name"):
+        policy_of(schema)
+
+
+def test_a_subject_field_cannot_be_personal() -> None:
+    fields = [dict(f) for f in TICKET["fields"]]
+    fields[1]["confluent:tags"] = ["PII"]
+    with pytest.raises(SchemaError, match="customer_id"):
+        policy_of({**TICKET, "fields": fields})
+
+
+def test_a_unique_field_needs_a_scope() -> None:
+    fields = [dict(f) for f in TICKET["fields"]]
+    fields[4]["evp.unique"] = ""
+    with pytest.raises(SchemaError, match="customer_email"):
+        policy_of({**TICKET, "fields": fields})
+
+
+def test_blind_indexes_are_keyed_normalised_and_scoped() -> None:
     keyring = _keyring()
-    datum = {"sample_id": "s-1", "pixels": b"\x00\x01"}
-    assert PERSONAL.seal("SampleIngested", "ev-1", datum, keyring) == datum
-    assert PERSONAL.seal("Unknown", "ev-1", datum, keyring) == datum
-
-
-@pytest.mark.parametrize(
-    ("event_id", "change"),
-    [
-        ("ev-2", {}),  # copied into another event
-        ("ev-1", {"annotator_id": "ann-8"}),  # re-attributed to another subject
-    ],
-)
-def test_a_record_moved_or_reattributed_does_not_open(event_id: str, change: dict[str, str]) -> None:
-    keyring = _keyring()
-    keyring.data_key("ann-8", create=True)
-    sealed = PERSONAL.seal(LABEL, "ev-1", _label(), keyring)
-    with pytest.raises(CryptoError):
-        PERSONAL.open(LABEL, event_id, sealed | change, keyring)
-
-
-def test_swapping_two_sealed_fields_does_not_open() -> None:
-    keyring = _keyring()
-    sealed = PERSONAL.seal(LABEL, "ev-1", _label(), keyring)
-    swapped = sealed | {"annotator_email": sealed["annotator_name"], "annotator_name": sealed["annotator_email"]}
-    with pytest.raises(CryptoError, match="tampered or moved"):
-        PERSONAL.open(LABEL, "ev-1", swapped, keyring)
-
-
-def test_plaintext_where_a_sealed_value_belongs_is_an_error() -> None:
-    with pytest.raises(CryptoError, match=r"annotator_email.*not encrypted"):
-        PERSONAL.open(LABEL, "ev-1", _label(), _keyring())
-
-
-def test_sealed_data_of_a_subject_without_any_key_is_an_error() -> None:
-    sealed = PERSONAL.seal(LABEL, "ev-1", _label(), _keyring())
-    with pytest.raises(CryptoError, match="no data key"):
-        PERSONAL.open(LABEL, "ev-1", sealed, _keyring())
-
-
-@pytest.mark.parametrize(
-    ("entry", "reason"),
-    [
-        ((("annotator_email",), None), "names no 'evp.subject'"),
-        ((("annotator_id", "annotator_email"), "annotator_id"), "cannot itself be personal"),
-    ],
-)
-def test_an_unusable_catalog_entry_is_a_schema_error(entry: tuple[tuple[str, ...], str | None], reason: str) -> None:
-    personal = PersonalData(StaticCatalog({LABEL: entry}))
-    with pytest.raises(SchemaError, match=reason):
-        personal.seal(LABEL, "ev-1", _label(), _keyring())
-
-
-def test_blind_index_matches_normalised_values_and_survives_a_new_keyring() -> None:
-    store, kek = MemoryKeyStore(), LocalKek.generate()
-    first, second = Keyring(store, kek), Keyring(store, kek)
-    index = blind_index(first, "annotator_email", "ada@example.org")
-    assert blind_index(second, "annotator_email", "  ADA@Example.org ") == index
-    assert blind_index(second, "annotator_name", "ada@example.org") != index
-    assert blind_index(_keyring(), "annotator_email", "ada@example.org") != index
+    assert blind_index(keyring, "email", " Ada@Example.org") == blind_index(keyring, "email", "ada@example.org")
+    assert blind_index(keyring, "email", "ada@example.org") != blind_index(keyring, "login", "ada@example.org")
+    assert blind_index(keyring, "email", "ada@example.org") != blind_index(_keyring(), "email", "ada@example.org")
+    assert blind_index(keyring, "mrn", 12345) == blind_index(keyring, "mrn", 12345)
