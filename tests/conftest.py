@@ -1,7 +1,8 @@
 """Fixtures for tests against the real services started by ``platform/services.py``.
 
 Every test that touches a service gets its own topic prefix and its own database, so tests
-never see each other's events and can run in any order.
+never see each other's events and can run in any order; both are removed when the test
+ends (:func:`private_settings`), so topics do not pile up on the broker.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
+import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 from pathlib import Path
 
@@ -21,8 +24,11 @@ from events.settings import Settings
 if TYPE_CHECKING:
     from events.store.client import EventStore
 
+pytest_plugins = ["tests.support.plaintext"]
+
 REPO = Path(__file__).resolve().parents[1]
 SERVICES = REPO / "platform" / "services.py"
+DIGITS = REPO / "examples" / "digits"  #: the example domain most tests speak
 
 
 def _admin_url(database_url: str) -> str:
@@ -32,7 +38,9 @@ def _admin_url(database_url: str) -> str:
 
 @pytest.fixture(scope="session")
 def base_settings() -> Settings:
-    return Settings.from_env()
+    """The environment's settings; tests speak the digits example's events unless EVP_PROJECT says otherwise."""
+    settings = Settings.from_env()
+    return settings if settings.project is not None else settings.with_(project=REPO / "examples" / "digits")
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +66,61 @@ def drop_database(settings: Settings, url: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def new_topic_prefix() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+def delete_topics(settings: Settings) -> list[str]:
+    """Delete every topic whose name starts with the settings' ``topic_prefix``; returns their names.
+
+    A failure is a warning, not an error: the test itself has already passed or failed.
+    """
+    from kafka.errors import KafkaError, UnknownTopicOrPartitionError
+
+    from events.adapters.kafka import admin
+    from events.errors import EvpError
+
+    try:
+        client = admin(settings.kafka)
+    except EvpError as err:
+        warnings.warn(f"topics {settings.topic_prefix}* were not deleted: {err}", stacklevel=2)
+        return []
+    try:
+        names = sorted(t for t in client.list_topics() if t.startswith(settings.topic_prefix))
+        if names:
+            try:
+                client.delete_topics(names, timeout_ms=30_000)
+            except UnknownTopicOrPartitionError:
+                pass  # deleted meanwhile, which is what we wanted
+        return names
+    except KafkaError as err:
+        warnings.warn(f"topics {settings.topic_prefix}* were not deleted: {type(err).__name__}: {err}", stacklevel=2)
+        return []
+    finally:
+        client.close()
+
+
+@contextmanager
+def private_settings(services: Settings, home: Path, **changes: object) -> Iterator[Settings]:
+    """Settings with a new database and a new topic prefix, both removed on exit.
+
+    For fixtures wider than one test (module scope) and for tests that need a second
+    deployment (a restore target); ``changes`` override the defaults below.
+    """
+    url = create_database(services)
+    settings = services.with_(**{
+        "database_url": url, "topic_prefix": new_topic_prefix(), "home": home, "kek_file": home / "kek",
+        "project": DIGITS, **changes,
+    })
+    try:
+        yield settings
+    finally:
+        try:
+            delete_topics(settings)
+        finally:
+            drop_database(services, url)
+
+
 @pytest.fixture
 def database_url(services: Settings) -> Iterator[str]:
     """A fresh, empty database for one test."""
@@ -67,14 +130,21 @@ def database_url(services: Settings) -> Iterator[str]:
 
 
 @pytest.fixture
-def settings(services: Settings, database_url: str, tmp_path: Path) -> Settings:
-    """Settings private to one test: own topics, own database, own home, own key."""
-    return services.with_(
+def settings(services: Settings, database_url: str, tmp_path: Path) -> Iterator[Settings]:
+    """Settings private to one test: own topics, own database, own home, own key.
+
+    Every topic under the test's prefix is deleted when the test ends (after the fixtures
+    that use these settings are torn down, so no client of the test still writes to them).
+    """
+    private = services.with_(
         database_url=database_url,
-        topic_prefix=f"t{uuid.uuid4().hex[:10]}",
+        topic_prefix=new_topic_prefix(),
         home=tmp_path / "home",
         kek_file=tmp_path / "home" / "kek",
+        project=DIGITS,
     )
+    yield private
+    delete_topics(private)
 
 
 @pytest.fixture

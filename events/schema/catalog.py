@@ -143,6 +143,10 @@ class Catalog:
         """Full names of every event type, sorted."""
         return tuple(sorted(self._by_full))
 
+    def schema_list(self, prefix: str = "") -> list[Schema]:
+        """Copies of the declared schemas whose full name starts with ``prefix``, in name order."""
+        return [self.schema(name) for name in self.names() if name.startswith(prefix)]
+
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self._lookup(name) is not None
 

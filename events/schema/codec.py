@@ -45,6 +45,11 @@ class DecodedValue:
     policy: Policy  #: the privacy policy of the schema the value was written with
 
 
+def subject_name(topic: str, event_type: str) -> str:
+    """The registry subject of an event type on a topic (topic-record-name strategy)."""
+    return f"{topic}-{event_type}"
+
+
 def encode_value(schema_id: int, parsed_schema: Any, datum: Mapping[str, Any]) -> bytes:
     """Frame ``datum`` written with a fastavro-parsed schema under ``schema_id``."""
     out = io.BytesIO()
@@ -94,7 +99,7 @@ class Codec:
 
     def subject(self, event_type: str) -> str:
         """The registry subject of an event type on this topic (topic-record-name strategy)."""
-        return f"{self.topic}-{self.catalog.full_name(event_type)}"
+        return subject_name(self.topic, self.catalog.full_name(event_type))
 
     def encode(self, event_type: str, datum: Mapping[str, Any]) -> EncodedValue:
         """Validate ``datum`` (InvalidEvent names the bad field), then frame it; nothing is sent.

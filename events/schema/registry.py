@@ -243,8 +243,9 @@ class SchemaRegistry:
     def register(self, subject: str, schema: dict[str, Any]) -> int:
         """The id of ``schema`` under ``subject``, registering it as a new version if needed.
 
-        A new version must be BACKWARD compatible with the subject's latest; if it is not,
-        IncompatibleSchema is raised and nothing is written.
+        A new version must be BACKWARD compatible with every version of the subject (it
+        must read all of them: old events stay in the log); if it is not,
+        IncompatibleSchema is raised naming the field, and nothing is written.
         """
         if not subject:
             raise SchemaError("a subject name must not be empty")
@@ -259,8 +260,8 @@ class SchemaRegistry:
                 if known is not None:
                     return known
                 latest = state.latest(subject)
-                if latest is not None:
-                    check_backward(subject, schema, latest.schema)
+                for version in state.versions.get(subject, ()):
+                    check_backward(subject, schema, version.schema)
                 claim = RegisteredSchema(id=state.highest_id + 1, subject=subject,
                                          version=1 if latest is None else latest.version + 1, schema=schema)
                 key = json.dumps({"id": claim.id, "claim": uuid.uuid4().hex}, sort_keys=True).encode()

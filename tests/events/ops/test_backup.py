@@ -3,7 +3,9 @@
 One source is seeded once for the module — annotators with personal data, samples,
 corrections, a retraction, relay duplicates and a snapshot — backed up once, and restored
 once under a new topic prefix into a new database; each test then checks one promise
-against that pair. The erasure test seeds its own source, because it forgets someone.
+against that pair, and none writes to it, so they pass in any order. A test that writes to
+a restored copy restores its own (``restored_copy``); the erasure test seeds its own
+source, because it forgets someone.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from events.privacy.keyring import MemoryKeyStore, PostgresKeyStore
 from events.store.log import end_offsets
 from events.privacy.personal import REDACTED
 from events.settings import Settings
-from tests.conftest import create_database, drop_database
-from tests.privacy import Person, PlaintextScanner, make_people, random_marker, register, run_cli, submit
+from tests.conftest import delete_topics, new_topic_prefix, private_settings
+from tests.support.plaintext import Person, PlaintextScanner, make_people, random_marker, register, run_cli, submit
 
 pytestmark = pytest.mark.services
 
@@ -48,12 +50,18 @@ class Source:
     resent: int  #: events the relay published twice
     snapshot_id: str
     backup: Path
+    samples: tuple[Any, ...]  #: the samples view, projected from the source after the backup
 
 
-def fresh_settings(services: Settings, home: Path, kek_file: Path) -> Settings:
-    """A new topic prefix and a new database; the caller drops the database."""
-    return services.with_(database_url=create_database(services), topic_prefix=f"t{uuid.uuid4().hex[:10]}",
-                          home=home, kek_file=kek_file)
+def samples_view(settings: Settings) -> tuple[Any, ...]:
+    """Project the samples view from the settings' topic and read it back."""
+    from projections.runner import ProjectionRunner
+    from projections.samples import SamplesView, read_samples
+
+    with ProjectionRunner(settings, SamplesView()) as runner:
+        runner.catch_up()
+    with psycopg.connect(settings.database_url) as conn, conn.cursor() as cur:
+        return tuple(read_samples(cur))
 
 
 def seed_people(store: EventStore, people: tuple[Person, ...], marker: str) -> None:
@@ -87,11 +95,10 @@ def source(services: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iter
     from trainer.snapshot import create_snapshot
 
     folder = tmp_path_factory.mktemp("backup-source")
-    settings = fresh_settings(services, folder / "home", folder / "kek")
     rng = random.Random()
     people = tuple(make_people(rng, 3))
     marker = random_marker(rng, "backup")
-    try:
+    with private_settings(services, folder / "home", kek_file=folder / "kek") as settings:
         with EventStore.open(settings) as store:
             seed_people(store, people, marker)
             first = people[0].annotator_id
@@ -106,21 +113,26 @@ def source(services: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iter
             snapshot_id = create_snapshot(store).snapshot_id
         backup = folder / "log.evpbak"
         create_backup(settings, backup)
-        yield Source(settings, people, marker, resent, snapshot_id, backup)
-    finally:
-        drop_database(services, settings.database_url)
+        yield Source(settings, people, marker, resent, snapshot_id, backup, samples_view(settings))
+
+
+def restore_into_new(services: Settings, source: Source, home: Path) -> Iterator[tuple[Settings, RestoreReport]]:
+    """The backup restored under a new prefix, into a new database, with the source's keys copied."""
+    with private_settings(services, home, kek_file=source.settings.kek_path) as target, \
+            closing(PostgresKeyStore(source.settings.database_url)) as keys:
+        yield target, restore_backup(source.backup, target, keys=keys)
 
 
 @pytest.fixture(scope="module")
 def restored(services: Settings, source: Source, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings, RestoreReport]]:
-    """The backup restored under a new prefix, into a new database, with the source's keys copied."""
-    target = fresh_settings(services, tmp_path_factory.mktemp("backup-target") / "home", source.settings.kek_path)
-    keys = PostgresKeyStore(source.settings.database_url)
-    try:
-        yield target, restore_backup(source.backup, target, keys=keys)
-    finally:
-        keys.close()
-        drop_database(services, target.database_url)
+    """One restore shared by the module's tests: read it, never write to it (``restored_copy`` is for writing)."""
+    yield from restore_into_new(services, source, tmp_path_factory.mktemp("backup-target") / "home")
+
+
+@pytest.fixture
+def restored_copy(services: Settings, source: Source, tmp_path: Path) -> Iterator[tuple[Settings, RestoreReport]]:
+    """A restore of the module's backup for one test, which may append to it and project from it."""
+    yield from restore_into_new(services, source, tmp_path / "home")
 
 
 def stream_ids(settings: Settings) -> list[str]:
@@ -192,20 +204,13 @@ def test_relay_duplicates_stay_on_the_topic_but_enter_the_ledger_once(source: So
     assert report.ledger_events == source_events == ledger_state(target)[0][0]
 
 
-def test_the_restored_copy_serves_snapshots_views_audits_and_new_appends(source: Source, restored: tuple[Settings, RestoreReport]) -> None:
+def test_the_restored_copy_serves_snapshots_views_audits_and_new_appends(
+        source: Source, restored_copy: tuple[Settings, RestoreReport]) -> None:
     from events.ops.audit import subject_history
-    from projections.runner import ProjectionRunner
-    from projections.samples import SamplesView, read_samples
     from trainer.snapshot import verify_snapshot
 
-    target, _ = restored
-    views = []
-    for settings in (source.settings, target):
-        with ProjectionRunner(settings, SamplesView()) as runner:
-            runner.catch_up()
-        with psycopg.connect(settings.database_url) as conn, conn.cursor() as cur:
-            views.append(read_samples(cur))
-    assert views[0] == views[1] and len(views[0]) == 3 * SAMPLES_EACH - 1
+    target, _ = restored_copy
+    assert samples_view(target) == source.samples and len(source.samples) == 3 * SAMPLES_EACH - 1
     with EventStore.open(target) as store:
         # the snapshot's pinned offsets still name the same records on the restored topic
         assert verify_snapshot(store, source.snapshot_id).records_read > 0
@@ -295,18 +300,21 @@ def test_restore_refuses_a_non_empty_target_and_writes_nothing(services: Setting
     assert (end_offsets(target.kafka, target.events_topic), ledger_state(target)) == before
 
     # an empty topic over a ledger that holds events is refused too, before any topic is created
-    other = target.with_(topic_prefix=f"t{uuid.uuid4().hex[:10]}")
-    with pytest.raises(EvpError, match="already holds .* events"):
-        restore_backup(source.backup, other)
-    assert end_offsets(other.kafka, other.events_topic) == {}
-    with pytest.raises(ConfigurationError, match="EVP_PARTITIONS=3"):
-        restore_backup(source.backup, other.with_(partitions=5))
+    other = target.with_(topic_prefix=new_topic_prefix())
+    try:
+        with pytest.raises(EvpError, match="already holds .* events"):
+            restore_backup(source.backup, other)
+        assert end_offsets(other.kafka, other.events_topic) == {}
+        with pytest.raises(ConfigurationError, match="EVP_PARTITIONS=3"):
+            restore_backup(source.backup, other.with_(partitions=5))
+    finally:
+        delete_topics(other)
 
 
 def test_schema_subjects_follow_the_restored_topic() -> None:
-    record = b'{"id": 4, "schema": "{}", "subject": "old.events-evp.samples.SampleSubmitted", "version": 2}'
+    record = b'{"id": 4, "schema": "{}", "subject": "old.events-digits.SampleSubmitted", "version": 2}'
     moved = retarget_schema_record(record, "old.events", "new.events")
-    assert b'"subject": "new.events-evp.samples.SampleSubmitted"' in moved and b'"id": 4' in moved
+    assert b'"subject": "new.events-digits.SampleSubmitted"' in moved and b'"id": 4' in moved
     assert retarget_schema_record(b"not json", "old.events", "new.events") == b"not json"
     assert retarget_schema_record(record, "other.events", "new.events") == record
 
@@ -338,8 +346,7 @@ def test_forgetting_someone_reaches_backups_taken_before(services: Settings, set
         create_backup(settings, after_erasure)
 
         for backup, keys in ((before_erasure, live_keys), (after_erasure, old_keys)):
-            target = fresh_settings(services, tmp_path / "restored", settings.kek_path)
-            try:
+            with private_settings(services, tmp_path / f"restored-{backup.stem}", kek_file=settings.kek_path) as target:
                 report = restore_backup(backup, target, keys=keys)
                 with EventStore.open(target) as copy:
                     gone = copy.read_stream(forgotten.stream_id)[0].data
@@ -348,8 +355,6 @@ def test_forgetting_someone_reaches_backups_taken_before(services: Settings, set
                     assert (still["name"], still["email"]) == (kept.name, kept.email)
                 # the stale key copy is overruled by the erasure recorded in the log itself
                 assert report.erasures_applied == (() if backup is before_erasure else (forgotten.annotator_id,))
-            finally:
-                drop_database(services, target.database_url)
 
 
 # -- the command line ----------------------------------------------------------------------

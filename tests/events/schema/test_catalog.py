@@ -5,16 +5,17 @@ from __future__ import annotations
 import pytest
 from fastavro import parse_schema
 
+from tests.support.examples import catalog as examples_catalog
 from events.schema.catalog import Catalog, canonical_json
 from events.errors import SchemaError
 
-CATALOG = Catalog.default()
+CATALOG = examples_catalog()
 
 EXPECTED = {
-    "evp.samples.AnnotatorRegistered",
-    "evp.samples.SampleSubmitted",
-    "evp.samples.LabelCorrected",
-    "evp.samples.SampleRetracted",
+    "digits.AnnotatorRegistered",
+    "digits.SampleSubmitted",
+    "digits.LabelCorrected",
+    "digits.SampleRetracted",
     "evp.platform.SnapshotCreated",
     "evp.platform.TrainingRunRecorded",
     "evp.platform.SubjectForgotten",
@@ -42,16 +43,35 @@ def test_short_and_full_names_give_the_same_schema(name: str) -> None:
 
 
 def test_personal_fields_are_the_tagged_ones() -> None:
-    assert CATALOG.personal_fields("AnnotatorRegistered") == ("name", "email")
-    assert CATALOG.personal_fields("evp.samples.SampleSubmitted") == ()
-    assert CATALOG.personal_fields("SnapshotCreated") == ()
+    assert [f.name for f in CATALOG.policy("AnnotatorRegistered").personal] == ["name", "email"]
+    assert CATALOG.policy("digits.SampleSubmitted").personal == ()
+    assert CATALOG.policy("SnapshotCreated").personal == ()
 
 
 def test_subject_field_is_named_by_the_record() -> None:
-    assert CATALOG.subject_field("AnnotatorRegistered") == "annotator_id"
+    assert CATALOG.policy("AnnotatorRegistered").subject_field == "annotator_id"
     for name in ("SampleSubmitted", "LabelCorrected", "SampleRetracted"):
-        assert CATALOG.subject_field(name) == "annotator_id"
-    assert CATALOG.subject_field("TrainingRunRecorded") is None
+        assert CATALOG.policy(name).subject_field == "annotator_id"
+    assert CATALOG.policy("TrainingRunRecorded").subject_field is None
+
+
+def test_the_platform_catalog_holds_only_the_platform_namespace() -> None:
+    assert all(name.startswith("evp.platform.") for name in Catalog.platform().names())
+
+
+def test_a_short_name_two_namespaces_share_is_ambiguous_and_says_so() -> None:
+    other = {"type": "record", "name": "SampleSubmitted", "namespace": "other", "fields": []}
+    catalog = Catalog.with_platform([*(CATALOG.schema(n) for n in CATALOG.names() if n.startswith("digits.")), other])
+    with pytest.raises(SchemaError, match="ambiguous"):
+        catalog.schema("SampleSubmitted")
+    assert catalog.schema("other.SampleSubmitted")["fields"] == []
+
+
+def test_a_bad_policy_is_refused_when_the_catalog_is_built_naming_the_field() -> None:
+    bad = {"type": "record", "name": "Leak", "namespace": "x",
+           "fields": [{"name": "name", "type": "string", "confluent:tags": ["PII"]}]}
+    with pytest.raises(SchemaError, match="'name'"):
+        Catalog([bad])
 
 
 def test_tags_survive_parsing() -> None:
@@ -63,7 +83,7 @@ def test_tags_survive_parsing() -> None:
 def test_unknown_name_lists_the_known_ones() -> None:
     with pytest.raises(SchemaError, match="'SampleDeleted'") as caught:
         CATALOG.schema("SampleDeleted")
-    assert "evp.samples.SampleSubmitted" in str(caught.value)
+    assert "digits.SampleSubmitted" in str(caught.value)
 
 
 def test_schema_is_a_copy() -> None:
@@ -78,11 +98,10 @@ def test_subject_property_must_name_a_field() -> None:
         Catalog([bad])
 
 
-def test_duplicate_short_name_refused() -> None:
+def test_duplicate_full_name_refused() -> None:
     one = {"type": "record", "name": "X", "namespace": "a", "fields": []}
-    two = {"type": "record", "name": "X", "namespace": "b", "fields": []}
-    with pytest.raises(SchemaError, match="'X'"):
-        Catalog([one, two])
+    with pytest.raises(SchemaError, match="'a.X'"):
+        Catalog([one, dict(one)])
 
 
 def test_canonical_json_ignores_spelling_but_not_meaning() -> None:

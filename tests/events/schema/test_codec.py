@@ -11,13 +11,27 @@ from fastavro import parse_schema
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support.examples import catalog as examples_catalog
 from events.schema.catalog import Catalog, normalize
 from events.schema.codec import Codec, DecodedValue, encode_value, split_value
 from events.errors import DecodeError, InvalidEvent
 from events.schema.registry import MemorySchemaLog, SchemaRegistry
 from events.schema.validation import validate
 
-CATALOG = Catalog.default()
+#: A nested record of the test's own: array of records, array of ints, a union.
+MANIFEST: dict[str, Any] = {
+    "type": "record", "name": "Manifest", "namespace": "test",
+    "fields": [
+        {"name": "snapshot_id", "type": "string"},
+        {"name": "ranges", "type": {"type": "array", "items": {"type": "record", "name": "Range", "fields": [
+            {"name": "partition", "type": "int"}, {"name": "start", "type": "long"}, {"name": "end", "type": "long"}]}}},
+        {"name": "schema_ids", "type": {"type": "array", "items": "int"}},
+        {"name": "shards", "type": {"type": "array", "items": {"type": "record", "name": "Shard", "fields": [
+            {"name": "name", "type": "string"}, {"name": "sha256", "type": "string"}, {"name": "rows", "type": "long"}]}}},
+        {"name": "replay_of", "type": ["null", "string"], "default": None},
+    ],
+}
+CATALOG = Catalog.with_platform([*examples_catalog().schema_list("digits."), MANIFEST])
 TOPIC = "test.events"
 NAMES = CATALOG.names()
 
@@ -76,10 +90,9 @@ def sample(**changes: Any) -> dict[str, Any]:
 
 def snapshot(**changes: Any) -> dict[str, Any]:
     return {
-        "snapshot_id": "snap-1", "topic": "evp.events",
+        "snapshot_id": "snap-1",
         "ranges": [{"partition": 0, "start": 0, "end": 10}, {"partition": 1, "start": 0, "end": 4}],
-        "schema_ids": [1, 2], "transform": "digits", "transform_version": 1, "content_hash": "ab",
-        "record_count": 14, "sample_count": 12, "shards": [{"name": "s0", "sha256": "cd", "rows": 12}],
+        "schema_ids": [1, 2], "shards": [{"name": "s0", "sha256": "cd", "rows": 12}], "replay_of": None,
         **changes,
     }
 
@@ -116,20 +129,20 @@ def test_round_trip_every_event_type(codec: Codec, name: str, data: st.DataObjec
     assert encoded.event_type == name
     assert encoded.value[:1] == b"\x00"
     decoded = codec.decode(encoded.value)
-    assert decoded == DecodedValue(encoded.schema_id, name, with_defaults(schema, datum))
+    assert decoded == DecodedValue(encoded.schema_id, name, with_defaults(schema, datum), CATALOG.policy(name))
 
 
 def test_schemas_are_registered_under_topic_record_name_subjects(codec: Codec) -> None:
     first = codec.encode("SampleSubmitted", sample())
     other = codec.encode("SampleRetracted", {"sample_id": "s", "annotator_id": "a", "reason": "dup"})
-    registered = codec.registry.latest(f"{TOPIC}-evp.samples.SampleSubmitted")
+    registered = codec.registry.latest(f"{TOPIC}-digits.SampleSubmitted")
     assert registered is not None and registered.id == first.schema_id
     assert other.schema_id != first.schema_id
     assert codec.encode("SampleSubmitted", sample(label=1)).schema_id == first.schema_id
 
 
 def test_a_second_codec_decodes_by_id_from_the_shared_registry(codec: Codec) -> None:
-    encoded = codec.encode("SnapshotCreated", snapshot())
+    encoded = codec.encode("test.Manifest", snapshot())
     reader = Codec(SchemaRegistry(codec.registry._log), CATALOG, TOPIC)  # noqa: SLF001 - same log, new process
     assert reader.decode(encoded.value).datum == snapshot()
 
@@ -163,7 +176,7 @@ def test_encode_refuses_an_invalid_event_before_registering(codec: Codec) -> Non
     with pytest.raises(InvalidEvent) as caught:
         codec.encode("SampleSubmitted", sample(features=[0.0, "bright"]))
     assert caught.value.field == "features[1]"
-    assert caught.value.event_type == "evp.samples.SampleSubmitted"
+    assert caught.value.event_type == "digits.SampleSubmitted"
     assert codec.registry.latest(codec.subject("SampleSubmitted")) is None
 
 
@@ -252,17 +265,15 @@ def test_missing_field_with_default_is_valid() -> None:
     ({"schema_ids": [1, 2.5]}, "schema_ids[1]"),
 ])
 def test_nested_errors_carry_the_path(changes: dict[str, Any], field: str) -> None:
-    assert invalid("SnapshotCreated", snapshot(**changes)).field == field
+    assert invalid("test.Manifest", snapshot(**changes)).field == field
 
 
 def test_union_accepts_null_and_its_branch_only() -> None:
-    run = {"run_id": "r", "snapshot_id": "s", "config_json": "{}", "environment_json": "{}", "device": "cpu",
-           "weights_sha256": "00", "heldout_accuracy": 1}
-    schema = CATALOG.schema("TrainingRunRecorded")
-    validate("TrainingRunRecorded", schema, run)
-    validate("TrainingRunRecorded", schema, {**run, "replay_of": None})
-    validate("TrainingRunRecorded", schema, {**run, "replay_of": "r0"})
-    assert invalid("TrainingRunRecorded", {**run, "replay_of": 3}).field == "replay_of"
+    run = {k: v for k, v in snapshot().items() if k != "replay_of"}
+    validate("test.Manifest", MANIFEST, run)
+    validate("test.Manifest", MANIFEST, {**run, "replay_of": None})
+    validate("test.Manifest", MANIFEST, {**run, "replay_of": "r0"})
+    assert invalid("test.Manifest", {**run, "replay_of": 3}).field == "replay_of"
 
 
 def test_a_datum_that_is_not_a_record_is_refused_at_the_root() -> None:

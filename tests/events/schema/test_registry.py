@@ -12,6 +12,7 @@ import pytest
 from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource
 
+from tests.support.examples import catalog as examples_catalog
 from events.schema.catalog import Catalog
 from events.schema.codec import Codec
 from events.errors import IncompatibleSchema, SchemaError, ServiceUnavailable
@@ -346,10 +347,10 @@ def test_kafka_codec_values_decode_in_another_registry(kafka_topic: tuple[str, s
     writer_log, reader_log = KafkaSchemaLog(bootstrap, topic), KafkaSchemaLog(bootstrap, topic)
     try:
         datum = {"sample_id": "s", "annotator_id": "a", "features": [0.5] * 64, "label": 3, "source": "digits:0"}
-        encoded = Codec(SchemaRegistry(writer_log), Catalog.default(), "evp.events").encode("SampleSubmitted", datum)
-        decoded = Codec(SchemaRegistry(reader_log), Catalog.default(), "evp.events").decode(encoded.value)
+        encoded = Codec(SchemaRegistry(writer_log), examples_catalog(), "evp.events").encode("SampleSubmitted", datum)
+        decoded = Codec(SchemaRegistry(reader_log), examples_catalog(), "evp.events").decode(encoded.value)
         assert (decoded.schema_id, decoded.event_type, decoded.datum) == (
-            encoded.schema_id, "evp.samples.SampleSubmitted", datum)
+            encoded.schema_id, "digits.SampleSubmitted", datum)
     finally:
         writer_log.close()
         reader_log.close()

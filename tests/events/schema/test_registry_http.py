@@ -33,6 +33,7 @@ from events.errors import ServiceUnavailable
 from events.event import NO_STREAM, Event
 from events.schema.registry import KafkaSchemaLog, MemorySchemaLog, SchemaRegistry
 from events.schema.registry_http import CONTENT_TYPE, RegistryApi, RegistryHttpServer, serving
+from events.privacy.personal import open_fields
 from events.settings import Settings
 
 V1 = {"type": "record", "name": "Thing", "namespace": "t", "fields": [{"name": "a", "type": "string"}]}
@@ -108,7 +109,7 @@ def test_a_reader_that_only_speaks_http_decodes_what_the_sdk_wrote(store: EventS
         with serving(RegistryHttpServer(RegistryApi(SchemaRegistry(log)), "127.0.0.1", 0)) as server:
             status, by_id = call(f"{server.url}/schemas/ids/{schema_id}")
             _, owners = call(f"{server.url}/schemas/ids/{schema_id}/versions")
-            subject = f"{settings.events_topic}-evp.samples.AnnotatorRegistered"
+            subject = f"{settings.events_topic}-digits.AnnotatorRegistered"
             _, latest = call(f"{server.url}/subjects/{path(subject)}/versions/latest")
     finally:
         log.close()
@@ -119,7 +120,7 @@ def test_a_reader_that_only_speaks_http_decodes_what_the_sdk_wrote(store: EventS
     assert datum["annotator_id"] == "a1"
     for field, plaintext in (("name", "Xavier Quint"), ("email", "xq@example.org")):
         assert datum[field].startswith("evp1:") and plaintext not in datum[field]
-    opened = store.personal.open("evp.samples.AnnotatorRegistered", str(event.event_id), datum, store.keyring)
+    opened = open_fields(store.catalog.policy("AnnotatorRegistered"), str(event.event_id), datum, store.keyring)
     assert (opened["name"], opened["email"]) == ("Xavier Quint", "xq@example.org")  # the real ciphertext
     assert owners == [{"subject": subject, "version": 1}]
     assert latest == {"subject": subject, "version": 1, "id": schema_id, "schema": by_id["schema"]}

@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 from events.adapters import postgres
 from events.store.client import EventStore
 from events.errors import ConcurrencyError, EvpError, InvalidEvent, SchemaError, UniquenessViolation
+from events.ops.forget import forget_subject
+from events.privacy.personal import blind_index
 from events.event import ANY, NO_STREAM, Event, ExpectedVersion
 from events.store.ledger import MAX_EVENT_BYTES, Ledger
 from events.settings import Settings
@@ -275,15 +277,29 @@ def register(annotator_id: str, email: str) -> Event:
 
 
 def test_a_second_stream_reserving_the_same_email_is_refused_and_rolled_back(store: EventStore) -> None:
+    """``evp.unique`` on the email field: the SDK reserves its blind index with every append."""
     first, second = new_stream(), new_stream()
-    store.append(first, register(first, "ada@example.org"), NO_STREAM, reservations=[store.reserve_email("ada@example.org")])
+    store.append(first, register(first, "ada@example.org"), NO_STREAM)
     before = counts(store)
-    attempt = register(second, " Ada@Example.ORG")
+    attempt = register(second, " Ada@Example.ORG")  # the same email once normalised
     with pytest.raises(UniquenessViolation, match=first):
-        store.append(second, attempt, NO_STREAM, reservations=[store.reserve_email(" Ada@Example.ORG")])
+        store.append(second, attempt, NO_STREAM)
     assert counts(store) == before
     assert store.ledger.version(second) is None and store.ledger.event_by_id(attempt.event_id) is None
     # The holder may append under its own reservation again; once released, the other may take it.
-    store.append(first, register(first, "ada@example.org"), 1, reservations=[store.reserve_email("ada@example.org")])
-    assert store.ledger.release("email", store.reserve_email("ada@example.org").value, first)
-    assert store.append(second, attempt, NO_STREAM, reservations=[store.reserve_email("ada@example.org")]).last_version == 1
+    store.append(first, register(first, "ada@example.org"), 1)
+    index = blind_index(store.keyring, "annotator-email", "ada@example.org")
+    assert store.ledger.release("annotator-email", index, first)
+    assert store.append(second, attempt, NO_STREAM).last_version == 1
+
+
+def test_forgetting_a_subject_releases_only_that_subjects_reservations(store: EventStore) -> None:
+    team = new_stream()
+    store.append(team, [register("ann-a", "a@example.org"), register("ann-b", "b@example.org")], NO_STREAM)
+    assert store.ledger.reservations_of("ann-a") == 1 and store.ledger.reservations_of("ann-b") == 1
+    report = forget_subject(store, "ann-a", reason="test")
+    assert report.reservations == 1
+    assert store.ledger.reservations_of("ann-a") == 0 and store.ledger.reservations_of("ann-b") == 1
+    with pytest.raises(UniquenessViolation):  # b's email is still taken, on the same stream
+        store.append(new_stream(), register("ann-c", "b@example.org"), NO_STREAM)
+    store.append(new_stream(), register("ann-d", "a@example.org"), NO_STREAM)  # a's is free again
