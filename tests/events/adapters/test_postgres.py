@@ -1,0 +1,43 @@
+"""The PostgreSQL adapter: migrations under one lock, safe from any number of processes at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from events.adapters import postgres
+from events.settings import Settings
+
+# Each process waits for the same instant, then opens a store: ledger, keyring and topics
+# are all created concurrently on a database that has none of them.
+_OPEN_AT = """
+import sys, time
+from events.settings import Settings
+from events.store.client import EventStore
+start = float(sys.argv[1])
+time.sleep(max(0.0, start - time.time()))
+with EventStore.open(Settings.from_env()) as store:
+    print(store.ledger.version("nothing") is None)
+"""
+
+
+def test_four_processes_opening_a_store_on_a_fresh_database_all_succeed(settings: Settings) -> None:
+    start = time.time() + 3.0
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT, str(start)], env=settings.to_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [p.communicate(timeout=120) for p in procs]
+    for proc, (out, err) in zip(procs, results):
+        assert proc.returncode == 0, err
+        assert out.strip() == "True"
+    with postgres.connect(settings.database_url) as conn:
+        tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+    assert {"evp_events", "evp_outbox", "evp_streams", "evp_reservations", "evp_data_keys"} <= tables
+
+
+def test_migrating_twice_changes_nothing(settings: Settings) -> None:
+    with postgres.connect(settings.database_url, autocommit=True) as conn:
+        postgres.migrate(conn)
+        before = conn.execute("SELECT count(*) FROM pg_class").fetchone()
+        postgres.migrate(conn)
+        assert conn.execute("SELECT count(*) FROM pg_class").fetchone() == before
