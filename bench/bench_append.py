@@ -141,7 +141,7 @@ def measure_latency(store: EventStore, samples: int, rate: float) -> list[float]
     for tp in tps:
         reader.position(tp)
     stop = threading.Event()
-    relay = Relay(settings.database_url, settings.kafka, settings.events_topic, settings.partitions)
+    relay = Relay(settings)
     relay_thread = threading.Thread(target=relay.run, args=(stop,), daemon=True)
 
     def consume() -> None:

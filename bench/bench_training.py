@@ -5,7 +5,7 @@
 Both train the same model on the same digits (scikit-learn's bundled 1,797 images) with
 the same optimizer, batch size and epochs:
 
-- evp: ``trainer.training.train`` — deterministic algorithms, one pinned CPU thread,
+- evp: ``trainer.training.train`` with the digits example's ``MLP`` recipe — deterministic algorithms, one pinned CPU thread,
   rows sorted and split by a hash of their id, a seeded sampler, held-out evaluation;
   and once more with a checkpoint every 50 steps;
 - baseline: the loop people write first — tensors in memory, ``torch.randperm`` batches,
@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,24 +28,27 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from _support import timed  # noqa: E402  (also puts the repo on sys.path)
-from trainer.config import TrainConfig
-from trainer.data import Examples
+from events.project import Project
+from trainer.data import Column, Table
 from trainer.model import build_model
-from trainer.training import SGD_MOMENTUM, train
+from trainer.recipe import Recipe, load_recipe
+from trainer.training import train
 
 EPOCHS = {"small": 10, "large": 40}
+DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
 
 
-def digits() -> Examples:
+def digits() -> Table:
     data = load_digits()
-    return Examples(tuple(f"d{i:04d}" for i in range(len(data.target))), data.data.astype(np.float32),
-                    data.target.astype(np.int64))
+    return Table((Column("features", "float32", (64,)), Column("label", "int64")),
+                 tuple(f"d{i:04d}" for i in range(len(data.target))),
+                 {"features": data.data.astype(np.float32), "label": data.target.astype(np.int64)})
 
 
-def plain_loop(examples: Examples, config: TrainConfig) -> None:
-    model = build_model(config)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=SGD_MOMENTUM)
-    inputs, targets = torch.tensor(examples.features), torch.tensor(examples.labels)
+def plain_loop(recipe: Recipe[Any], table: Table, config: Any) -> None:
+    model = build_model(recipe, config, table)
+    optimizer = recipe.optimizer(config, model)
+    inputs, targets = torch.tensor(table["features"]), torch.tensor(table["label"])
     for _ in range(config.epochs):
         for batch in torch.randperm(len(targets)).split(config.batch_size):
             optimizer.zero_grad()
@@ -59,13 +63,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     group.add_argument("--large", dest="size", action="store_const", const="large")
     epochs = EPOCHS[parser.parse_args(argv).size or "small"]
     examples = digits()
-    config = TrainConfig(epochs=epochs, device="cpu")
-    train(examples, replace(config, epochs=1))  # warm-up: first deterministic call imports torch's compiler
+    recipe = load_recipe(Project.read(DIGITS), "mlp")  # the digits example's MLP
+    config = recipe.config(epochs=epochs, device="cpu")
+    train(recipe, examples, replace(config, epochs=1))  # warm-up: first deterministic call imports torch's compiler
     train_rows, _ = examples.split(config.holdout_percent)
-    baseline = timed(lambda: plain_loop(train_rows, config))
-    evp = timed(lambda: train(examples, config))
+    baseline = timed(lambda: plain_loop(recipe, train_rows, config))
+    evp = timed(lambda: train(recipe, examples, config))
     with tempfile.TemporaryDirectory() as folder:
-        checkpointed = timed(lambda: train(examples, replace(config, checkpoint_every=50),
+        checkpointed = timed(lambda: train(recipe, examples, replace(config, checkpoint_every=50),
                                            checkpoint_path=Path(folder) / "run.pt"))
     steps = epochs * -(-len(train_rows) // config.batch_size)
     print(f"training on the digits, {epochs} epochs, {steps} steps of {config.batch_size}, CPU")

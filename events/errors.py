@@ -1,8 +1,9 @@
 """One error tree for evp.
 
-Every failure evp raises on purpose derives from :class:`EvpError`. Driver errors
-(kafka-python, psycopg) are translated once, at the adapter boundary, with
-``raise ... from err`` so that callers never catch a third-party exception.
+Every failure evp raises on purpose derives from :class:`EvpError`; those worth trying
+again derive from :class:`Retryable`. Driver errors (kafka-python, psycopg) are translated
+once, at the adapter boundary, with ``raise ... from err`` so that callers never catch a
+third-party exception.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ class ConfigurationError(EvpError):
     """A setting is missing or malformed."""
 
 
-class ServiceUnavailable(EvpError):
+class Retryable(EvpError):
+    """A failure that may pass when the same call is made again: a service restarting, a
+    lost connection, a leader moving. :mod:`events.adapters.retry` retries exactly these;
+    every other :class:`EvpError` is a verdict, and retrying it would only repeat it."""
+
+
+class ServiceUnavailable(Retryable):
     """Kafka or PostgreSQL cannot be reached; the message names which and where."""
 
     def __init__(self, service: str, target: str, reason: str) -> None:

@@ -122,7 +122,7 @@ class Checkpoint:
         missing = sorted(_FIELDS - set(payload))
         if missing:
             raise IntegrityError(f"checkpoint {path} lacks field(s) {missing}")
-        differences = TrainConfig.from_json(payload["config_json"]).differences(config)
+        differences = type(config).from_json(payload["config_json"]).differences(config)
         if differences:
             shown = ", ".join(f"{name}: checkpoint {old!r}, now {new!r}" for name, (old, new) in differences.items())
             raise ConfigurationError(f"checkpoint {path} was written with a different config ({shown})")

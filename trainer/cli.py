@@ -1,14 +1,18 @@
-"""``evp snapshot create|verify``, ``evp train``, ``evp replay training``."""
+"""``evp snapshot create|verify``, ``evp train``, ``evp replay training``.
+
+Each command needs a project (``evp.toml`` here or ``EVP_PROJECT``): datasets and recipes
+are the project's.
+"""
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
+import json
 
 from events.cli.common import print_json
-from events.store.client import EventStore
+from events.project import require_project
 from events.settings import Settings
-from trainer.config import TrainConfig
+from events.store.client import EventStore
 from trainer.progress import bar, step_bar
 
 # trainer.runs and trainer.snapshot import torch and numpy: they are imported inside the
@@ -16,47 +20,65 @@ from trainer.progress import bar, step_bar
 
 
 def _create(args: argparse.Namespace, settings: Settings) -> int:
-    from trainer.snapshot import create_snapshot
+    from trainer.snapshot import create_snapshot, load_dataset
 
+    project = require_project(settings, "evp snapshot create")
+    dataset = load_dataset(project, args.dataset)
     with EventStore.open(settings) as store, bar("reading events", unit="rec") as advance:
-        manifest = create_snapshot(store, advance)
+        manifest = create_snapshot(store, dataset, advance)
     if args.json:
-        print_json(asdict(manifest))
+        print_json(manifest.to_event())
     else:
-        print(f"snapshot {manifest.snapshot_id}: {manifest.sample_count} samples from {manifest.record_count} records, "
-              f"content hash {manifest.content_hash}")
+        print(f"snapshot {manifest.snapshot_id}: dataset {manifest.dataset} v{manifest.dataset_version}, "
+              f"{manifest.row_count} rows from {manifest.record_count} records, content hash {manifest.content_hash}")
     return 0
 
 
 def _verify(args: argparse.Namespace, settings: Settings) -> int:
     from trainer.snapshot import verify_snapshot
 
+    project = require_project(settings, "evp snapshot verify")
     with EventStore.open(settings) as store, bar("re-reading events", unit="rec") as advance:
-        result = verify_snapshot(store, args.snapshot_id, advance)
+        result = verify_snapshot(store, args.snapshot_id, project, advance)
     print(f"snapshot {result.snapshot_id}: verified ({result.records_read} records re-read, "
           f"{result.shards_checked} shards checked, content hash {result.content_hash})")
     return 0
 
 
 def _train(args: argparse.Namespace, settings: Settings) -> int:
+    from trainer.recipe import load_recipe
     from trainer.runs import train_snapshot
 
-    config = TrainConfig(seed=args.seed, epochs=args.epochs, device=args.device)
+    project = require_project(settings, "evp train")
+    recipe = load_recipe(project, args.recipe)
+    config = recipe.parse_config(args.set)
     with EventStore.open(settings) as store, step_bar("training") as progress:
-        record = train_snapshot(store, args.snapshot, config, progress=progress)
-    print(f"run {record.run_id}: held-out accuracy {record.heldout_accuracy:.4f} on {record.device}, "
-          f"weights sha256 {record.weights_sha256}")
+        record = train_snapshot(store, project, recipe, args.snapshot, config, progress=progress)
+    if args.json:
+        print_json({**record.to_event(), "environment": record.environment})
+    else:
+        metrics = ", ".join(f"{name} {value:.4f}" for name, value in record.metrics.items())
+        print(f"run {record.run_id}: {metrics} on {record.device}, weights sha256 {record.weights_sha256}")
     return 0
 
 
 def _replay(args: argparse.Namespace, settings: Settings) -> int:
     from trainer.runs import replay_run
 
+    project = require_project(settings, "evp replay training")
     with EventStore.open(settings) as store, step_bar("replaying") as progress:
-        outcome = replay_run(store, args.run_id, progress=progress)
-    verdict = "identical" if outcome.identical else "DIFFERENT"
-    print(f"replay {outcome.replay.run_id} of {args.run_id}: weights {verdict} "
-          f"({outcome.original.weights_sha256[:16]}… vs {outcome.replay.weights_sha256[:16]}…)")
+        outcome = replay_run(store, project, args.run_id, allow_code_change=args.allow_code_change,
+                             progress=progress)
+    differences = outcome.differences()
+    if args.json:
+        print(json.dumps({"run_id": args.run_id, "replay_id": outcome.replay.run_id, "identical": outcome.identical,
+                          "differences": differences}, indent=2, sort_keys=True))
+    elif outcome.identical:
+        print(f"replay {outcome.replay.run_id} of {args.run_id}: weights identical ({outcome.replay.weights_sha256})")
+    else:
+        print(f"replay {outcome.replay.run_id} of {args.run_id}: weights DIFFERENT")
+    for line in differences if not args.json else ():
+        print(f"  differs: {line}")
     if not outcome.identical and outcome.original.environment != outcome.replay.environment:
         print("note: the software or device differs from the original run; exactness holds only within one of each")
     return 0 if outcome.identical else 1
@@ -65,21 +87,22 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
 def register_snapshot(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser("snapshot", help="create or verify a versioned dataset snapshot")
     group = parser.add_subparsers(dest="snapshot_command", metavar="ACTION", required=True)
-    create = group.add_parser("create", help="pin the topic's offsets and materialize shards")
+    create = group.add_parser("create", help="pin the topic's offsets, fold a dataset, write shards")
+    create.add_argument("--dataset", required=True, help="a dataset of the project (evp.toml name or module:attr)")
     create.add_argument("--json", action="store_true")
     create.set_defaults(func=_create)
-    verify = group.add_parser("verify", help="re-read Kafka and check the content hash and shards")
+    verify = group.add_parser("verify", help="re-read Kafka and check the content hash and every shard")
     verify.add_argument("snapshot_id")
     verify.set_defaults(func=_verify)
 
 
 def register_train(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = subparsers.add_parser("train", help="train the model on a snapshot and record the run")
+    parser = subparsers.add_parser("train", help="train a recipe on a snapshot and record the run")
+    parser.add_argument("--recipe", required=True, help="a recipe of the project (evp.toml name or module:attr)")
     parser.add_argument("--snapshot", required=True)
-    defaults = TrainConfig()
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--device", default=defaults.device, help="auto (cuda when present), cpu or cuda")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change one field of the recipe's config (repeatable), e.g. --set epochs=5")
+    parser.add_argument("--json", action="store_true")
     parser.set_defaults(func=_train)
 
 
@@ -88,16 +111,7 @@ def register_replay(subparsers: argparse._SubParsersAction) -> None:  # type: ig
     group = parser.add_subparsers(dest="replay_command", metavar="WHAT", required=True)
     training = group.add_parser("training", help="re-train a run and compare the weights bit for bit")
     training.add_argument("run_id")
+    training.add_argument("--allow-code-change", action="store_true",
+                          help="replay even if the recipe's or dataset's source changed since the run")
+    training.add_argument("--json", action="store_true")
     training.set_defaults(func=_replay)
-
-
-def _demo(args: argparse.Namespace, settings: Settings) -> int:
-    from trainer.demo import run_demo
-
-    return run_demo(settings, args.epochs)
-
-
-def register_demo(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = subparsers.add_parser("demo", help="run the whole platform end to end on the bundled digits")
-    parser.add_argument("--epochs", type=int, default=TrainConfig().epochs)
-    parser.set_defaults(func=_demo)

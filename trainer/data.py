@@ -1,72 +1,162 @@
-"""Training examples as plain arrays, their held-out split, and the order they are seen in.
+"""Rows as plain arrays, described by their columns; their held-out split; the order they are seen in.
 
-The examples arrive already materialized (from a snapshot's shards); nothing here knows
-about Kafka. Features are the raw 0..16 pixel intensities of the 8×8 digits; the model
-scales them to 0..1 itself (:class:`trainer.model.ScaleFeatures`), so every consumer of a
-trained model feeds it the same raw values the snapshot holds.
+A :class:`Table` is what a snapshot materializes and what training reads: one array per
+column, one row per row id, rows in row-id order. Nothing here knows about Kafka or about
+any domain; a dataset declares its :class:`Column` s and the table checks every row
+against them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from events.errors import IntegrityError, InvalidDataset
 
-FEATURES = 64  #: 8×8 pixels
-CLASSES = 10  #: digits 0..9
-FEATURE_MAX = 16.0  #: the largest pixel intensity in the digits data
+#: Column dtypes a dataset may declare: fixed-size numbers, stored little endian.
+DTYPES = ("bool", "uint8", "int32", "int64", "float32", "float64")
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column: its name, its numpy dtype (one of :data:`DTYPES`) and the shape of one row's value.
+
+    ``shape=()`` is a scalar per row (a label), ``(30,)`` a vector of 30, ``(8, 8)`` a matrix.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise InvalidDataset("columns", f"column name {self.name!r} must be a Python identifier")
+        if self.dtype not in DTYPES:
+            raise InvalidDataset(f"columns.{self.name}", f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        shape = tuple(self.shape)
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape):
+            raise InvalidDataset(f"columns.{self.name}", f"shape {self.shape!r} must be positive whole numbers")
+        object.__setattr__(self, "shape", shape)
+
+    @property
+    def numpy_dtype(self) -> np.dtype[Any]:
+        """The little-endian dtype the column is stored and hashed in."""
+        return np.dtype(self.dtype).newbyteorder("<")
+
+    def describe(self) -> dict[str, Any]:
+        """Plain JSON form (what shards, snapshots and hashes carry)."""
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_description(cls, body: Mapping[str, Any]) -> Column:
+        return cls(str(body["name"]), str(body["dtype"]), tuple(int(n) for n in body["shape"]))
+
+    def coerce(self, value: object, where: str) -> np.ndarray:
+        """``value`` as one row's array of this column; InvalidDataset naming ``where`` and the column."""
+        try:
+            array = np.asarray(value, dtype=self.numpy_dtype)
+        except (TypeError, ValueError) as err:
+            raise InvalidDataset(self.name, f"{where}: {value!r:.60} is not {self.dtype}: {err}") from err
+        if array.shape != self.shape:
+            raise InvalidDataset(self.name, f"{where}: shape must be {self.shape}, got {array.shape}")
+        if self.dtype != "bool" and np.issubdtype(array.dtype, np.integer):
+            original = np.asarray(value)
+            if original.dtype.kind == "f" and not np.array_equal(original, array):
+                raise InvalidDataset(self.name, f"{where}: {value!r:.60} is not a whole number")
+        return array
 
 
 @dataclass(frozen=True, eq=False)
-class Examples:
-    """Labelled examples, one row per sample id. Arrays are copied and made read-only."""
+class Table:
+    """Rows with ids, one read-only array per column (``[N, *column.shape]``).
 
-    sample_ids: tuple[str, ...]
-    features: np.ndarray  # float32 [N, 64], values 0..16
-    labels: np.ndarray  # int64 [N], values 0..9
+    ``row_ids`` are unique, non-empty strings. Arrays are copied and made read-only.
+    """
+
+    columns: tuple[Column, ...]
+    row_ids: tuple[str, ...]
+    arrays: Mapping[str, np.ndarray]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sample_ids", _checked_ids(self.sample_ids))
-        count = len(self.sample_ids)
-        object.__setattr__(self, "features", _checked_features(self.features, count))
-        object.__setattr__(self, "labels", _checked_labels(self.labels, count))
+        columns = tuple(self.columns)
+        names = [c.name for c in columns]
+        if not columns or len(set(names)) != len(names):
+            raise InvalidDataset("columns", f"need at least one column and unique names, got {names}")
+        object.__setattr__(self, "columns", columns)
+        object.__setattr__(self, "row_ids", _checked_ids(self.row_ids))
+        if set(self.arrays) != set(names):
+            raise InvalidDataset("columns", f"arrays {sorted(self.arrays)} do not match the columns {names}")
+        count = len(self.row_ids)
+        arrays: dict[str, np.ndarray] = {}
+        for column in columns:
+            array = self.arrays[column.name]
+            if not isinstance(array, np.ndarray) or array.dtype != np.dtype(column.dtype):
+                raise InvalidDataset(column.name, f"must be a {column.dtype} numpy array, got {_describe(array)}")
+            if array.shape != (count, *column.shape):
+                raise InvalidDataset(column.name, f"shape must be {(count, *column.shape)}, got {array.shape}")
+            arrays[column.name] = _frozen(array)
+        object.__setattr__(self, "arrays", arrays)
 
     def __len__(self) -> int:
-        return len(self.sample_ids)
+        return len(self.row_ids)
 
-    def select(self, rows: Sequence[int] | np.ndarray) -> Examples:
+    def __getitem__(self, column: str) -> np.ndarray:
+        try:
+            return self.arrays[column]
+        except KeyError:
+            raise InvalidDataset(column, f"no such column; the table has {[c.name for c in self.columns]}") from None
+
+    def column(self, name: str) -> Column:
+        for column in self.columns:
+            if column.name == name:
+                return column
+        raise InvalidDataset(name, f"no such column; the table has {[c.name for c in self.columns]}")
+
+    @classmethod
+    def empty(cls, columns: Sequence[Column]) -> Table:
+        return cls(tuple(columns), (), {c.name: np.zeros((0, *c.shape), c.dtype) for c in columns})
+
+    @classmethod
+    def concat(cls, columns: Sequence[Column], parts: Sequence[Table]) -> Table:
+        if not parts:
+            return cls.empty(columns)
+        return cls(tuple(columns), tuple(i for p in parts for i in p.row_ids),
+                   {c.name: np.concatenate([p.arrays[c.name] for p in parts]) for c in columns})
+
+    def select(self, rows: Sequence[int] | np.ndarray) -> Table:
         """The given rows, in the given order."""
         index = np.asarray(rows, dtype=np.int64)
-        return Examples(tuple(self.sample_ids[i] for i in index), self.features[index], self.labels[index])
+        return Table(self.columns, tuple(self.row_ids[i] for i in index),
+                     {name: array[index] for name, array in self.arrays.items()})
 
-    def sorted_by_id(self) -> Examples:
-        """Rows in sample-id order, so the order the input arrived in never reaches training."""
-        return self.select(sorted(range(len(self)), key=self.sample_ids.__getitem__))
+    def sorted_by_id(self) -> Table:
+        """Rows in row-id order, so the order the input arrived in never reaches training."""
+        return self.select(sorted(range(len(self)), key=self.row_ids.__getitem__))
 
-    def split(self, holdout_percent: int) -> tuple[Examples, Examples]:
-        """(train, held out), each sorted by sample id.
+    def split(self, holdout_percent: int) -> tuple[Table, Table]:
+        """(train, held out), each sorted by row id.
 
-        A sample is held out when :func:`holdout_bucket` of its id is below
+        A row is held out when :func:`holdout_bucket` of its id is below
         ``holdout_percent``: the split depends on the id alone, not on row order, the seed
-        or which other samples exist, so a sample keeps its side as the dataset grows.
+        or which other rows exist, so a row keeps its side as the dataset grows.
         """
         if not 0 <= holdout_percent <= 100:
             raise InvalidDataset("holdout_percent", f"must be between 0 and 100, got {holdout_percent}")
         ordered = self.sorted_by_id()
-        held = np.array([holdout_bucket(sample_id) < holdout_percent for sample_id in ordered.sample_ids], dtype=bool)
+        held = np.array([holdout_bucket(row_id) < holdout_percent for row_id in ordered.row_ids], dtype=bool)
         rows = np.arange(len(ordered))
         return ordered.select(rows[~held]), ordered.select(rows[held])
 
 
-def holdout_bucket(sample_id: str) -> int:
+def holdout_bucket(row_id: str) -> int:
     """0..99 from SHA-256 of the id: stable across processes, unlike Python's salted hash()."""
-    digest = hashlib.sha256(sample_id.encode("utf-8")).digest()
+    digest = hashlib.sha256(row_id.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % 100
 
 
@@ -80,10 +170,10 @@ class EpochSampler:
 
     Why not a ``DataLoader``: its workers carry their own RNG streams and prefetch
     batches ahead of the training position, so an exact resume would have to capture
-    in-flight queues. The whole dataset already sits on the device as one tensor, so
-    indexing is all a loader would do. Here the complete iterator state is (generator
-    state, epoch, step, permutation), and a checkpoint holds exactly that. The generator
-    lives on the CPU so the batch order is the same on every device type.
+    in-flight queues. The whole dataset already sits on the device as one tensor per
+    column, so indexing is all a loader would do. Here the complete iterator state is
+    (generator state, epoch, step, permutation), and a checkpoint holds exactly that. The
+    generator lives on the CPU so the batch order is the same on every device type.
     """
 
     def __init__(self, size: int, batch_size: int, seed: int) -> None:
@@ -121,42 +211,17 @@ class EpochSampler:
         self.permutation = None if permutation is None else permutation.clone()
 
 
-def _checked_ids(sample_ids: object) -> tuple[str, ...]:
-    if isinstance(sample_ids, str) or not isinstance(sample_ids, (tuple, list)):
-        raise InvalidDataset("sample_ids", f"must be a tuple of strings, got {type(sample_ids).__name__}")
+def _checked_ids(row_ids: object) -> tuple[str, ...]:
+    if isinstance(row_ids, str) or not isinstance(row_ids, (tuple, list)):
+        raise InvalidDataset("row_ids", f"must be a tuple of strings, got {type(row_ids).__name__}")
     seen: set[str] = set()
-    for row, sample_id in enumerate(sample_ids):
-        if not isinstance(sample_id, str) or not sample_id:
-            raise InvalidDataset("sample_ids", f"row {row} is {sample_id!r}, not a non-empty string")
-        if sample_id in seen:
-            raise InvalidDataset("sample_ids", f"sample id {sample_id!r} is duplicated (again at row {row})")
-        seen.add(sample_id)
-    return tuple(sample_ids)
-
-
-def _checked_features(features: object, count: int) -> np.ndarray:
-    if not isinstance(features, np.ndarray) or features.dtype != np.float32:
-        raise InvalidDataset("features", f"must be a float32 numpy array, got {_describe(features)}")
-    if features.shape != (count, FEATURES):
-        raise InvalidDataset("features", f"shape must be ({count}, {FEATURES}), got {features.shape}")
-    bad = ~np.isfinite(features) | (features < 0) | (features > FEATURE_MAX)
-    if bad.any():
-        row, column = (int(i) for i in np.argwhere(bad)[0])
-        value = features[row, column]
-        raise InvalidDataset("features", f"row {row} column {column} is {value}, outside 0..{FEATURE_MAX:g}")
-    return _frozen(features)
-
-
-def _checked_labels(labels: object, count: int) -> np.ndarray:
-    if not isinstance(labels, np.ndarray) or labels.dtype != np.int64:
-        raise InvalidDataset("labels", f"must be an int64 numpy array, got {_describe(labels)}")
-    if labels.shape != (count,):
-        raise InvalidDataset("labels", f"shape must be ({count},), got {labels.shape}")
-    bad = (labels < 0) | (labels >= CLASSES)
-    if bad.any():
-        row = int(np.argmax(bad))
-        raise InvalidDataset("labels", f"row {row} has label {labels[row]}, outside 0..{CLASSES - 1}")
-    return _frozen(labels)
+    for row, row_id in enumerate(row_ids):
+        if not isinstance(row_id, str) or not row_id:
+            raise InvalidDataset("row_ids", f"row {row} is {row_id!r}, not a non-empty string")
+        if row_id in seen:
+            raise InvalidDataset("row_ids", f"row id {row_id!r} is duplicated (again at row {row})")
+        seen.add(row_id)
+    return tuple(row_ids)
 
 
 def _frozen(array: np.ndarray) -> np.ndarray:

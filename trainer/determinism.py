@@ -27,6 +27,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.utils.deterministic  # noqa: E402  (a submodule `import torch` may not load)
 
 from events.errors import ConfigurationError  # noqa: E402
 from trainer.config import check_device_name  # noqa: E402
@@ -45,6 +46,12 @@ def make_deterministic(seed: int) -> None:
     # Raise on any op that has no deterministic implementation instead of silently
     # running a nondeterministic one (scatter_add on CUDA, some index_put paths, ...).
     torch.use_deterministic_algorithms(True)
+    # With deterministic algorithms on, torch also fills every new uninitialized tensor
+    # (torch.empty, resized outputs) with NaN or the largest integer, so that a kernel that
+    # reads memory it never wrote fails loudly. That costs a write per allocation and buys
+    # no exactness: a correct kernel overwrites every element, and our results are compared
+    # by weights hash anyway. Turn it off for speed.
+    torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
     # cuDNN: no autotuner (it may pick different kernels from run to run) and only
     # deterministic convolution algorithms.
     torch.backends.cudnn.benchmark = False
@@ -110,7 +117,7 @@ def environment(device: torch.device | None = None) -> dict[str, Any]:
         "device_type": device.type,
         "device_name": torch.cuda.get_device_name(device) if on_cuda else (platform.processor() or platform.machine()),
         "cuda": torch.version.cuda or "",
-        "cudnn": str(torch.backends.cudnn.version() or "") if on_cuda else "",
+        "cudnn": str(torch.backends.cudnn.version() or "") if on_cuda else "",  # type: ignore[no-untyped-call]
         # CPU kernels may split reductions by thread count, so it is part of the record.
         "torch_threads": torch.get_num_threads(),
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),

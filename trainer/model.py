@@ -1,4 +1,4 @@
-"""The model: a small MLP over the 64 raw pixel intensities, and a hash of its weights.
+"""Building a recipe's model reproducibly, and the hash of its weights.
 
 The weights hash is what a replay compares: two runs agree when their hashes agree.
 """
@@ -7,42 +7,29 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
+from events.errors import ConfigurationError
 from trainer.config import TrainConfig
-from trainer.data import CLASSES, FEATURE_MAX, FEATURES
+from trainer.data import Table
+from trainer.recipe import Recipe
 
 
-class ScaleFeatures(nn.Module):
-    """Divides the raw 0..16 intensities by 16, inside the model.
-
-    Keeping the scaling in the model (not in the data pipeline) means the snapshot's
-    values go in unchanged, at training and at inference alike. Division by a power of
-    two is exact in floating point. It has no state, so it adds nothing to the weights.
-    """
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features / FEATURE_MAX
-
-
-def build_model(config: TrainConfig) -> nn.Sequential:
-    """64 -> hidden -> hidden -> 10 logits, initialized from ``config.seed`` alone.
+def build_model(recipe: Recipe[Any], config: TrainConfig, train: Table) -> nn.Module:
+    """The recipe's model, initialized from ``config.seed`` alone.
 
     Built on the CPU under a private copy of torch's RNG, so the initial weights are the
     same whatever ran before and whichever device the model moves to afterwards.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return nn.Sequential(
-            ScaleFeatures(),
-            nn.Linear(FEATURES, config.hidden),
-            nn.ReLU(),
-            nn.Linear(config.hidden, config.hidden),
-            nn.ReLU(),
-            nn.Linear(config.hidden, CLASSES),
-        )
+        model = recipe.model(config, train)
+    if not isinstance(model, nn.Module):
+        raise ConfigurationError(f"{type(recipe).__qualname__}.model must return a torch.nn.Module, got {model!r:.60}")
+    return model
 
 
 def weights_sha256(weights: nn.Module | Mapping[str, torch.Tensor]) -> str:
@@ -50,7 +37,7 @@ def weights_sha256(weights: nn.Module | Mapping[str, torch.Tensor]) -> str:
 
     Tensors are taken in name order; each contributes its name, dtype, shape and the raw
     bytes of a contiguous CPU copy, every part length-prefixed so no two different state
-    dicts can produce the same byte stream.
+    dicts can produce the same byte stream. Buffers (statistics a model keeps) count.
     """
     state = weights.state_dict() if isinstance(weights, nn.Module) else weights
     digest = hashlib.sha256()

@@ -1,27 +1,36 @@
-"""Materialized snapshot shards: a small, deterministic binary format with its own hash.
+"""Materialized snapshot shards: a small, deterministic, self-describing binary format.
 
-A shard is ``MAGIC | u32 header length | JSON header | float32 features | int64 labels``,
-little endian. The same rows always give the same bytes (no timestamps, unlike ``.npz``
-zip members), so a shard's sha256 can be recorded in the snapshot and re-checked anywhere,
-for example on a GPU machine that has no access to Kafka.
+A shard is, little endian::
+
+    MAGIC | u32 header length | JSON header | column 0 bytes | column 1 bytes | ...
+
+The header (canonical JSON: sorted keys, no whitespace) holds the format version, the
+columns (name, dtype, shape), the row count and the row ids; then each column follows as
+one C-ordered little-endian array ``[rows, *shape]``, in header order. The same rows always
+give the same bytes (no timestamps, unlike ``.npz`` zip members), so a shard's sha256 can
+be recorded in the snapshot and re-checked anywhere, for example on a GPU machine that has
+no access to Kafka; and a shard can be read without the dataset's code.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from events.errors import IntegrityError
 from events.adapters.files import write_bytes_atomically
-from trainer.data import Examples
+from events.errors import IntegrityError
+from trainer.data import Column, Table
 
-MAGIC = b"EVPSHRD1"
-FEATURES = 64
+MAGIC = b"EVPSHRD2"
+FORMAT = 2
+ROWS_PER_SHARD = 1024
 
 
 @dataclass(frozen=True)
@@ -31,40 +40,52 @@ class ShardInfo:
     rows: int
 
 
-def encode_shard(examples: Examples) -> bytes:
-    header = json.dumps({"rows": len(examples), "features": FEATURES, "sample_ids": list(examples.sample_ids)},
-                        separators=(",", ":")).encode()
-    features = np.ascontiguousarray(examples.features, dtype="<f4").tobytes()
-    labels = np.ascontiguousarray(examples.labels, dtype="<i8").tobytes()
-    return MAGIC + struct.pack("<I", len(header)) + header + features + labels
+def encode_shard(table: Table) -> bytes:
+    """The shard bytes of ``table`` (already in canonical order)."""
+    header = json.dumps(
+        {"format": FORMAT, "columns": [c.describe() for c in table.columns], "rows": len(table),
+         "row_ids": list(table.row_ids)},
+        sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+    ).encode()
+    body = b"".join(np.ascontiguousarray(table[c.name], dtype=c.numpy_dtype).tobytes() for c in table.columns)
+    return MAGIC + struct.pack("<I", len(header)) + header + body
 
 
-def decode_shard(blob: bytes, name: str = "shard") -> Examples:
+def decode_shard(blob: bytes, name: str = "shard") -> Table:
+    """Parse a shard using only its own header; IntegrityError naming the shard on any flaw."""
     if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + 4:
-        raise IntegrityError(f"{name}: not an evp shard (bad magic)")
+        raise IntegrityError(f"{name}: not an evp shard of format {FORMAT} (bad magic)")
     (length,) = struct.unpack_from("<I", blob, len(MAGIC))
     start = len(MAGIC) + 4
     try:
         header = json.loads(blob[start : start + length])
         rows = int(header["rows"])
-        ids = tuple(header["sample_ids"])
+        ids = tuple(header["row_ids"])
+        columns = tuple(Column.from_description(c) for c in header["columns"])
     except (ValueError, KeyError, TypeError) as err:
         raise IntegrityError(f"{name}: unreadable shard header: {err}") from err
-    body = start + length
-    feature_bytes = rows * FEATURES * 4
-    if len(blob) != body + feature_bytes + rows * 8:
+    offset = start + length
+    sizes = [rows * math.prod(c.shape) * c.numpy_dtype.itemsize for c in columns]
+    if len(blob) != offset + sum(sizes):
         raise IntegrityError(f"{name}: truncated or padded shard ({len(blob)} bytes for {rows} rows)")
-    features = np.frombuffer(blob, dtype="<f4", count=rows * FEATURES, offset=body).reshape(rows, FEATURES)
-    labels = np.frombuffer(blob, dtype="<i8", count=rows, offset=body + feature_bytes)
-    return Examples(ids, features.astype(np.float32), labels.astype(np.int64))
+    arrays: dict[str, np.ndarray] = {}
+    for column, size in zip(columns, sizes):
+        flat = np.frombuffer(blob, dtype=column.numpy_dtype, count=rows * math.prod(column.shape), offset=offset)
+        arrays[column.name] = flat.reshape(rows, *column.shape).astype(column.dtype)
+        offset += size
+    return Table(columns, ids, arrays)
 
 
-def write_shards(examples: Examples, folder: Path, rows_per_shard: int = 1024) -> list[ShardInfo]:
-    """Write ``examples`` (already in canonical order) as numbered shards; atomic per file."""
+def write_shards(table: Table, folder: Path, rows_per_shard: int = ROWS_PER_SHARD) -> list[ShardInfo]:
+    """Write ``table`` (already in canonical order) as numbered shards; atomic per file.
+
+    An empty table still gets one (empty) shard, so every snapshot has at least one file
+    whose hash describes its columns.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     infos: list[ShardInfo] = []
-    for index, start in enumerate(range(0, max(len(examples), 1), rows_per_shard)):
-        part = examples.select(np.arange(start, min(start + rows_per_shard, len(examples))))
+    for index, start in enumerate(range(0, max(len(table), 1), rows_per_shard)):
+        part = table.select(np.arange(start, min(start + rows_per_shard, len(table))))
         blob = encode_shard(part)
         name = f"shard-{index:05d}.bin"
         write_bytes_atomically(folder / name, blob)
@@ -72,9 +93,14 @@ def write_shards(examples: Examples, folder: Path, rows_per_shard: int = 1024) -
     return infos
 
 
-def read_shards(folder: Path, infos: list[ShardInfo]) -> Examples:
-    """Read and verify shards against their recorded hashes; refuse any mismatch."""
-    parts: list[Examples] = []
+def read_shards(folder: Path, infos: Sequence[ShardInfo], columns: Sequence[Column]) -> Table:
+    """Read and verify shards against their recorded hashes and columns; refuse any mismatch.
+
+    1. every listed shard must exist (a missing one is an IntegrityError, never skipped);
+    2. its sha256 must equal the recorded one;
+    3. its header must describe exactly ``columns`` and its row count the recorded one.
+    """
+    parts: list[Table] = []
     for info in infos:
         path = folder / info.name
         if not path.is_file():
@@ -83,15 +109,9 @@ def read_shards(folder: Path, infos: list[ShardInfo]) -> Examples:
         digest = hashlib.sha256(blob).hexdigest()
         if digest != info.sha256:
             raise IntegrityError(f"shard {path} has sha256 {digest[:16]}…, the snapshot recorded {info.sha256[:16]}…")
-        parts.append(decode_shard(blob, str(path)))
-    return concat(parts)
-
-
-def concat(parts: list[Examples]) -> Examples:
-    if not parts:
-        return Examples((), np.zeros((0, FEATURES), np.float32), np.zeros((0,), np.int64))
-    return Examples(
-        tuple(i for p in parts for i in p.sample_ids),
-        np.concatenate([p.features for p in parts]).astype(np.float32),
-        np.concatenate([p.labels for p in parts]).astype(np.int64),
-    )
+        part = decode_shard(blob, str(path))
+        if part.columns != tuple(columns) or len(part) != info.rows:
+            raise IntegrityError(f"shard {path} describes {len(part)} rows of {[c.describe() for c in part.columns]}, "
+                                 f"the snapshot recorded {info.rows} of {[c.describe() for c in columns]}")
+        parts.append(part)
+    return Table.concat(columns, parts)

@@ -1,118 +1,131 @@
-"""Dataset snapshots: a promise about exactly which events a dataset came from.
+"""Dataset snapshots: a promise about exactly which events a dataset's rows came from.
 
-Creating a snapshot:
+Creating a snapshot of a dataset (:func:`create_snapshot`):
 
-1. publish the outbox (so everything appended so far is on the topic);
+1. publish the outbox, so everything appended so far is on the topic;
 2. pin, per partition, the offset range ``[0, end)`` to read;
-3. read exactly those records, drop relay duplicates, fold them with the transform;
-4. hash the folded rows (the content hash) and write them as shards with their own hashes;
-5. record the manifest locally and as a ``SnapshotCreated`` event.
+3. read exactly those records, drop relay duplicates, open personal fields of the records
+   the dataset handles, and fold them with the dataset's handlers
+   (:mod:`trainer.dataset`);
+4. hash ``(name, version, row id, columns, rows)`` (the content hash) and write the rows as
+   self-describing shards, each with its own sha256;
+5. record the manifest locally (``manifest.json`` beside the shards) and as a
+   ``SnapshotCreated`` event in stream ``snapshot-<id>``.
 
-Verifying re-reads the pinned ranges from Kafka, folds again and compares the content hash,
-then checks every shard's hash: a snapshot that verifies is byte-for-byte what was trained on.
+Verifying (:func:`verify_snapshot`) re-reads the pinned ranges from Kafka, folds again with
+the dataset's current code (refusing a changed name or version), compares the content hash,
+then checks every shard's presence, hash and columns: a snapshot that verifies is
+byte-for-byte what was trained on. :func:`check_shards` does the shard half alone, from
+the local manifest, on a machine without Kafka.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from events.store.client import EventStore
-from events.errors import IntegrityError, NotFound
-from events.event import Event
 from events.adapters.files import write_bytes_atomically
+from events.errors import ConfigurationError, IntegrityError, InvalidDataset, NotFound
+from events.event import Event
 from events.ids import uuid7
-from events.store.log import BadRecord, Deduplicator, LogRecord, end_offsets, read_range
-from trainer.data import Examples
-from trainer.shards import FEATURES, ShardInfo, read_shards, write_shards
+from events.project import Project
+from events.store.client import EventStore
+from events.store.log import BadRecord, Deduplicator, end_offsets, read_range
+from trainer.data import Column, Table
+from trainer.dataset import Dataset, Fold, SourceEvent, content_hash
+from trainer.shards import ShardInfo, read_shards, write_shards
 
-TRANSFORM = "digits-current-label"
-TRANSFORM_VERSION = 1
 Progress = Callable[[int], None]
+MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
 class SnapshotManifest:
     snapshot_id: str
     topic: str
+    dataset: str  #: the dataset's declared name
+    dataset_version: int
+    declaration: str  #: ``module:attribute`` of the dataset class, to fold again on verify
+    row_id: str
+    columns: tuple[Column, ...]
     ranges: dict[int, tuple[int, int]]
     schema_ids: tuple[int, ...]
-    transform: str
-    transform_version: int
     content_hash: str
     record_count: int
-    sample_count: int
+    row_count: int
     shards: tuple[ShardInfo, ...]
-    skipped_records: int = 0
 
-    def to_json(self) -> str:
-        body = asdict(self)
-        body["ranges"] = {str(p): list(r) for p, r in sorted(self.ranges.items())}
-        return json.dumps(body, indent=2, sort_keys=True)
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.dataset, "version": self.dataset_version, "row_id": self.row_id,
+                "columns": [c.describe() for c in self.columns]}
+
+    def to_event(self) -> dict[str, Any]:
+        """The ``SnapshotCreated`` data (also the local manifest's JSON)."""
+        return {
+            "snapshot_id": self.snapshot_id, "topic": self.topic, "dataset": self.dataset,
+            "dataset_version": self.dataset_version, "declaration": self.declaration, "row_id": self.row_id,
+            "columns": [{"name": c.name, "dtype": c.dtype, "shape": list(c.shape)} for c in self.columns],
+            "ranges": [{"partition": p, "start": s, "end": e} for p, (s, e) in sorted(self.ranges.items())],
+            "schema_ids": list(self.schema_ids), "content_hash": self.content_hash,
+            "record_count": self.record_count, "row_count": self.row_count,
+            "shards": [asdict(s) for s in self.shards],
+        }
 
     @classmethod
-    def from_json(cls, text: str) -> SnapshotManifest:
-        body = json.loads(text)
-        body["ranges"] = {int(p): (int(r[0]), int(r[1])) for p, r in body["ranges"].items()}
-        body["schema_ids"] = tuple(body["schema_ids"])
-        body["shards"] = tuple(ShardInfo(**s) for s in body["shards"])
-        return cls(**body)
+    def from_event(cls, data: Mapping[str, Any]) -> SnapshotManifest:
+        return cls(
+            snapshot_id=str(data["snapshot_id"]), topic=str(data["topic"]), dataset=str(data["dataset"]),
+            dataset_version=int(data["dataset_version"]), declaration=str(data["declaration"]),
+            row_id=str(data["row_id"]), columns=tuple(Column.from_description(c) for c in data["columns"]),
+            ranges={int(r["partition"]): (int(r["start"]), int(r["end"])) for r in data["ranges"]},
+            schema_ids=tuple(int(i) for i in data["schema_ids"]), content_hash=str(data["content_hash"]),
+            record_count=int(data["record_count"]), row_count=int(data["row_count"]),
+            shards=tuple(ShardInfo(str(s["name"]), str(s["sha256"]), int(s["rows"])) for s in data["shards"]),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_event(), indent=2, sort_keys=True)
 
 
-@dataclass
-class Fold:
-    """The transform: current label of every sample; corrections applied, retractions removed."""
-
-    samples: dict[str, tuple[np.ndarray, int]] = field(default_factory=dict)
-    schema_ids: set[int] = field(default_factory=set)
-    records: int = 0
-    skipped: int = 0
-
-    def apply(self, record: LogRecord) -> None:
-        self.records += 1
-        self.schema_ids.add(record.schema_id)
-        kind = record.event_type.rsplit(".", 1)[-1]
-        data = record.data
-        if kind == "SampleSubmitted":
-            self.samples[data["sample_id"]] = (np.asarray(data["features"], dtype=np.float32), int(data["label"]))
-        elif kind == "LabelCorrected" and data["sample_id"] in self.samples:
-            features, _ = self.samples[data["sample_id"]]
-            self.samples[data["sample_id"]] = (features, int(data["label"]))
-        elif kind == "SampleRetracted":
-            self.samples.pop(data["sample_id"], None)
-
-    def examples(self) -> Examples:
-        ids = tuple(sorted(self.samples))
-        features = np.stack([self.samples[i][0] for i in ids]) if ids else np.zeros((0, FEATURES), np.float32)
-        labels = np.array([self.samples[i][1] for i in ids], dtype=np.int64)
-        return Examples(ids, features, labels)
+def declaration_of(cls: type) -> str:
+    """``module:qualname`` of a class: where :meth:`Project.load` finds it again."""
+    return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def content_hash(examples: Examples) -> str:
-    """sha256 over the transform's identity and the rows in sample-id order."""
-    digest = hashlib.sha256(f"{TRANSFORM}/v{TRANSFORM_VERSION}\n".encode())
-    for sample_id, features, label in zip(examples.sample_ids, examples.features, examples.labels):
-        digest.update(sample_id.encode() + b"\0")
-        digest.update(np.asarray(label, dtype="<i8").tobytes())
-        digest.update(np.ascontiguousarray(features, dtype="<f4").tobytes())
-    return digest.hexdigest()
+def load_dataset(project: Project, name: str) -> Dataset:
+    """The dataset ``name`` (an ``evp.toml`` name or ``module:attribute``), instantiated and checked."""
+    declared = project.load("datasets", name)
+    if not isinstance(declared, type) or not issubclass(declared, Dataset):
+        raise ConfigurationError(f"datasets.{name} is {declared!r}, not a subclass of trainer.dataset.Dataset")
+    declared.check()
+    return declared()
 
 
-def fold_range(store: EventStore, ranges: dict[int, tuple[int, int]], progress: Progress | None = None) -> Fold:
-    fold, dedupe = Fold(), Deduplicator()
+def fold_range(store: EventStore, dataset: Dataset, ranges: Mapping[int, tuple[int, int]],
+               progress: Progress | None = None) -> Fold:
+    """Steps 3 of creation: read, dedupe, open personal fields of handled records, fold."""
+    fold, dedupe = Fold(dataset), Deduplicator()
     for item in read_range(store.settings.kafka, store.settings.events_topic, store.codec, ranges):
-        if isinstance(item, BadRecord):
-            fold.skipped += 1
-        elif dedupe.is_new(item):
-            fold.apply(item)
         if progress:
             progress(1)
+        if isinstance(item, BadRecord):
+            # A record that does not decode is the dead-letter path's business; a dataset
+            # cannot fold it, and which records were skipped is fixed by the pinned ranges.
+            continue
+        if not dedupe.is_new(item):
+            continue
+        fold.records += 1
+        fold.schema_ids.add(item.schema_id)
+        handler = fold.wants(item.event_type)
+        if handler is None:
+            continue
+        event = SourceEvent(type=item.event_type, data=store.decrypt(item), stream_id=item.stream_id,
+                            version=item.version, actor=item.actor, occurred_at=item.occurred_at,
+                            partition=item.partition, offset=item.offset)
+        fold.apply(event, handler)
     return fold
 
 
@@ -120,73 +133,77 @@ def snapshot_dir(store: EventStore, snapshot_id: str) -> Path:
     return store.settings.snapshots_dir / snapshot_id
 
 
-def create_snapshot(store: EventStore, progress: Progress | None = None, *, actor: str = "evp") -> SnapshotManifest:
+def create_snapshot(store: EventStore, dataset: Dataset, progress: Progress | None = None) -> SnapshotManifest:
+    """Cut a snapshot of ``dataset`` at the topic's current end; see the module docstring."""
     store.flush()
-    ends = end_offsets(store.settings.kafka, store.settings.events_topic)
-    ranges = {p: (0, end) for p, end in ends.items()}
-    fold = fold_range(store, ranges, progress)
-    examples = fold.examples()
+    ranges = {p: (0, end) for p, end in end_offsets(store.settings.kafka, store.settings.events_topic).items()}
+    fold = fold_range(store, dataset, ranges, progress)
+    table = fold.table()
     snapshot_id = f"snap-{uuid7().hex[:12]}"
-    folder = snapshot_dir(store, snapshot_id)
-    shards = write_shards(examples, folder)
+    shards = write_shards(table, snapshot_dir(store, snapshot_id))
     manifest = SnapshotManifest(
-        snapshot_id=snapshot_id, topic=store.settings.events_topic, ranges=ranges,
-        schema_ids=tuple(sorted(fold.schema_ids)), transform=TRANSFORM, transform_version=TRANSFORM_VERSION,
-        content_hash=content_hash(examples), record_count=fold.records, sample_count=len(examples),
-        shards=tuple(shards), skipped_records=fold.skipped,
+        snapshot_id=snapshot_id, topic=store.settings.events_topic, dataset=dataset.name,
+        dataset_version=dataset.version, declaration=declaration_of(type(dataset)), row_id=dataset.row_id,
+        columns=tuple(dataset.columns), ranges=ranges, schema_ids=tuple(sorted(fold.schema_ids)),
+        content_hash=content_hash(dataset.identity(), table), record_count=fold.records, row_count=len(table),
+        shards=tuple(shards),
     )
-    write_bytes_atomically(folder / "manifest.json", manifest.to_json().encode())
-    store.append(f"snapshot-{snapshot_id}", Event("SnapshotCreated", _event_data(manifest), actor=actor))
+    write_bytes_atomically(snapshot_dir(store, snapshot_id) / MANIFEST, manifest.to_json().encode())
+    store.append(f"snapshot-{snapshot_id}", Event("SnapshotCreated", manifest.to_event(), actor=store.settings.actor))
     store.flush()
     return manifest
 
 
-def _event_data(m: SnapshotManifest) -> dict[str, object]:
-    return {
-        "snapshot_id": m.snapshot_id, "topic": m.topic,
-        "ranges": [{"partition": p, "start": s, "end": e} for p, (s, e) in sorted(m.ranges.items())],
-        "schema_ids": list(m.schema_ids), "transform": m.transform, "transform_version": m.transform_version,
-        "content_hash": m.content_hash, "record_count": m.record_count, "sample_count": m.sample_count,
-        "shards": [asdict(s) for s in m.shards],
-    }
-
-
-def _from_event(data: Mapping[str, Any]) -> SnapshotManifest:
-    ranges = {int(r["partition"]): (int(r["start"]), int(r["end"])) for r in data["ranges"]}
-    return SnapshotManifest(
-        snapshot_id=str(data["snapshot_id"]), topic=str(data["topic"]), ranges=ranges,
-        schema_ids=tuple(data["schema_ids"]), transform=str(data["transform"]),
-        transform_version=int(data["transform_version"]), content_hash=str(data["content_hash"]),
-        record_count=int(data["record_count"]), sample_count=int(data["sample_count"]),
-        shards=tuple(ShardInfo(**s) for s in data["shards"]),
-    )
-
-
 def load_manifest(store: EventStore, snapshot_id: str) -> SnapshotManifest:
-    """The manifest as recorded in the log (the local copy is only a cache and must agree)."""
+    """The manifest as recorded in the log (the local copy is only a cache)."""
     try:
         events = store.read_stream(f"snapshot-{snapshot_id}", decrypt=False)
     except NotFound as err:
         raise NotFound(f"snapshot {snapshot_id!r} was never recorded") from err
-    return _from_event(events[0].data)
+    return SnapshotManifest.from_event(events[0].data)
 
 
-def load_examples(store: EventStore, snapshot_id: str) -> Examples:
-    """The snapshot's rows from its shards, re-materializing them from Kafka when they are missing."""
+def load_table(store: EventStore, snapshot_id: str, project: Project | None = None) -> Table:
+    """The snapshot's rows from its verified shards.
+
+    When shards are missing and ``project`` is given, they are re-materialized from Kafka
+    (and must hash to the recorded content hash); without a project a missing shard is an
+    IntegrityError.
+    """
     manifest = load_manifest(store, snapshot_id)
     folder = snapshot_dir(store, snapshot_id)
-    if not all((folder / s.name).is_file() for s in manifest.shards):
-        rematerialize(store, manifest)
-    return read_shards(folder, list(manifest.shards))
+    if project is not None and not all((folder / s.name).is_file() for s in manifest.shards):
+        rematerialize(store, manifest, project)
+    return read_shards(folder, manifest.shards, manifest.columns)
 
 
-def rematerialize(store: EventStore, manifest: SnapshotManifest, progress: Progress | None = None) -> Examples:
-    examples = fold_range(store, manifest.ranges, progress).examples()
-    actual = content_hash(examples)
+def _dataset_for(manifest: SnapshotManifest, project: Project) -> Dataset:
+    dataset = load_dataset(project, manifest.declaration)
+    if (dataset.name, dataset.version) != (manifest.dataset, manifest.dataset_version):
+        raise IntegrityError(
+            f"snapshot {manifest.snapshot_id} was cut by dataset {manifest.dataset!r} version "
+            f"{manifest.dataset_version}; {manifest.declaration} is now {dataset.name!r} version {dataset.version}"
+        )
+    return dataset
+
+
+def _refold(store: EventStore, manifest: SnapshotManifest, project: Project,
+            progress: Progress | None) -> tuple[Table, Fold]:
+    fold = fold_range(store, _dataset_for(manifest, project), manifest.ranges, progress)
+    table = fold.table()
+    actual = content_hash(manifest.identity(), table)
     if actual != manifest.content_hash:
-        raise IntegrityError(f"snapshot {manifest.snapshot_id}: Kafka now yields content hash {actual[:16]}…, recorded {manifest.content_hash[:16]}…")
-    write_shards(examples, snapshot_dir(store, manifest.snapshot_id))
-    return examples
+        raise IntegrityError(f"snapshot {manifest.snapshot_id}: re-reading Kafka gives content hash {actual[:16]}…, "
+                             f"recorded {manifest.content_hash[:16]}…")
+    return table, fold
+
+
+def rematerialize(store: EventStore, manifest: SnapshotManifest, project: Project,
+                  progress: Progress | None = None) -> Table:
+    """Fold the pinned ranges again and rewrite the shards (byte-identical when the hash agrees)."""
+    table, _ = _refold(store, manifest, project, progress)
+    write_shards(table, snapshot_dir(store, manifest.snapshot_id))
+    return table
 
 
 @dataclass(frozen=True)
@@ -197,21 +214,37 @@ class Verification:
     shards_checked: int
 
 
-def verify_snapshot(store: EventStore, snapshot_id: str, progress: Progress | None = None) -> Verification:
-    """Re-read the pinned ranges, re-fold, compare the content hash, then check every shard."""
+def verify_snapshot(store: EventStore, snapshot_id: str, project: Project,
+                    progress: Progress | None = None) -> Verification:
+    """Re-read the pinned ranges, re-fold, compare the content hash, then check every shard.
+
+    1. the dataset named in the snapshot must still have the recorded name and version;
+    2. the re-fold must give the recorded content hash;
+    3. every shard must be present, with its recorded sha256, columns and row count;
+    4. the shards' rows must hash to the content hash too.
+    Any failure is an IntegrityError naming what differs.
+    """
     manifest = load_manifest(store, snapshot_id)
-    fold = fold_range(store, manifest.ranges, progress)
-    actual = content_hash(fold.examples())
+    _, fold = _refold(store, manifest, project, progress)
+    check_shards(snapshot_dir(store, snapshot_id), manifest)
+    return Verification(snapshot_id, manifest.content_hash, fold.records, len(manifest.shards))
+
+
+def check_shards(folder: Path, manifest: SnapshotManifest | None = None) -> Table:
+    """Verify shards without Kafka: against ``manifest``, or the ``manifest.json`` beside them."""
+    if manifest is None:
+        path = folder / MANIFEST
+        if not path.is_file():
+            raise NotFound(f"no {MANIFEST} in {folder}")
+        manifest = SnapshotManifest.from_event(json.loads(path.read_text(encoding="utf-8")))
+    table = read_shards(folder, manifest.shards, manifest.columns)
+    actual = content_hash(manifest.identity(), table)
     if actual != manifest.content_hash:
-        raise IntegrityError(
-            f"snapshot {snapshot_id}: re-reading Kafka gives content hash {actual[:16]}…, recorded {manifest.content_hash[:16]}…"
-        )
-    folder = snapshot_dir(store, snapshot_id)
-    checked = 0
-    if all((folder / s.name).is_file() for s in manifest.shards):
-        read_shards(folder, list(manifest.shards))
-        checked = len(manifest.shards)
-    return Verification(snapshot_id, actual, fold.records, checked)
+        raise IntegrityError(f"snapshot {manifest.snapshot_id}: the shards hold content hash {actual[:16]}…, "
+                             f"recorded {manifest.content_hash[:16]}…")
+    if len(table) != manifest.row_count:
+        raise InvalidDataset("row_count", f"shards hold {len(table)} rows, the snapshot recorded {manifest.row_count}")
+    return table
 
 
 def snapshot_ids(store: EventStore) -> Iterable[str]:

@@ -1,7 +1,8 @@
-"""Deterministic, exactly resumable training of the digits model.
+"""Deterministic, exactly resumable training of any recipe on a table of rows.
 
-Same examples + same config + same software and device type = same weights, bit for bit,
-whether the run went straight through or was interrupted and resumed from a checkpoint.
+Same rows + same recipe and config + same software and device type = same weights, bit
+for bit, whether the run went straight through or was interrupted and resumed from a
+checkpoint.
 """
 
 from __future__ import annotations
@@ -12,17 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from events.errors import ConfigurationError, InvalidDataset
 from trainer.checkpoint import Checkpoint, RngStates
 from trainer.config import TrainConfig
-from trainer.data import EpochSampler, Examples
+from trainer.data import EpochSampler, Table
 from trainer.determinism import environment, fixed_cpu_threads, make_deterministic, select_device
 from trainer.model import build_model, weights_sha256
-
-SGD_MOMENTUM = 0.9  #: reaches ≥0.95 held-out accuracy on the digits within the default 40 epochs
+from trainer.recipe import Recipe, checked_metrics
 
 Progress = Callable[[int, int], None]  #: called with (steps done, total steps) after every step
 
@@ -32,7 +31,7 @@ class TrainResult:
     """What a run produced. ``state_dict`` holds CPU copies; ``finished`` is False when interrupted."""
 
     weights_sha256: str
-    heldout_accuracy: float
+    metrics: dict[str, float]
     steps: int
     epochs_completed: int
     device: str
@@ -43,7 +42,8 @@ class TrainResult:
 
 @fixed_cpu_threads()
 def train(
-    examples: Examples,
+    recipe: Recipe[Any],
+    table: Table,
     config: TrainConfig,
     *,
     checkpoint_path: Path | None = None,
@@ -51,27 +51,36 @@ def train(
     stop_after_steps: int | None = None,
     progress: Progress | None = None,
 ) -> TrainResult:
-    """Train from scratch, or from ``checkpoint_path`` when ``resume``; return the weights and their hash.
+    """Train ``recipe`` on ``table`` from scratch, or from ``checkpoint_path`` when ``resume``.
 
-    Rows are sorted by sample id and split by a hash of it, so input row order never
-    matters. Batches come from an :class:`~trainer.data.EpochSampler` (a seeded
-    permutation per epoch) rather than a ``DataLoader`` with workers, whose prefetching
-    and per-worker RNG would make an exact resume much harder; the whole dataset is
-    moved to the device once and indexed there. ``stop_after_steps`` simulates an
-    interruption: the run saves a checkpoint after that many steps (counted from the
-    start of the run, across resumes) and returns with ``finished=False``.
+    1. check the arguments, turn on every determinism switch (:func:`make_deterministic`),
+       pick the device;
+    2. sort the rows by row id and split them by a hash of it, so input row order never
+       matters (:meth:`Table.split`);
+    3. move the recipe's input and target columns to the device once, whole;
+    4. build the model from the seed and the training split (:func:`build_model`) and the
+       recipe's optimizer; when resuming, load model, optimizer, sampler position and every
+       generator from the checkpoint;
+    5. step through seeded batches (:class:`EpochSampler`); ``loss`` and ``backward`` and
+       ``step`` each time; checkpoint every ``config.checkpoint_every`` steps;
+       ``stop_after_steps`` simulates an interruption: the run checkpoints after that many
+       steps (counted from the start of the run, across resumes) and returns with
+       ``finished=False``;
+    6. hash the weights and compute the recipe's metrics on the held-out split.
 
-    Turns on deterministic algorithms process-wide (see :func:`make_deterministic`) and
-    trains with a fixed number of CPU threads (see :func:`fixed_cpu_threads`).
+    Batches come from a seeded permutation per epoch rather than a ``DataLoader`` with
+    workers, whose prefetching and per-worker RNG would make an exact resume much harder.
+    Trains with a fixed number of CPU threads (see :func:`fixed_cpu_threads`).
     """
     _check_arguments(config, checkpoint_path, resume, stop_after_steps)
     make_deterministic(config.seed)
     device = select_device(config.device)
-    train_set, heldout = _split(examples, config.holdout_percent)
-    inputs = torch.tensor(train_set.features, device=device)
-    targets = torch.tensor(train_set.labels, device=device)
-    model = build_model(config).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=SGD_MOMENTUM)
+    recipe.check_table(table)
+    train_set, heldout = _split(table, config.holdout_percent)
+    inputs = torch.tensor(train_set[recipe.inputs], device=device)
+    targets = torch.tensor(train_set[recipe.target], device=device)
+    model = build_model(recipe, config, train_set).to(device)
+    optimizer = recipe.optimizer(config, model)
     sampler = EpochSampler(len(train_set), config.batch_size, config.seed)
     step = 0
     if resume:
@@ -81,9 +90,10 @@ def train(
             raise ConfigurationError(f"stop_after_steps {stop_after_steps} is not after the checkpoint's step {step}")
     total_steps = sampler.steps_per_epoch * config.epochs
 
+    model.train()
     while sampler.epoch < config.epochs:
         batch = sampler.next_batch().to(device)
-        _train_step(model, optimizer, inputs[batch], targets[batch])
+        _train_step(recipe, model, optimizer, inputs[batch], targets[batch])
         step += 1
         if progress is not None:
             progress(step, total_steps)
@@ -96,7 +106,7 @@ def train(
 
     return TrainResult(
         weights_sha256=weights_sha256(model),
-        heldout_accuracy=evaluate(model, heldout, device),
+        metrics=evaluate(recipe, model, heldout, device),
         steps=step,
         epochs_completed=sampler.epoch,
         device=str(device),
@@ -106,25 +116,24 @@ def train(
     )
 
 
-def evaluate(model: nn.Module, examples: Examples, device: torch.device) -> float:
-    """Share of ``examples`` whose most likely class is their label (0..1)."""
-    if len(examples) == 0:
-        raise InvalidDataset("examples", "cannot evaluate on zero examples")
+def evaluate(recipe: Recipe[Any], model: nn.Module, table: Table, device: torch.device) -> dict[str, float]:
+    """The recipe's metrics of ``model`` on ``table``, in eval mode, without gradients."""
+    if len(table) == 0:
+        raise InvalidDataset("rows", "cannot compute metrics on zero rows")
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        logits = model(torch.tensor(examples.features, device=device))
+        outputs = model(torch.tensor(table[recipe.inputs], device=device))
+        values = recipe.metrics(outputs, torch.tensor(table[recipe.target], device=device))
     model.train(was_training)
-    correct = (logits.argmax(dim=1).cpu() == torch.tensor(examples.labels)).sum().item()
-    return correct / len(examples)
+    return checked_metrics(recipe, values)
 
 
-def _train_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor
-) -> None:
+def _train_step(recipe: Recipe[Any], model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
+                targets: torch.Tensor) -> None:
     optimizer.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(inputs), targets)
-    loss.backward()
+    loss = recipe.loss(model(inputs), targets)
+    loss.backward()  # type: ignore[no-untyped-call]
     optimizer.step()
 
 
@@ -144,13 +153,12 @@ def _check_arguments(config: TrainConfig, path: Path | None, resume: bool, stop_
         raise ConfigurationError(f"stop_after_steps must be at least 1, got {stop_after_steps!r}")
 
 
-def _split(examples: Examples, holdout_percent: int) -> tuple[Examples, Examples]:
-    train_set, heldout = examples.split(holdout_percent)
+def _split(table: Table, holdout_percent: int) -> tuple[Table, Table]:
+    train_set, heldout = table.split(holdout_percent)
     if len(train_set) == 0 or len(heldout) == 0:
         raise InvalidDataset(
             "holdout_percent",
-            f"{holdout_percent}% of {len(examples)} examples leaves {len(train_set)} to train on"
-            f" and {len(heldout)} held out",
+            f"{holdout_percent}% of {len(table)} rows leaves {len(train_set)} to train on and {len(heldout)} held out",
         )
     return train_set, heldout
 

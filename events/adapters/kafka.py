@@ -9,7 +9,7 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError, NodeNotReadyError, TopicAlreadyExistsError
 
-from events.errors import EvpError, ServiceUnavailable
+from events.errors import EvpError, Retryable, ServiceUnavailable
 from events.settings import Settings
 
 
@@ -23,7 +23,9 @@ def kafka_errors(bootstrap: str) -> Iterator[None]:
             "kafka", bootstrap, f"{type(err).__name__}: {err} (is the broker running? try `evp services up`)"
         ) from err
     except KafkaError as err:
-        raise EvpError(f"kafka at {bootstrap}: {type(err).__name__}: {err}") from err
+        # kafka-python marks the errors a retry can cure (a leader moving, a timeout).
+        kind = Retryable if getattr(err, "retriable", False) else EvpError
+        raise kind(f"kafka at {bootstrap}: {type(err).__name__}: {err}") from err
 
 
 def producer(bootstrap: str, **overrides: Any) -> KafkaProducer:

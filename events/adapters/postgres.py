@@ -46,7 +46,7 @@ def apply_schema(conn: psycopg.Connection, script: str) -> None:
     """Run one idempotent DDL script in its own transaction, under :func:`migration_lock`."""
     with conn.transaction():
         migration_lock(conn)
-        conn.execute(script)  # type: ignore[arg-type]
+        conn.execute(script)
 
 
 def migrate(conn: psycopg.Connection, packages: Iterable[str] = ("events.store",)) -> None:
@@ -56,4 +56,4 @@ def migrate(conn: psycopg.Connection, packages: Iterable[str] = ("events.store",
         for package in packages:
             folder = resources.files(package) / "sql"
             for script in sorted((p for p in folder.iterdir() if p.name.endswith(".sql")), key=lambda p: p.name):
-                conn.execute(script.read_text())  # type: ignore[arg-type]
+                conn.execute(script.read_text())

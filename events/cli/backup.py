@@ -22,7 +22,7 @@ from events.settings import Settings
 @contextmanager
 def _progress() -> Iterator[OnProgress]:
     """One bar per phase on a terminal (stderr, so stdout stays clean); silent otherwise."""
-    bars: dict[str, tqdm] = {}  # type: ignore[type-arg]
+    bars: dict[str, tqdm] = {}
 
     def update(progress: Progress) -> None:
         bar = bars.get(progress.phase)

@@ -17,7 +17,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    log = KafkaSchemaLog(settings.kafka, settings.schemas_topic)
+    log = KafkaSchemaLog(settings)
     try:
         registry = SchemaRegistry(log)
         known = len(registry.subjects())  # read the log now: a broken broker fails here, not on a client
@@ -35,7 +35,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _subjects(args: argparse.Namespace, settings: Settings) -> int:
-    log = KafkaSchemaLog(settings.kafka, settings.schemas_topic)
+    log = KafkaSchemaLog(settings)
     try:
         registry = SchemaRegistry(log)
         rows = [

@@ -17,7 +17,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    relay = Relay(settings.database_url, settings.kafka, settings.events_topic, settings.partitions)
+    relay = Relay(settings)
     print(f"relay: publishing the outbox to {settings.events_topic} on {settings.kafka}", flush=True)
     try:
         relay.run(stop)

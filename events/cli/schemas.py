@@ -15,7 +15,7 @@ from events.settings import Settings
 
 
 def _with_registry(settings: Settings, use: Callable[[SchemaRegistry], int]) -> int:
-    log = KafkaSchemaLog(settings.kafka, settings.schemas_topic)
+    log = KafkaSchemaLog(settings)
     try:
         return use(SchemaRegistry(log))
     finally:

@@ -373,7 +373,7 @@ def restore_backup(
     try:
         postgres.migrate(conn)
         _refuse_non_empty(settings, conn, manifest)
-        schema_log = KafkaSchemaLog(settings.kafka, settings.schemas_topic)
+        schema_log = KafkaSchemaLog(settings)
         try:
             schemas = _schema_records_to_write(path, manifest, settings, schema_log)
             target_keys.ensure_schema()

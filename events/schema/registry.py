@@ -29,16 +29,17 @@ import logging
 import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka import TopicPartition
+
+from events.adapters import kafka
 
 from events.schema.catalog import canonical_json
 from events.schema.compatibility import check_backward
 from events.errors import SchemaError, ServiceUnavailable
+from events.settings import Settings
 
 _log = logging.getLogger(__name__)
 
@@ -78,72 +79,49 @@ class KafkaSchemaLog:
 
     One partition gives the total order the id arbitration needs. Reads are incremental:
     records already read are kept, and each ``read_all`` fetches only up to the current
-    end offset.
+    end offset. Clients come from the Kafka adapter, so errors are translated there.
     """
 
-    def __init__(self, bootstrap: str, topic: str, *, timeout_s: float = 15.0) -> None:
-        self.bootstrap, self.topic = bootstrap, topic
+    def __init__(self, settings: Settings, *, timeout_s: float = 15.0) -> None:
+        self.bootstrap, self.topic = settings.kafka, settings.schemas_topic
         self._timeout_ms = int(timeout_s * 1000)
-        self._partition = TopicPartition(topic, 0)
+        self._partition = TopicPartition(self.topic, 0)
         self._lock = threading.Lock()
         self._records: list[tuple[bytes, bytes]] = []
         self._producer: Any = None
         self._consumer: Any = None
-        self._ensure_topic()
+        kafka.ensure_topic(self.bootstrap, self.topic, 1, {"cleanup.policy": "compact"})
 
-    @contextmanager
-    def _kafka_errors(self, doing: str) -> Iterator[None]:
-        try:
-            yield
-        except KafkaError as err:
-            raise ServiceUnavailable("kafka", self.bootstrap, f"{doing} {self.topic!r}: {err}") from err
-
-    def _client_config(self) -> dict[str, Any]:
-        return {
-            "bootstrap_servers": self.bootstrap,
-            "client_id": "evp-schema-registry",
-            "bootstrap_timeout_ms": self._timeout_ms,
-            "request_timeout_ms": self._timeout_ms,
-        }
-
-    def _ensure_topic(self) -> None:
-        with self._kafka_errors("creating schema topic"):
-            admin = KafkaAdminClient(**self._client_config())
-            try:
-                spec = {"num_partitions": 1, "replication_factor": 1, "configs": {"cleanup.policy": "compact"}}
-                try:
-                    admin.create_topics({self.topic: spec})
-                except TopicAlreadyExistsError:
-                    pass
-                admin.wait_for_topics([self.topic], timeout_ms=self._timeout_ms)
-            finally:
-                admin.close()
+    def _timeouts(self) -> dict[str, Any]:
+        return {"client_id": "evp-schema-registry", "bootstrap_timeout_ms": self._timeout_ms,
+                "request_timeout_ms": self._timeout_ms}
 
     def append(self, key: bytes, value: bytes) -> None:
-        with self._lock, self._kafka_errors("appending to"):
+        with self._lock:
             if self._producer is None:
-                self._producer = KafkaProducer(
-                    enable_idempotence=True, acks="all", linger_ms=0,
-                    max_block_ms=self._timeout_ms, **self._client_config(),
-                )
-            future = self._producer.send(self.topic, key=key, value=value, partition=0)
-            self._producer.flush(timeout=self._timeout_ms / 1000)
-            future.get(timeout=self._timeout_ms / 1000)
+                self._producer = kafka.producer(self.bootstrap, linger_ms=0, max_block_ms=self._timeout_ms,
+                                                delivery_timeout_ms=max(2 * self._timeout_ms, 30_000), **self._timeouts())
+            with kafka.kafka_errors(self.bootstrap):
+                future = self._producer.send(self.topic, key=key, value=value, partition=0)
+                self._producer.flush(timeout=self._timeout_ms / 1000)
+                future.get(timeout=self._timeout_ms / 1000)
 
     def read_all(self) -> list[tuple[bytes, bytes]]:
-        with self._lock, self._kafka_errors("reading"):
+        with self._lock:
             if self._consumer is None:
-                self._consumer = KafkaConsumer(enable_auto_commit=False, group_id=None, **self._client_config())
-                self._consumer.assign([self._partition])
-                self._consumer.seek_to_beginning(self._partition)
-            end = self._consumer.end_offsets([self._partition], timeout_ms=self._timeout_ms)[self._partition]
-            while self._consumer.position(self._partition, timeout_ms=self._timeout_ms) < end:
-                batches = self._consumer.poll(timeout_ms=self._timeout_ms)
-                if not batches:
-                    raise ServiceUnavailable("kafka", self.bootstrap,
-                                             f"no records from {self.topic!r} before offset {end}")
-                for records in batches.values():
-                    self._records.extend((r.key or b"", r.value or b"") for r in records)
+                self._consumer = kafka.consumer(self.bootstrap, group_id=None, **self._timeouts())
+                with kafka.kafka_errors(self.bootstrap):
+                    self._consumer.assign([self._partition])
+                    self._consumer.seek_to_beginning(self._partition)
+            with kafka.kafka_errors(self.bootstrap):
+                end = self._consumer.end_offsets([self._partition], timeout_ms=self._timeout_ms)[self._partition]
+                while self._consumer.position(self._partition, timeout_ms=self._timeout_ms) < end:
+                    batches = self._consumer.poll(timeout_ms=self._timeout_ms)
+                    if not batches:
+                        raise ServiceUnavailable("kafka", self.bootstrap,
+                                                 f"no records from {self.topic!r} before offset {end}")
+                    for records in batches.values():
+                        self._records.extend((r.key or b"", r.value or b"") for r in records)
             return list(self._records)
 
     def close(self) -> None:

@@ -50,7 +50,7 @@ def load(
             "SELECT version, state FROM evp_aggregate_snapshots WHERE stream_id = %s ORDER BY version DESC LIMIT 1",
             (stream_id,),
         ).fetchone()
-    state, start = (from_json(row[1]), int(row[0])) if row and from_json else (initial(), 0)  # type: ignore[misc]
+    state, start = (from_json(row[1]), int(row[0])) if row and from_json else (initial(), 0)
     version, count = start, 0
     for record in store.ledger.read_stream_after(stream_id, start):
         state = apply(state, store.decode(record))

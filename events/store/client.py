@@ -83,7 +83,7 @@ class EventStore:
             catalog = Catalog.platform() if project is None else Catalog.with_platform(project.schemas())
         if registration is None:
             registration = "auto" if project is None else project.registration
-        schema_log = KafkaSchemaLog(settings.kafka, settings.schemas_topic)
+        schema_log = KafkaSchemaLog(settings)
         keys = PostgresKeyStore(settings.database_url)
         keys.ensure_schema()
         keyring = Keyring(keys, kek_from_settings(settings))
@@ -158,8 +158,7 @@ class EventStore:
         running ``evp relay run`` from publishing those partitions until the next flush.
         """
         if self._relay is None:
-            s = self.settings
-            self._relay = Relay(s.database_url, s.kafka, s.events_topic, s.partitions)
+            self._relay = Relay(self.settings)
         try:
             return drain(self._relay, timeout=timeout)
         finally:

@@ -11,4 +11,4 @@ from kafka.partitioner.default import murmur2
 
 
 def partition_for(stream_id: str, partitions: int) -> int:
-    return (murmur2(stream_id.encode()) & 0x7FFFFFFF) % partitions
+    return int(murmur2(stream_id.encode()) & 0x7FFFFFFF) % partitions

@@ -31,9 +31,11 @@ import psycopg
 from kafka import KafkaProducer
 
 from events.adapters import postgres
-from events.errors import EvpError, ServiceUnavailable
+from events.adapters.retry import run_until_stopped
+from events.errors import EvpError, Retryable, ServiceUnavailable
 from events.event import kafka_headers
-from events.adapters.kafka import producer as make_producer
+from events.adapters.kafka import kafka_errors, producer as make_producer
+from events.settings import Settings
 from events.store.ledger import EVENT_COLUMNS, NOTIFY_CHANNEL, row_to_event
 
 log = logging.getLogger(__name__)
@@ -65,18 +67,15 @@ class Relay:
 
     def __init__(
         self,
-        database_url: str,
-        bootstrap: str,
-        topic: str,
-        partitions: int,
+        settings: Settings,
         *,
         batch_size: int = 1000,
         poll_interval: float = 0.5,
         producer_factory: Callable[[], KafkaProducer] | None = None,
     ) -> None:
-        self.database_url, self.bootstrap, self.topic = database_url, bootstrap, topic
-        self.partitions, self.batch_size, self.poll_interval = partitions, batch_size, poll_interval
-        self._producer_factory = producer_factory or (lambda: make_producer(bootstrap))
+        self.database_url, self.bootstrap, self.topic = settings.database_url, settings.kafka, settings.events_topic
+        self.partitions, self.batch_size, self.poll_interval = settings.partitions, batch_size, poll_interval
+        self._producer_factory = producer_factory or (lambda: make_producer(settings.kafka))
         self._producer: KafkaProducer | None = None
         self._conn: psycopg.Connection | None = None
         self._held: set[int] = set()
@@ -138,18 +137,24 @@ class Relay:
             return 0
         events = [row_to_event(r) for r in rows]
         producer = self._ensure_producer()
-        futures = [
-            producer.send(self.topic, value=e.value, key=e.stream_id.encode(), headers=kafka_headers(e), partition=partition)
-            for e in events
-        ]
-        producer.flush()
+        try:
+            with kafka_errors(self.bootstrap):
+                futures = [
+                    producer.send(self.topic, value=e.value, key=e.stream_id.encode(), headers=kafka_headers(e),
+                                  partition=partition)
+                    for e in events
+                ]
+                producer.flush()
+        except EvpError:
+            self._drop_producer()
+            raise
         offsets = []
         for event, future in zip(events, futures):
             try:
                 metadata = future.get(timeout=0)
             except Exception as err:  # noqa: BLE001 - any send failure means: retry the batch later
                 self._drop_producer()
-                raise EvpError(f"kafka did not acknowledge position {event.position}: {err}") from err
+                raise Retryable(f"kafka did not acknowledge position {event.position}: {err}") from err
             offsets.append((event.position, metadata.offset))
         positions = [p for p, _ in offsets]
         # One statement for the whole batch: record where each event landed and clear it
@@ -187,21 +192,16 @@ class Relay:
             break
 
     def run(self, stop: threading.Event, on_publish: Callable[[int], None] | None = None) -> None:
-        """Publish until ``stop`` is set, surviving broker and database restarts."""
-        backoff = 0.2
-        while not stop.is_set():
-            try:
-                sent = self.publish_pending()
-                if on_publish and sent:
-                    on_publish(sent)
-                backoff = 0.2
-                if not sent:
-                    self.wait_for_work(self.poll_interval)
-            except (EvpError, psycopg.Error) as err:
-                log.warning("relay: %s; retrying in %.1fs", err, backoff)
-                self._reset_connection()
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+        """Publish until ``stop`` is set, surviving broker and database restarts (the one retry policy)."""
+
+        def step() -> None:
+            sent = self.publish_pending()
+            if on_publish and sent:
+                on_publish(sent)
+            if not sent:
+                self.wait_for_work(self.poll_interval)
+
+        run_until_stopped(stop, step, recover=self._reset_connection, log=log, name="relay")
 
     @contextmanager
     def in_background(self) -> Iterator[Relay]:

@@ -360,7 +360,7 @@ def _main_relay(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    relay = Relay(settings.database_url, settings.kafka, settings.events_topic, settings.partitions, poll_interval=0.2)
+    relay = Relay(settings, poll_interval=0.2)
     print("relay: started", flush=True)
     try:
         relay.run(stop)

@@ -49,7 +49,7 @@ def restore_services(settings: Settings) -> Iterator[None]:
 
 
 def relay_running(settings: Settings) -> ContextManager[Relay]:
-    relay = Relay(settings.database_url, settings.kafka, settings.events_topic, settings.partitions, poll_interval=0.2)
+    relay = Relay(settings, poll_interval=0.2)
     return relay.in_background()
 
 

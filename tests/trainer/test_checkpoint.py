@@ -14,21 +14,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from events.errors import ConfigurationError, IntegrityError, NotFound
-from tests.trainer import digits
+from tests.trainer import digits, mlp
 from trainer import checkpoint as checkpoint_module
 from trainer.checkpoint import FORMAT_VERSION, Checkpoint, RngStates
-from trainer.config import TrainConfig
 from trainer.data import EpochSampler
 from trainer.training import train
 
-CONFIG = TrainConfig(epochs=1)
+MLP = mlp()
+CONFIG: Any = MLP.config(epochs=1)
 
 
 @pytest.fixture
 def saved(tmp_path: Path) -> Path:
     """A checkpoint taken mid-epoch, after 5 of 23 steps."""
     path = tmp_path / "run.ckpt"
-    train(digits(), CONFIG, checkpoint_path=path, stop_after_steps=5)
+    train(MLP, digits(), CONFIG, checkpoint_path=path, stop_after_steps=5)
     return path
 
 
@@ -49,7 +49,7 @@ def test_a_checkpoint_holds_the_whole_position(saved: Path) -> None:
 
 def test_loading_refuses_a_changed_config_naming_each_difference(saved: Path) -> None:
     changed = dataclasses.replace(CONFIG, seed=1, hidden=64)
-    with pytest.raises(ConfigurationError, match="seed: checkpoint 1234, now 1, hidden: checkpoint 128, now 64"):
+    with pytest.raises(ConfigurationError, match="hidden: checkpoint 128, now 64, seed: checkpoint 1234, now 1"):
         Checkpoint.load(saved, config=changed)
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import random
 import re
+import shutil
 import uuid
-from contextlib import closing
+from contextlib import closing, contextmanager
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from events.store.log import end_offsets
 from events.privacy.personal import REDACTED
 from events.settings import Settings
 from tests.conftest import delete_topics, new_topic_prefix, private_settings
+from tests.support.examples import DIGITS, project
 from tests.support.plaintext import Person, PlaintextScanner, make_people, random_marker, register, run_cli, submit
 
 pytestmark = pytest.mark.services
@@ -50,18 +52,19 @@ class Source:
     resent: int  #: events the relay published twice
     snapshot_id: str
     backup: Path
-    samples: tuple[Any, ...]  #: the samples view, projected from the source after the backup
+    samples: dict[Any, Any]  #: the samples view, projected from the source after the backup
 
 
-def samples_view(settings: Settings) -> tuple[Any, ...]:
-    """Project the samples view from the settings' topic and read it back."""
+def samples_view(settings: Settings) -> dict[Any, Any]:
+    """Project the digits samples view from the settings' topic and read it back."""
     from projections.runner import ProjectionRunner
-    from projections.samples import SamplesView, read_samples
+    from projections.tables import read_rows
 
-    with ProjectionRunner(settings, SamplesView()) as runner:
+    view = project(DIGITS).load("views", "samples")()
+    with ProjectionRunner(settings, view) as runner:
         runner.catch_up()
     with psycopg.connect(settings.database_url) as conn, conn.cursor() as cur:
-        return tuple(read_samples(cur))
+        return read_rows(cur, view)
 
 
 def seed_people(store: EventStore, people: tuple[Person, ...], marker: str) -> None:
@@ -92,7 +95,7 @@ def record_bytes(path: Path) -> bytes:
 
 @pytest.fixture(scope="module")
 def source(services: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Source]:
-    from trainer.snapshot import create_snapshot
+    from trainer.snapshot import create_snapshot, load_dataset
 
     folder = tmp_path_factory.mktemp("backup-source")
     rng = random.Random()
@@ -110,12 +113,13 @@ def source(services: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iter
             }), expected_version=1)
             store.flush()
             resent = resend(store, "stream_id LIKE 'annotator-%' OR version = 2")
-            snapshot_id = create_snapshot(store).snapshot_id
+            snapshot_id = create_snapshot(store, load_dataset(project(DIGITS), "digits")).snapshot_id
         backup = folder / "log.evpbak"
         create_backup(settings, backup)
         yield Source(settings, people, marker, resent, snapshot_id, backup, samples_view(settings))
 
 
+@contextmanager
 def restore_into_new(services: Settings, source: Source, home: Path) -> Iterator[tuple[Settings, RestoreReport]]:
     """The backup restored under a new prefix, into a new database, with the source's keys copied."""
     with private_settings(services, home, kek_file=source.settings.kek_path) as target, \
@@ -126,13 +130,19 @@ def restore_into_new(services: Settings, source: Source, home: Path) -> Iterator
 @pytest.fixture(scope="module")
 def restored(services: Settings, source: Source, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings, RestoreReport]]:
     """One restore shared by the module's tests: read it, never write to it (``restored_copy`` is for writing)."""
-    yield from restore_into_new(services, source, tmp_path_factory.mktemp("backup-target") / "home")
+    with restore_into_new(services, source, tmp_path_factory.mktemp("backup-target") / "home") as restored:
+        yield restored
 
 
 @pytest.fixture
 def restored_copy(services: Settings, source: Source, tmp_path: Path) -> Iterator[tuple[Settings, RestoreReport]]:
-    """A restore of the module's backup for one test, which may append to it and project from it."""
-    yield from restore_into_new(services, source, tmp_path / "home")
+    """A restore of the module's backup for one test, which may append to it and project from it.
+
+    The snapshot shards are copied along, as an operator restores the shard store with the log.
+    """
+    with restore_into_new(services, source, tmp_path / "home") as (target, report):
+        shutil.copytree(source.settings.snapshots_dir, target.snapshots_dir)
+        yield target, report
 
 
 def stream_ids(settings: Settings) -> list[str]:
@@ -213,7 +223,7 @@ def test_the_restored_copy_serves_snapshots_views_audits_and_new_appends(
     assert samples_view(target) == source.samples and len(source.samples) == 3 * SAMPLES_EACH - 1
     with EventStore.open(target) as store:
         # the snapshot's pinned offsets still name the same records on the restored topic
-        assert verify_snapshot(store, source.snapshot_id).records_read > 0
+        assert verify_snapshot(store, source.snapshot_id, project(DIGITS)).records_read > 0
         person = source.people[2]
         history = subject_history(store, person.annotator_id, decrypt=True)
         assert history[0].data["email"] == person.email

@@ -247,7 +247,7 @@ def test_compaction_keeps_the_winning_claims() -> None:
 
 def test_unreachable_broker_is_service_unavailable() -> None:
     with pytest.raises(ServiceUnavailable, match="kafka at 127.0.0.1:1"):
-        KafkaSchemaLog("127.0.0.1:1", "evp-test-unreachable", timeout_s=1)
+        KafkaSchemaLog(Settings(kafka="127.0.0.1:1", topic_prefix="evp-test-unreachable"), timeout_s=1)
 
 
 # -- against the real broker ------------------------------------------------------
@@ -261,21 +261,22 @@ def admin() -> Iterator[KafkaAdminClient]:
 
 
 @pytest.fixture
-def kafka_topic(admin: KafkaAdminClient) -> Iterator[tuple[str, str]]:
-    """A schema topic of this test's own, deleted afterwards."""
-    topic = f"evp-test-schemas-{uuid.uuid4().hex}"
-    yield Settings.from_env().kafka, topic
+def kafka_topic(admin: KafkaAdminClient) -> Iterator[tuple[Settings, str]]:
+    """Settings whose schema topic is this test's own, deleted afterwards."""
+    own = Settings.from_env().with_(topic_prefix=f"evp-test-{uuid.uuid4().hex}")
+    topic = own.schemas_topic
+    yield own, topic
     if topic in admin.list_topics():
         admin.delete_topics([topic])
 
 
 @pytest.mark.services
 def test_kafka_log_creates_a_compacted_single_partition_topic(
-    kafka_topic: tuple[str, str], admin: KafkaAdminClient
+    kafka_topic: tuple[Settings, str], admin: KafkaAdminClient
 ) -> None:
-    bootstrap, topic = kafka_topic
-    KafkaSchemaLog(bootstrap, topic).close()
-    KafkaSchemaLog(bootstrap, topic).close()  # exists already: fine
+    own, topic = kafka_topic
+    KafkaSchemaLog(own).close()
+    KafkaSchemaLog(own).close()  # exists already: fine
     (described,) = admin.describe_topics([topic])
     assert len(described["partitions"]) == 1
     configs = admin.describe_configs([ConfigResource("topic", topic, ["cleanup.policy"])])
@@ -283,9 +284,9 @@ def test_kafka_log_creates_a_compacted_single_partition_topic(
 
 
 @pytest.mark.services
-def test_kafka_registrars_in_threads_never_share_an_id(kafka_topic: tuple[str, str]) -> None:
-    bootstrap, topic = kafka_topic
-    logs = [KafkaSchemaLog(bootstrap, topic) for _ in range(2)]
+def test_kafka_registrars_in_threads_never_share_an_id(kafka_topic: tuple[Settings, str]) -> None:
+    own, topic = kafka_topic
+    logs = [KafkaSchemaLog(own) for _ in range(2)]
     got: dict[str, int] = {}
     errors: list[BaseException] = []
     barrier = threading.Barrier(len(logs))
@@ -313,7 +314,7 @@ def test_kafka_registrars_in_threads_never_share_an_id(kafka_topic: tuple[str, s
     assert len(set(unique.values())) == len(unique) == 16
     assert got["shared-by-A"] not in unique.values()
 
-    fresh_log = KafkaSchemaLog(bootstrap, topic)
+    fresh_log = KafkaSchemaLog(own)
     try:
         fresh = SchemaRegistry(fresh_log)
         for name, schema_id in unique.items():
@@ -327,9 +328,9 @@ def test_kafka_registrars_in_threads_never_share_an_id(kafka_topic: tuple[str, s
 
 
 @pytest.mark.services
-def test_kafka_registry_refuses_incompatible_versions_without_writing(kafka_topic: tuple[str, str]) -> None:
-    bootstrap, topic = kafka_topic
-    log = KafkaSchemaLog(bootstrap, topic)
+def test_kafka_registry_refuses_incompatible_versions_without_writing(kafka_topic: tuple[Settings, str]) -> None:
+    own, topic = kafka_topic
+    log = KafkaSchemaLog(own)
     try:
         registry = SchemaRegistry(log)
         assert registry.register("s", V1) == 1
@@ -342,9 +343,9 @@ def test_kafka_registry_refuses_incompatible_versions_without_writing(kafka_topi
 
 
 @pytest.mark.services
-def test_kafka_codec_values_decode_in_another_registry(kafka_topic: tuple[str, str]) -> None:
-    bootstrap, topic = kafka_topic
-    writer_log, reader_log = KafkaSchemaLog(bootstrap, topic), KafkaSchemaLog(bootstrap, topic)
+def test_kafka_codec_values_decode_in_another_registry(kafka_topic: tuple[Settings, str]) -> None:
+    own, topic = kafka_topic
+    writer_log, reader_log = KafkaSchemaLog(own), KafkaSchemaLog(own)
     try:
         datum = {"sample_id": "s", "annotator_id": "a", "features": [0.5] * 64, "label": 3, "source": "digits:0"}
         encoded = Codec(SchemaRegistry(writer_log), examples_catalog(), "evp.events").encode("SampleSubmitted", datum)

@@ -67,7 +67,7 @@ def path(subject: str) -> str:
 @pytest.fixture
 def served(services: Settings) -> Iterator[str]:
     """The façade over a schemas topic of its own, on a free port; yields its base URL."""
-    log = KafkaSchemaLog(services.kafka, f"t{uuid.uuid4().hex[:10]}._schemas")
+    log = KafkaSchemaLog(services.with_(topic_prefix=f"t{uuid.uuid4().hex[:10]}"))
     try:
         with serving(RegistryHttpServer(RegistryApi(SchemaRegistry(log)), "127.0.0.1", 0)) as server:
             yield server.url
@@ -104,7 +104,7 @@ def test_a_reader_that_only_speaks_http_decodes_what_the_sdk_wrote(store: EventS
     (schema_id,) = struct.unpack(">I", value[1:5])
 
     # A server of its own over the schemas topic: the log, not the SDK's process, is the truth.
-    log = KafkaSchemaLog(settings.kafka, settings.schemas_topic)
+    log = KafkaSchemaLog(settings)
     try:
         with serving(RegistryHttpServer(RegistryApi(SchemaRegistry(log)), "127.0.0.1", 0)) as server:
             status, by_id = call(f"{server.url}/schemas/ids/{schema_id}")
@@ -219,7 +219,7 @@ def test_errors_carry_confluent_codes_and_clear_messages(served: str) -> None:
 @pytest.mark.services
 def test_the_cli_serves_the_schemas_topic_and_stops_on_sigterm(settings: Settings, tmp_path: Path) -> None:
     subject = f"{settings.events_topic}-t.Thing"
-    log = KafkaSchemaLog(settings.kafka, settings.schemas_topic)
+    log = KafkaSchemaLog(settings)
     try:
         SchemaRegistry(log).register(subject, V1)
     finally:

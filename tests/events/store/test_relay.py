@@ -106,7 +106,7 @@ def running(relay: Relay) -> ContextManager[Relay]:
 
 
 def new_relay(settings: Settings, poll_interval: float = 0.5) -> Relay:
-    return Relay(settings.database_url, settings.kafka, settings.events_topic, settings.partitions, poll_interval=poll_interval)
+    return Relay(settings, poll_interval=poll_interval)
 
 
 def holders(settings: Settings) -> dict[int, int]:
