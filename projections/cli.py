@@ -1,4 +1,7 @@
-"""``evp projections run | catch-up | rebuild | status``.
+"""``evp projections run | catch-up | rebuild | status | grant NAME``.
+
+``NAME`` is a view declared in the project's ``evp.toml`` (``[views]``), or a
+``module:Class`` spec; the project is found by :func:`events.project.require_project`.
 
 ``python -m projections.cli ACTION`` runs the same actions without loading the other
 command groups (the trainer's import torch, which takes seconds): handy for a runner
@@ -19,22 +22,35 @@ from contextlib import contextmanager
 from tqdm import tqdm
 
 from events.cli.common import print_json, print_table
-from events.errors import EvpError
+from events.errors import ConfigurationError, EvpError
+from events.project import Project, catalog_for, require_project
 from events.settings import Settings
 from events.adapters import postgres
 from projections.rebuild import rebuild, shadow_name
 from projections.roles import DEFAULT_PREFIX, roles_exist, setup_roles
-from projections.runner import BatchOutcome, CatchUpResult, Progress, Projection, ProjectionRunner, projection_lag
-from projections.samples import SamplesView
-
-#: The projections evp ships, by the name the command line uses.
-PROJECTIONS: dict[str, Callable[[], Projection]] = {"samples": SamplesView}
+from projections.runner import BatchOutcome, CatchUpResult, Progress, ProjectionRunner, projection_lag
+from projections.view import View
 
 REPORT_EVERY_S = 10.0
 
 
-def _projection(args: argparse.Namespace) -> Projection:
-    return PROJECTIONS[args.projection]()
+def load_view(project: Project, name: str) -> View:
+    """The view ``name`` of ``project`` (a ``[views]`` name or a ``module:Class`` spec), instantiated.
+
+    Raises :class:`ConfigurationError` naming the view when it is not declared, does not
+    import, or is not a :class:`projections.view.View` subclass.
+    """
+    declared = project.load("views", name)
+    if isinstance(declared, type) and issubclass(declared, View) and "_layout" in vars(declared):
+        return declared()
+    if isinstance(declared, View):
+        return declared
+    raise ConfigurationError(f"{project.file}: view {name!r} is {declared!r}, not a projections.view.View subclass")
+
+
+def _view(args: argparse.Namespace, settings: Settings) -> View:
+    project = require_project(settings, f"evp projections {args.projections_command}")
+    return load_view(project, args.view)
 
 
 @contextmanager
@@ -56,7 +72,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    projection = _projection(args)
+    projection = _view(args, settings)
     totals = BatchOutcome()
     last_report = time.monotonic()
 
@@ -68,7 +84,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             print(f"projection {projection.name}: {totals.applied} applied, {totals.skipped} duplicates skipped, "
                   f"{totals.dead_lettered} dead-lettered", flush=True)
 
-    with ProjectionRunner(settings, projection, schema=args.schema, batch_size=args.batch_size) as runner:
+    with ProjectionRunner(settings, projection, schema=args.schema, batch_size=args.batch_size,
+                          catalog=catalog_for(settings)) as runner:
         print(f"projection {projection.name}: folding {settings.events_topic} into schema {runner.schema}", flush=True)
         runner.run(stop, on_batch)
     print(f"projection {projection.name}: stopped after {totals.applied} applied, {totals.skipped} skipped, "
@@ -77,8 +94,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _catch_up(args: argparse.Namespace, settings: Settings) -> int:
-    projection = _projection(args)
-    with ProjectionRunner(settings, projection, schema=args.schema, batch_size=args.batch_size) as runner:
+    projection = _view(args, settings)
+    with ProjectionRunner(settings, projection, schema=args.schema, batch_size=args.batch_size,
+                          catalog=catalog_for(settings)) as runner:
         with _progress_bar(f"catch-up {runner.schema}") as on_progress:
             result = runner.catch_up(on_progress)
     if args.json:
@@ -93,15 +111,15 @@ def _counts(result: CatchUpResult) -> str:
 
 
 def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
-    projection = _projection(args)
-    schema = args.schema or projection.default_schema
+    projection = _view(args, settings)
+    schema = projection.layout(args.schema).schema
     with postgres.connect(settings.database_url, autocommit=True) as conn:
         # A swapped-in schema has no grants: give the shadow the roles' grants before the
         # swap, so analysts never lose access (or gain any) during a rebuild.
         prefix = args.role_prefix
 
         def regrant() -> None:
-            setup_roles(conn, shadow_name(schema), prefix=prefix)
+            setup_roles(conn, [projection.layout(shadow_name(schema))], prefix=prefix)
 
         keep_grants = regrant if roles_exist(conn, prefix) else None
         with _progress_bar(f"rebuild {schema}") as on_progress:
@@ -115,18 +133,17 @@ def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _grant(args: argparse.Namespace, settings: Settings) -> int:
-    projection = _projection(args)
-    schema = args.schema or projection.default_schema
+    layout = _view(args, settings).layout(args.schema)
     with postgres.connect(settings.database_url, autocommit=True) as conn:
-        roles = setup_roles(conn, schema, prefix=args.role_prefix)
-    print(f"roles ready on {schema}: {roles.projector} (writes views), {roles.analyst} (masked views only), "
+        roles = setup_roles(conn, [layout], prefix=args.role_prefix)
+    print(f"roles ready on {layout.schema}: {roles.projector} (writes views), {roles.analyst} (masked views only), "
           f"{roles.auditor} (audit view of the ledger)")
     return 0
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
-    projection = _projection(args)
-    schema = args.schema or projection.default_schema
+    projection = _view(args, settings)
+    schema = projection.layout(args.schema).schema
     lags = projection_lag(settings, schema)
     if args.json:
         print_json({"schema": schema, "partitions": [dict(l.__dict__, lag=l.lag) for l in lags]})
@@ -150,8 +167,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     def add(name: str, help_text: str, func: Callable[[argparse.Namespace, Settings], int], *, batch: bool = False,
             json: bool = True) -> None:
         sub = group.add_parser(name, help=help_text)
-        sub.add_argument("--projection", choices=sorted(PROJECTIONS), default="samples")
-        sub.add_argument("--schema", default=None, help="PostgreSQL schema of the view (default: the projection's)")
+        sub.add_argument("view", metavar="NAME", help="a view of the project's evp.toml [views], or module:Class")
+        sub.add_argument("--schema", default=None, help="PostgreSQL schema of the view (default: the declared one)")
         if batch:
             sub.add_argument("--batch-size", type=int, default=5000, help="records per transaction")
         if json:

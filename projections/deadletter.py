@@ -141,7 +141,7 @@ def read_dead_letters(bootstrap: str, topic: str, *, timeout_s: float = 10.0) ->
 
 
 def _letter(message: Any) -> DeadLetter:
-    headers = {k: v for k, v in message.headers or []}
+    headers: dict[str, bytes] = {k: v for k, v in message.headers or []}
 
     def text(name: str) -> str:
         return headers.get(name, b"").decode("utf-8", errors="replace")

@@ -20,9 +20,12 @@ from psycopg import sql
 
 from events.adapters import postgres
 from events.store.client import EventStore
+from events.errors import ConfigurationError
 from events.event import Event
+from events.schema.catalog import Catalog
 from events.settings import Settings
-from projections.runner import CatchUpResult, Progress, Projection, ProjectionRunner, view_lock
+from projections.runner import CatchUpResult, Progress, ProjectionRunner, view_lock
+from projections.view import View
 
 SHADOW_SUFFIX = "_rebuild"
 MAX_IDENTIFIER = 63  # PostgreSQL truncates longer names silently; refuse instead
@@ -39,31 +42,35 @@ class RebuildResult:
 
 
 def shadow_name(schema: str) -> str:
+    """The schema a rebuild of ``schema`` replays into; ConfigurationError when too long."""
     name = schema + SHADOW_SUFFIX
     if len(name.encode()) > MAX_IDENTIFIER:
-        raise ValueError(f"schema name {schema!r} is too long for a shadow schema ({MAX_IDENTIFIER} bytes at most)")
+        raise ConfigurationError(f"schema name {schema!r} is too long for a shadow schema ({MAX_IDENTIFIER} bytes at most)")
     return name
 
 
 def rebuild(
     settings: Settings,
-    projection: Projection,
+    view: View,
     *,
     schema: str | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     before_swap: Callable[[], None] | None = None,
 ) -> RebuildResult:
-    """Replay ``projection`` into a shadow schema and swap it in atomically.
+    """Replay ``view`` into a shadow schema and swap it in atomically.
 
-    ``before_swap`` runs after the replay and before the swap (a hook for tests and for
-    callers that want to verify the shadow first).
+    1. drop what a crashed rebuild left in the shadow schema;
+    2. catch the shadow up from offset 0, then once more for what arrived meanwhile;
+    3. run ``before_swap`` (a hook for grants, tests and callers that verify the shadow);
+    4. under the view's advisory lock, drop the live schema and rename the shadow to it;
+    5. record a ``ProjectionRebuilt`` event.
     """
     started = time.monotonic()
-    live = schema or projection.default_schema
+    live = view.layout(schema).schema
     shadow = shadow_name(live)
     with postgres.connect(settings.database_url, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(shadow)))  # a crashed rebuild's
-    with ProjectionRunner(settings, projection, schema=shadow) as runner:
+    with ProjectionRunner(settings, view, schema=shadow) as runner:
         replay = runner.catch_up(on_progress)
         # A second, short pass picks up what arrived during the replay.
         tail = runner.catch_up()
@@ -79,15 +86,15 @@ def rebuild(
             cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(live)))
             cur.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(sql.Identifier(shadow), sql.Identifier(live)))
         rows = table_counts(conn, live)
-    _record(settings, projection, live, replay)
+    _record(settings, view, live, replay)
     return RebuildResult(live, replay, rows, time.monotonic() - started)
 
 
-def _record(settings: Settings, projection: Projection, schema: str, replay: CatchUpResult) -> None:
+def _record(settings: Settings, view: View, schema: str, replay: CatchUpResult) -> None:
     """Rebuilds are events too (the platform records itself)."""
-    with EventStore.open(settings) as store:
-        store.append(f"rebuilds-{projection.name}", Event("ProjectionRebuilt", {
-            "projection": projection.name, "schema": schema, "applied": replay.applied, "skipped": replay.skipped,
+    with EventStore.open(settings, Catalog.platform()) as store:
+        store.append(f"rebuilds-{view.name}", Event("ProjectionRebuilt", {
+            "projection": view.name, "schema": schema, "applied": replay.applied, "skipped": replay.skipped,
             "dead_lettered": replay.dead_lettered,
         }, actor=settings.actor))
         store.flush()

@@ -1,15 +1,15 @@
-"""Database roles that can only see what their job needs, enforced by PostgreSQL itself.
+"""Database roles that can only see what their job needs, generated from the view declarations.
 
 Encryption keeps personal data unreadable without keys; roles keep people from even
 selecting the ciphertext, the blind indexes or the wrapped keys. Three roles:
 
-- ``<prefix>projector`` keeps the views up to date. It owns the views schema and its
+- ``<prefix>projector`` keeps the views up to date. It owns every view's schema and its
   tables (the runner re-creates indexes ``IF NOT EXISTS`` on every start, which only an
   owner may do) and may read, of the keyring, only who was erased and when. It cannot read
   the ledger or any key.
-- ``<prefix>analyst`` reads pseudonymized data only: ``<views>.samples`` and
-  ``<views>.annotators_masked(annotator_id, registered_at, erased)``; never the sealed
-  columns, the blind index, the ledger or the keyring.
+- ``<prefix>analyst`` reads, of each view, only ``<schema>.<table>_masked``: the columns the
+  view declares as ``analyst`` plus, where the view has personal columns, ``erased``; never
+  a table itself, a sealed column, the ledger or the keyring.
 - ``<prefix>auditor`` reads who did what and when: ``<audit>.ledger`` and the same columns
   of the ledger table (column privileges) — every column but the record ``value``; never a
   key or a view.
@@ -20,12 +20,13 @@ deployments sharing a server keep their roles apart.
 Order of setup (each step idempotent):
 
 1. open an :class:`events.store.client.EventStore` (creates the ledger and keyring tables);
-2. run the projection once (``ProjectionRunner.open`` or ``catch_up``) as an administrator;
-3. call :func:`setup_roles` as that administrator (a superuser, or a role owning the
-   tables and allowed to create roles); from then on the projector may run the projection.
+2. run each view once (``ProjectionRunner.open`` or ``catch_up``) as an administrator;
+3. call :func:`setup_roles` with the views' layouts (``view.layout()``) as that
+   administrator (a superuser, or a role owning the tables and allowed to create roles);
+   from then on the projector may run the views. Views left out keep their grants.
 
 A rebuild swaps in a fresh views schema, which has none of the analyst's grants: pass
-``before_swap=lambda: setup_roles(conn, shadow_name(schema))`` to
+``before_swap=lambda: setup_roles(conn, [view.layout(shadow_name(schema))])`` to
 :func:`projections.rebuild.rebuild` (grants survive the rename), or call
 :func:`setup_roles` again right after it.
 """
@@ -33,6 +34,7 @@ A rebuild swaps in a fresh views schema, which has none of the analyst's grants:
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,21 +43,18 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 
 from events.errors import ConfigurationError
+from projections.view import ERASED, Layout
 
 DEFAULT_PREFIX = "evp_"
-DEFAULT_VIEWS_SCHEMA = "evp_views"
 DEFAULT_AUDIT_SCHEMA = "evp_audit"
 
-MASKED_ANNOTATORS = "annotators_masked"
 AUDIT_VIEW = "ledger"
-#: What the analyst may read in the views schema, besides :data:`MASKED_ANNOTATORS`.
-ANALYST_TABLES = ("samples",)
 #: The ledger columns an auditor may read: everything except the record ``value``.
 AUDIT_COLUMNS = (
     "position", "stream_id", "version", "event_id", "event_type", "actor", "subject_id",
     "occurred_at", "recorded_at", "partition", "kafka_offset",
 )
-#: The keyring columns the masked view needs (so its owner, the projector, may read them).
+#: The keyring columns the masked views need (so their owner, the projector, may read them).
 TOMBSTONE_COLUMNS = ("subject_id", "erased_at")
 LEDGER_TABLE = "evp_events"
 KEYS_TABLE = "evp_data_keys"
@@ -102,32 +101,40 @@ def roles_exist(conn: psycopg.Connection[Any], prefix: str = DEFAULT_PREFIX) -> 
 
 def setup_roles(
     conn: psycopg.Connection[Any],
-    views_schema: str = DEFAULT_VIEWS_SCHEMA,
+    views: Sequence[Layout],
     *,
     prefix: str = DEFAULT_PREFIX,
     audit_schema: str = DEFAULT_AUDIT_SCHEMA,
     login: bool = False,
 ) -> Roles:
-    """Create (or bring back in line) the roles, views and grants; returns the role names.
+    """Create (or bring back in line) the roles, masked views and grants; returns the role names.
 
-    ``login`` lets the roles connect themselves (otherwise an administrator uses them with
-    ``SET ROLE``). What PUBLIC, the analyst and the auditor may do on the ledger, keyring,
-    views and audit schemas is revoked and granted afresh, so a second call also removes
-    stale grants. Runs in one transaction. Raises :class:`ConfigurationError` naming a
-    missing table.
+    1. check that the ledger, the keyring and every view's table exist;
+    2. create the roles and pin their attributes (no superuser, no bypassing row security;
+       ``login`` lets them connect themselves, otherwise an administrator uses ``SET ROLE``);
+    3. revoke what PUBLIC, the analyst and the auditor may do on the ledger, keyring, audit
+       and the views' schemas, so a second call also removes stale grants;
+    4. (re)create each view's masked view and grant it, and only it, to the analyst;
+    5. give the projector the views' schemas, the auditor the audit view.
+
+    Runs in one transaction. Raises :class:`ConfigurationError` naming a missing table or view.
     """
     roles = Roles.named(prefix)
+    if not views:
+        raise ConfigurationError("setup_roles needs at least one view layout (view.layout())")
     with conn.transaction(), conn.cursor() as cur:
         ledger_schema = _schema_of(cur, LEDGER_TABLE, "open an EventStore first: it creates the ledger")
         keys_schema = _schema_of(cur, KEYS_TABLE, "open an EventStore first: it creates the keyring table")
-        _require_views(cur, views_schema)
+        for layout in views:
+            _require_view(cur, layout)
         for role in roles.all():
             _ensure_role(cur, role, login=login)
         cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(audit_schema)))
-        _reset(cur, roles, views_schema, (ledger_schema, keys_schema, audit_schema))
-        _create_masked_view(cur, views_schema, keys_schema)
-        _grant_projector(cur, roles.projector, views_schema, keys_schema)
-        _grant_analyst(cur, roles.analyst, views_schema)
+        view_schemas = tuple(dict.fromkeys(layout.schema for layout in views))
+        _reset(cur, roles, view_schemas, (ledger_schema, keys_schema, audit_schema))
+        masked = [m for m in (_create_masked_view(cur, layout, keys_schema) for layout in views) if m is not None]
+        _grant_projector(cur, roles.projector, view_schemas, keys_schema)
+        _grant_analyst(cur, roles.analyst, view_schemas, masked)
         _grant_auditor(cur, roles.auditor, ledger_schema, audit_schema)
     return roles
 
@@ -160,14 +167,13 @@ def _schema_of(cur: psycopg.Cursor[Any], table: str, hint: str) -> str:
     return str(row[0])
 
 
-def _require_views(cur: psycopg.Cursor[Any], views_schema: str) -> None:
-    for table in (*ANALYST_TABLES, "annotators"):
-        found = cur.execute("SELECT to_regclass(%s)", (sql.Identifier(views_schema, table).as_string(cur),)).fetchone()
-        if found is None or found[0] is None:
-            raise ConfigurationError(
-                f"table {views_schema}.{table} does not exist: run the samples projection into schema "
-                f"{views_schema!r} before setting up roles"
-            )
+def _require_view(cur: psycopg.Cursor[Any], layout: Layout) -> None:
+    found = cur.execute("SELECT to_regclass(%s)", (sql.Identifier(layout.schema, layout.table).as_string(cur),)).fetchone()
+    if found is None or found[0] is None:
+        raise ConfigurationError(
+            f"table {layout.schema}.{layout.table} does not exist: run the view {layout.view!r} into schema "
+            f"{layout.schema!r} (evp projections catch-up {layout.view}) before setting up roles"
+        )
 
 
 def _role_exists(cur: psycopg.Cursor[Any], role: str) -> bool:
@@ -205,10 +211,10 @@ def _ensure_role(cur: psycopg.Cursor[Any], role: str, *, login: bool) -> None:
         cur.execute(sql.SQL("ALTER ROLE {} " + " ".join(changes)).format(name))
 
 
-def _reset(cur: psycopg.Cursor[Any], roles: Roles, views_schema: str, other_schemas: tuple[str, ...]) -> None:
+def _reset(cur: psycopg.Cursor[Any], roles: Roles, view_schemas: tuple[str, ...], other_schemas: tuple[str, ...]) -> None:
     """Revoke what PUBLIC and our roles could reach, so only the grants below remain.
 
-    In the views schema the projector is (or becomes) the owner: revoking from an owner
+    In the views' schemas the projector is (or becomes) the owner: revoking from an owner
     would strip its own rights, so it is left out there.
     """
     everyone = sql.SQL(", ").join([sql.SQL("PUBLIC"), *(sql.Identifier(r) for r in roles.all())])
@@ -216,7 +222,7 @@ def _reset(cur: psycopg.Cursor[Any], roles: Roles, views_schema: str, other_sche
     # Before PostgreSQL 15 anyone may create objects in `public`: a planted table or
     # function there could shadow ours for a careless search path.
     cur.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
-    for schema, grantees in [(s, everyone) for s in sorted(set(other_schemas))] + [(views_schema, readers)]:
+    for schema, grantees in [(s, everyone) for s in sorted(set(other_schemas))] + [(v, readers) for v in view_schemas]:
         s = sql.Identifier(schema)
         cur.execute(sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA {} FROM {}").format(s, grantees))
         cur.execute(sql.SQL("REVOKE ALL ON ALL SEQUENCES IN SCHEMA {} FROM {}").format(s, grantees))
@@ -227,44 +233,58 @@ def _reset(cur: psycopg.Cursor[Any], roles: Roles, views_schema: str, other_sche
             cur.execute(sql.SQL("REVOKE ALL ON SCHEMA {} FROM {}").format(s, grantees))
 
 
-def _create_masked_view(cur: psycopg.Cursor[Any], views_schema: str, keys_schema: str) -> None:
-    """Annotators without their personal columns; ``erased`` is the keyring's tombstone.
+def _create_masked_view(cur: psycopg.Cursor[Any], layout: Layout, keys_schema: str) -> sql.Identifier | None:
+    """``<table>_masked``: the analyst columns, plus ``erased`` where there are personal columns.
 
-    The view runs with its owner's rights (the projector, once ownership moves), so the
-    analyst learns who was erased without any privilege on the keyring table.
+    ``erased`` is the row's own redaction flag or the keyring's tombstone of any subject the
+    row names: an erasure shows at once, before the runner has redacted the row. The view
+    runs with its owner's rights (the projector, once ownership moves), so the analyst
+    learns who was erased without any privilege on the keyring table. A view with neither
+    analyst nor personal columns gets no masked view. Returns the masked view, if any.
     """
-    view = sql.Identifier(views_schema, MASKED_ANNOTATORS)
-    cur.execute(sql.SQL(
-        "CREATE OR REPLACE VIEW {view} AS SELECT a.annotator_id, a.registered_at,"
-        " EXISTS (SELECT 1 FROM {keys} k WHERE k.subject_id = a.annotator_id AND k.erased_at IS NOT NULL) AS erased"
-        " FROM {annotators} a"
-    ).format(
-        view=view, keys=sql.Identifier(keys_schema, KEYS_TABLE), annotators=sql.Identifier(views_schema, "annotators")
-    ))
+    view = sql.Identifier(layout.schema, layout.masked)
+    cur.execute(sql.SQL("DROP VIEW IF EXISTS {}").format(view))  # its columns may have changed
+    selected = [sql.SQL("a.{}").format(sql.Identifier(c)) for c in layout.analyst]
+    if layout.personal:
+        keys = sql.Identifier(keys_schema, KEYS_TABLE)
+        tombstones = [
+            sql.SQL("EXISTS (SELECT 1 FROM {} k WHERE k.subject_id = a.{} AND k.erased_at IS NOT NULL)").format(
+                keys, sql.Identifier(subject))
+            for subject in layout.subjects()
+        ]
+        erased = sql.SQL(" OR ").join([sql.SQL("a.{}").format(sql.Identifier(ERASED)), *tombstones])
+        selected.append(sql.SQL("({}) AS {}").format(erased, sql.Identifier(ERASED)))
+    if not selected:
+        return None
+    cur.execute(sql.SQL("CREATE VIEW {} AS SELECT {} FROM {} a").format(
+        view, sql.SQL(", ").join(selected), sql.Identifier(layout.schema, layout.table)))
     cur.execute(sql.SQL("COMMENT ON VIEW {} IS {}").format(view, sql.Literal(
-        "Annotators without their sealed name, email or email blind index; erased: their data key was destroyed."
+        f"View {layout.view!r} for analysts: only its analyst columns"
+        + ("; erased: some personal data of the row was erased." if layout.personal else ".")
     )))
+    return view
 
 
-def _grant_projector(cur: psycopg.Cursor[Any], role: str, views_schema: str, keys_schema: str) -> None:
-    """Own the views schema and everything in it; read the keyring's tombstones, nothing else.
+def _grant_projector(cur: psycopg.Cursor[Any], role: str, view_schemas: tuple[str, ...], keys_schema: str) -> None:
+    """Own the views' schemas and everything in them; read the keyring's tombstones, nothing else.
 
     ``CREATE`` on the database lets the runner's ``CREATE SCHEMA IF NOT EXISTS`` pass (the
     privilege is checked even when the schema exists) and lets a rebuild make its shadow.
     """
     r = sql.Identifier(role)
-    cur.execute(sql.SQL("ALTER SCHEMA {} OWNER TO {}").format(sql.Identifier(views_schema), r))
-    relations = cur.execute(
-        "SELECT c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE n.nspname = %s AND c.relkind = ANY(%s) AND pg_get_userbyid(c.relowner) <> %s"
-        # a serial column's sequence follows its table and cannot be moved on its own
-        " AND (c.relkind <> 'S' OR NOT EXISTS (SELECT 1 FROM pg_depend d"
-        " WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype IN ('a', 'i')))",
-        (views_schema, list(_OWNED_KINDS), role),
-    ).fetchall()
-    for name, kind in relations:
-        keyword = {"v": "VIEW", "m": "MATERIALIZED VIEW", "f": "FOREIGN TABLE", "S": "SEQUENCE"}.get(kind, "TABLE")
-        cur.execute(sql.SQL("ALTER " + keyword + " {} OWNER TO {}").format(sql.Identifier(views_schema, name), r))
+    for views_schema in view_schemas:
+        cur.execute(sql.SQL("ALTER SCHEMA {} OWNER TO {}").format(sql.Identifier(views_schema), r))
+        relations = cur.execute(
+            "SELECT c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %s AND c.relkind = ANY(%s) AND pg_get_userbyid(c.relowner) <> %s"
+            # a serial column's sequence follows its table and cannot be moved on its own
+            " AND (c.relkind <> 'S' OR NOT EXISTS (SELECT 1 FROM pg_depend d"
+            " WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype IN ('a', 'i')))",
+            (views_schema, list(_OWNED_KINDS), role),
+        ).fetchall()
+        for name, kind in relations:
+            keyword = {"v": "VIEW", "m": "MATERIALIZED VIEW", "f": "FOREIGN TABLE", "S": "SEQUENCE"}.get(kind, "TABLE")
+            cur.execute(sql.SQL("ALTER " + keyword + " {} OWNER TO {}").format(sql.Identifier(views_schema, name), r))
     cur.execute(sql.SQL("GRANT CONNECT, CREATE ON DATABASE {} TO {}").format(_database(cur), r))
     cur.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(keys_schema), r))
     cur.execute(sql.SQL("GRANT SELECT ({}) ON {} TO {}").format(
@@ -272,12 +292,13 @@ def _grant_projector(cur: psycopg.Cursor[Any], role: str, views_schema: str, key
     ))
 
 
-def _grant_analyst(cur: psycopg.Cursor[Any], role: str, views_schema: str) -> None:
+def _grant_analyst(cur: psycopg.Cursor[Any], role: str, view_schemas: tuple[str, ...], masked: Sequence[sql.Identifier]) -> None:
     r = sql.Identifier(role)
     cur.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(_database(cur), r))
-    cur.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(views_schema), r))
-    for table in (*ANALYST_TABLES, MASKED_ANNOTATORS):
-        cur.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier(views_schema, table), r))
+    for views_schema in view_schemas:
+        cur.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(views_schema), r))
+    for view in masked:
+        cur.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(view, r))
 
 
 def _grant_auditor(cur: psycopg.Cursor[Any], role: str, ledger_schema: str, audit_schema: str) -> None:

@@ -8,9 +8,10 @@ Contract of one batch (one ``poll``):
 2. records that do not decode go to the dead-letter topic; records whose stream version is
    at or below the version already applied to that stream are skipped (a relay re-publishes
    after a crash, so the same (stream, version) can appear twice);
-3. the rest are applied, the whole batch at once; if the projection refuses one (a poison
-   record, see :data:`projections.deadletter.POISON_ERRORS`), the batch is re-applied record
-   by record, each in a savepoint, and the refused ones are dead-lettered;
+3. the rest are folded into the view, the whole batch at once (:func:`projections.tables.apply`):
+   records the view's handlers refuse are dead-lettered; if the database refuses a value
+   (a poison record, see :data:`projections.deadletter.POISON_ERRORS`), the batch is
+   re-applied record by record, each in a savepoint, and the refused ones are dead-lettered;
 4. dead letters are flushed to Kafka, then the view rows, the applied stream versions
    (``evp_stream_versions``) and the next offsets (``evp_offsets``) commit together.
 
@@ -27,14 +28,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import psycopg
 from kafka import KafkaConsumer, TopicPartition
 from psycopg import sql
 
 from events.adapters import postgres
+from events.project import catalog_for
 from events.schema.catalog import Catalog
 from events.schema.codec import Codec
 from events.errors import ConfigurationError, EvpError, ServiceUnavailable
@@ -42,42 +43,16 @@ from events.adapters.kafka import consumer as make_consumer, ensure_event_topics
 from events.store.log import BadRecord, LogRecord, decode_record, end_offsets
 from events.schema.registry import KafkaSchemaLog, SchemaRegistry
 from events.settings import Settings
+from projections import tables
 from projections.deadletter import POISON_ERRORS, STAGE_APPLY, STAGE_DECODE, DeadLetterQueue, describe_error
+from projections.fold import Refusal
+from projections.view import Layout, View
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 5000
 #: How long a catch-up waits for records it knows exist before calling the broker unavailable.
 STALL_TIMEOUT_S = 30.0
-
-
-# -- what a projection is ------------------------------------------------------------------
-class Projection(Protocol):
-    """A fold of events into tables of one PostgreSQL schema.
-
-    ``create`` must be idempotent (``IF NOT EXISTS``): it runs every time a runner starts.
-    ``apply`` must be deterministic and use only the record and the schema's tables, so a
-    rebuild gives the same view. Raise :class:`events.errors.InvalidEvent` for a record the
-    view cannot hold: it is dead-lettered instead of stopping the runner.
-    """
-
-    name: str
-    default_schema: str
-
-    def create(self, cur: psycopg.Cursor[Any], schema: str) -> None: ...
-
-    def apply(self, cur: psycopg.Cursor[Any], schema: str, record: LogRecord) -> None: ...
-
-
-@runtime_checkable
-class BatchProjection(Projection, Protocol):
-    """A projection that can apply many records at once (COPY, executemany, unnest).
-
-    ``apply_batch(records)`` must leave the view exactly as ``apply`` on each record in
-    order would: the runner falls back to that when a batch holds a poison record.
-    """
-
-    def apply_batch(self, cur: psycopg.Cursor[Any], schema: str, records: Sequence[LogRecord]) -> None: ...
 
 
 # -- results -------------------------------------------------------------------------------
@@ -142,18 +117,14 @@ def select_new(records: Iterable[LogRecord], applied: Mapping[str, int]) -> tupl
     return new, latest
 
 
-def parse_timestamp(text: str) -> datetime | None:
-    """The ``evp.occurred_at`` header as a datetime; None when absent, ValueError when malformed."""
-    if not text:
-        return None
-    parsed = datetime.fromisoformat(text)
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=timezone.utc)
+def open_codec(settings: Settings, catalog: Catalog | None = None) -> Codec:
+    """A codec that reads any registered schema (readers never register).
 
-
-def open_codec(settings: Settings) -> Codec:
-    """A codec that reads any registered schema (readers never register)."""
-    registry = SchemaRegistry(KafkaSchemaLog(settings.kafka, settings.schemas_topic))
-    return Codec(registry, Catalog.default(), settings.events_topic)
+    ``catalog`` (default: :func:`events.project.catalog_for`) only decides which current
+    schema old records are resolved against; a type it does not know reads as written.
+    """
+    registry = SchemaRegistry(KafkaSchemaLog(settings))
+    return Codec(registry, catalog or catalog_for(settings), settings.events_topic)
 
 
 # -- bookkeeping tables --------------------------------------------------------------------
@@ -162,8 +133,13 @@ def view_lock(schema: str) -> sql.Composed:
     return sql.SQL("SELECT pg_advisory_xact_lock(hashtext({}))").format(sql.Literal(f"evp.projection:{schema}"))
 
 
-def ensure_schema(conn: psycopg.Connection[Any], projection: Projection, schema: str) -> None:
-    """Create the schema, the runner's tables and the projection's tables (idempotent)."""
+def ensure_schema(conn: psycopg.Connection[Any], layout: Layout) -> None:
+    """Create the schema, the runner's tables and the view's tables (idempotent).
+
+    Raises :class:`ConfigurationError` when the schema holds another view, or the view's
+    table has another shape than its declaration.
+    """
+    schema = layout.schema
     s = sql.Identifier(schema)
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(view_lock(schema))
@@ -180,10 +156,10 @@ def ensure_schema(conn: psycopg.Connection[Any], projection: Projection, schema:
         ).format(s))
         owners = [r[0] for r in cur.execute(sql.SQL("SELECT name FROM {}.evp_projection").format(s))]
         if not owners:
-            cur.execute(sql.SQL("INSERT INTO {}.evp_projection (name) VALUES (%s)").format(s), (projection.name,))
-        elif owners != [projection.name]:
-            raise ConfigurationError(f"schema {schema!r} holds projection {owners[0]!r}, not {projection.name!r}")
-        projection.create(cur, schema)
+            cur.execute(sql.SQL("INSERT INTO {}.evp_projection (name) VALUES (%s)").format(s), (layout.view,))
+        elif owners != [layout.view]:
+            raise ConfigurationError(f"schema {schema!r} holds view {owners[0]!r}, not {layout.view!r}")
+        tables.create(cur, layout)
 
 
 def stored_offsets(cur: psycopg.Cursor[Any], schema: str, topic: str) -> dict[int, int]:
@@ -201,7 +177,12 @@ class _PositionsMoved(Exception):
 
 # -- the runner ----------------------------------------------------------------------------
 class ProjectionRunner:
-    """Keeps one projection's schema up to date with the events topic.
+    """Keeps one declared view's schema up to date with the events topic.
+
+    ``view`` is a :class:`projections.view.View` instance; ``schema`` overrides its declared
+    schema (a rebuild's shadow, a second copy); ``catalog`` (default: the project's, see
+    :func:`events.project.catalog_for`) decides which current schemas old records are read
+    with. Raises :class:`ConfigurationError` for anything but a declared view.
 
     Not thread-safe: one thread drives a runner. Several runners (or processes) may serve
     the same schema; the advisory lock and the position check keep their effects single.
@@ -210,14 +191,19 @@ class ProjectionRunner:
     def __init__(
         self,
         settings: Settings,
-        projection: Projection,
+        view: View,
         *,
         schema: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         codec: Codec | None = None,
+        catalog: Catalog | None = None,
     ) -> None:
-        self.settings, self.projection = settings, projection
-        self.schema = schema or projection.default_schema
+        if not isinstance(view, View):
+            raise ConfigurationError(f"{view!r} is not a projections.view.View (declare the view as a View subclass)")
+        self.settings, self.view = settings, view
+        self.layout = view.layout(schema)
+        self.schema = self.layout.schema
+        self._catalog = catalog
         self.topic = settings.events_topic
         self.batch_size = batch_size
         self._codec = codec
@@ -225,8 +211,7 @@ class ProjectionRunner:
         self._consumer: KafkaConsumer | None = None
         self._partitions: list[TopicPartition] = []
         self._expected: dict[int, int] = {}
-        self._dead_letters = DeadLetterQueue(settings.kafka, settings.dead_letter_topic, projection.name)
-        self._apply_batch = projection.apply_batch if isinstance(projection, BatchProjection) else None
+        self._dead_letters = DeadLetterQueue(settings.kafka, settings.dead_letter_topic, view.name)
 
     # -- connections ----------------------------------------------------------------------
     def open(self) -> None:
@@ -234,9 +219,9 @@ class ProjectionRunner:
         if self._conn is None or self._conn.closed:
             self._reset()  # positions come from the database: a new connection means a new seek
             self._conn = postgres.connect(self.settings.database_url, autocommit=True)
-            ensure_schema(self._conn, self.projection, self.schema)
+            ensure_schema(self._conn, self.layout)
         if self._codec is None:
-            self._codec = open_codec(self.settings)
+            self._codec = open_codec(self.settings, self._catalog)
         if self._consumer is None:
             ensure_event_topics(self.settings)
             self._consumer = make_consumer(self.settings.kafka, max_poll_records=self.batch_size, fetch_max_wait_ms=200)
@@ -315,7 +300,7 @@ class ProjectionRunner:
                 self._dead_letters.flush()
                 nexts = self._save_offsets(cur, messages)
         except _PositionsMoved:
-            log.info("projection %s: positions in %s moved under this runner; re-seeking", self.projection.name, self.schema)
+            log.info("projection %s: positions in %s moved under this runner; re-seeking", self.view.name, self.schema)
             self._seek_to_stored()
             return BatchOutcome()
         except BaseException:
@@ -344,31 +329,26 @@ class ProjectionRunner:
         return BatchOutcome(applied=len(new) - len(refused), skipped=len(records) - len(new), dead_lettered=dead + len(refused))
 
     def _apply_records(self, cur: psycopg.Cursor[Any], records: Sequence[LogRecord]) -> list[tuple[LogRecord, BaseException]]:
-        """Apply all at once; if one is poison, again one by one. Returns the refused ones."""
+        """Apply all at once; if the database refuses a value, again one by one. Returns the refused ones."""
         if not records:
             return []
         conn = cur.connection
         try:
             with conn.transaction():
-                self._apply_many(cur, records)
-            return []
+                return list(self._apply_many(cur, records))
         except POISON_ERRORS:
             pass
         refused: list[tuple[LogRecord, BaseException]] = []
         for record in records:
             try:
                 with conn.transaction():
-                    self._apply_many(cur, [record])
+                    refused += self._apply_many(cur, [record])
             except POISON_ERRORS as err:
                 refused.append((record, err))
         return refused
 
-    def _apply_many(self, cur: psycopg.Cursor[Any], records: Sequence[LogRecord]) -> None:
-        if self._apply_batch is not None:
-            self._apply_batch(cur, self.schema, records)
-        else:
-            for record in records:
-                self.projection.apply(cur, self.schema, record)
+    def _apply_many(self, cur: psycopg.Cursor[Any], records: Sequence[LogRecord]) -> list[Refusal]:
+        return tables.apply(cur, self.view, self.layout, records)
 
     def _applied_versions(self, cur: psycopg.Cursor[Any], streams: set[str]) -> dict[str, int]:
         if not streams:
@@ -451,7 +431,7 @@ class ProjectionRunner:
             except ConfigurationError:
                 raise
             except (EvpError, psycopg.OperationalError, psycopg.InterfaceError) as err:
-                log.warning("projection %s: %s; retrying in %.1fs", self.projection.name, err, backoff)
+                log.warning("projection %s: %s; retrying in %.1fs", self.view.name, err, backoff)
                 self._reset()
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)

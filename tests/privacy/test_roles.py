@@ -1,4 +1,4 @@
-"""Database roles: a role that must not see a column cannot select it.
+"""Database roles generated from the view declarations: a role that must not see a column cannot select it.
 
 Each role is checked two ways: concrete queries that must fail with
 ``InsufficientPrivilege`` (or succeed), and the complete list of columns PostgreSQL says
@@ -9,6 +9,8 @@ forgotten grant or a stray ``GRANT ... TO PUBLIC`` anywhere shows up.
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,22 +18,34 @@ import psycopg
 import psycopg.errors
 import pytest
 
-from events.store.client import EventStore
 from events.errors import ConfigurationError
 from events.event import Event
 from events.ops.forget import forget_subject
+from events.project import Project
 from events.settings import Settings
+from events.store.client import EventStore
+from projections.cli import load_view
 from projections.rebuild import rebuild, shadow_name
 from projections.roles import AUDIT_COLUMNS, Roles, drop_roles, setup_roles
 from projections.runner import ProjectionRunner
-from projections.samples import SamplesView, read_samples
-from tests.privacy import make_people, register, submit, with_role
+from projections.view import View
+from tests.support.examples import DIGITS
+from tests.support.plaintext import Person, make_people, register, submit, with_role
 
-VIEWS = "evp_views"
 AUDIT = "evp_audit"
-MASKED_COLUMNS = ["annotator_id", "registered_at", "erased"]
-#: Columns that hold personal data (sealed) or are derived from it (the blind index).
-PERSONAL_COLUMNS = {"name", "email", "name_sealed", "email_sealed", "email_index"}
+SAMPLES = load_view(Project.read(DIGITS), "samples")
+ANNOTATORS = load_view(Project.read(DIGITS), "annotators")
+VIEWS = (SAMPLES, ANNOTATORS)
+S, A = SAMPLES.default_schema, ANNOTATORS.default_schema
+MASKED_ANNOTATORS = ["annotator_id", "registered_at", "erased"]
+#: Columns that hold personal data (sealed), its provenance, or are derived from it (the blind index).
+PERSONAL_COLUMNS = {"name", "email", "name_event_id", "email_event_id", "email_index"}
+
+
+def _catch_up(settings: Settings, views: tuple[View, ...] = VIEWS) -> None:
+    for view in views:
+        with ProjectionRunner(settings, view) as runner:
+            runner.catch_up()
 
 
 @pytest.fixture
@@ -44,22 +58,21 @@ def prefix(settings: Settings) -> Iterator[str]:
 
 
 @pytest.fixture
-def people(store: EventStore, settings: Settings) -> list[Any]:
-    """Two annotators with samples, projected into the views."""
+def people(store: EventStore, settings: Settings) -> list[Person]:
+    """Two annotators with three samples each, projected into both views."""
     people = make_people(random.Random(), 2)
     for i, person in enumerate(people):
         register(store, person)
         submit(store, person, [f"{person.annotator_id}-{n}" for n in range(3)], f"digits:{i}")
     store.flush()
-    with ProjectionRunner(settings, SamplesView()) as runner:
-        runner.catch_up()
+    _catch_up(settings)
     return people
 
 
 @pytest.fixture
-def roles(settings: Settings, people: list[Any], prefix: str) -> Roles:
+def roles(settings: Settings, people: list[Person], prefix: str) -> Roles:
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
-        return setup_roles(conn, prefix=prefix)
+        return setup_roles(conn, [v.layout() for v in VIEWS], prefix=prefix)
 
 
 def as_role(settings: Settings, role: str) -> psycopg.Connection[Any]:
@@ -79,52 +92,56 @@ def readable_columns(conn: psycopg.Connection[Any], role: str) -> set[str]:
     return {r[0] for r in rows}
 
 
-def table_columns(conn: psycopg.Connection[Any], schema: str, table: str) -> set[str]:
-    rows = conn.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s", (schema, table)
-    ).fetchall()
-    return {r[0] for r in rows}
-
-
 def assert_denied(conn: psycopg.Connection[Any], query: str) -> None:
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         conn.execute(query)
 
 
+def masked_columns() -> set[str]:
+    """Exactly what the analyst may read: each view's analyst columns, plus erased where personal."""
+    return ({f"{S}.samples_masked.{c}" for c in SAMPLES.analyst}
+            | {f"{A}.annotators_masked.{c}" for c in MASKED_ANNOTATORS})
+
+
 pytestmark = pytest.mark.services
 
 
-def test_analyst_reads_only_pseudonymized_views(settings: Settings, roles: Roles, people: list[Any], store: EventStore) -> None:
+def test_analyst_reads_only_the_masked_views(settings: Settings, roles: Roles, people: list[Person], store: EventStore) -> None:
     with as_role(settings, roles.analyst) as conn:
         for query in (
-            f"SELECT name_sealed FROM {VIEWS}.annotators",
-            f"SELECT email_sealed FROM {VIEWS}.annotators",
-            f"SELECT email_index FROM {VIEWS}.annotators",
-            f"SELECT * FROM {VIEWS}.annotators",
+            f"SELECT name FROM {A}.annotators",
+            f"SELECT email FROM {A}.annotators",
+            f"SELECT email_index FROM {A}.annotators",
+            f"SELECT annotator_id FROM {A}.annotators",
+            f"SELECT * FROM {S}.samples",
+            f"SELECT * FROM {A}.evp_forgotten_subjects",
             "SELECT * FROM evp_data_keys",
             "SELECT value FROM evp_events",
             "SELECT position FROM evp_events",
             f"SELECT * FROM {AUDIT}.ledger",
-            f"SELECT * FROM {VIEWS}.evp_offsets",
+            f"SELECT * FROM {S}.evp_offsets",
             "CREATE TABLE public.planted (x int)",
         ):
             assert_denied(conn, query)
-        cur = conn.execute(f"SELECT * FROM {VIEWS}.annotators_masked ORDER BY annotator_id")
-        assert [d.name for d in cur.description or []] == MASKED_COLUMNS
-        assert cur.fetchall() and all(not erased for _, _, erased in conn.execute(
-            f"SELECT * FROM {VIEWS}.annotators_masked").fetchall())
-        assert len(read_samples(conn.cursor(), VIEWS)) == 6
+        cur = conn.execute(f"SELECT * FROM {A}.annotators_masked ORDER BY annotator_id")
+        assert [d.name for d in cur.description or []] == MASKED_ANNOTATORS
+        assert len(cur.fetchall()) == 2
+        assert conn.execute(f"SELECT bool_or(erased) FROM {A}.annotators_masked").fetchone() == (False,)
+        cur = conn.execute(f"SELECT * FROM {S}.samples_masked")
+        assert [d.name for d in cur.description or []] == list(SAMPLES.analyst) and len(cur.fetchall()) == 6
 
     forget_subject(store, people[0].annotator_id, reason="request")
-    with as_role(settings, roles.analyst) as conn:
-        erased = dict(conn.execute(f"SELECT annotator_id, erased FROM {VIEWS}.annotators_masked").fetchall())
+    with as_role(settings, roles.analyst) as conn:  # the keyring's tombstone shows at once, before the runner ran
+        erased = dict(conn.execute(f"SELECT annotator_id, erased FROM {A}.annotators_masked").fetchall())
     assert erased == {people[0].annotator_id: True, people[1].annotator_id: False}
-
+    _catch_up(settings, (ANNOTATORS,))
     with psycopg.connect(settings.database_url) as admin:
-        samples = table_columns(admin, VIEWS, "samples")
-        assert {"sample_id", "annotator_id", "label", "features"} <= samples and not samples & PERSONAL_COLUMNS
-        expected = {f"{VIEWS}.samples.{c}" for c in samples} | {f"{VIEWS}.annotators_masked.{c}" for c in MASKED_COLUMNS}
-        assert readable_columns(admin, roles.analyst) == expected
+        redacted = admin.execute(f"SELECT erased, name IS NULL, email IS NULL FROM {A}.annotators WHERE annotator_id = %s",
+                                 (people[0].annotator_id,)).fetchone()
+        assert redacted == (True, True, True)
+        readable = readable_columns(admin, roles.analyst)
+    assert readable == masked_columns()
+    assert not {c.rsplit(".", 1)[1] for c in readable} & PERSONAL_COLUMNS
 
 
 def test_auditor_reads_the_ledger_but_not_values_keys_or_views(settings: Settings, roles: Roles) -> None:
@@ -137,8 +154,8 @@ def test_auditor_reads_the_ledger_but_not_values_keys_or_views(settings: Setting
             "SELECT * FROM evp_events",
             "SELECT wrapped_key FROM evp_data_keys",
             "SELECT subject_id FROM evp_data_keys",
-            f"SELECT * FROM {VIEWS}.samples",
-            f"SELECT * FROM {VIEWS}.annotators_masked",
+            f"SELECT * FROM {S}.samples_masked",
+            f"SELECT * FROM {A}.annotators_masked",
         ):
             assert_denied(conn, query)
     with psycopg.connect(settings.database_url) as admin:
@@ -146,51 +163,64 @@ def test_auditor_reads_the_ledger_but_not_values_keys_or_views(settings: Setting
         assert readable_columns(admin, roles.auditor) == expected
 
 
-def test_projector_runs_the_projection_but_reads_no_ledger_or_keys(
-    settings: Settings, roles: Roles, store: EventStore, people: list[Any]
+def test_projector_runs_the_views_but_reads_no_ledger_or_keys(
+    settings: Settings, roles: Roles, store: EventStore, people: list[Person]
 ) -> None:
     submit(store, people[1], ["late-sample"], "digits:late")
     store.flush()
-    with ProjectionRunner(settings.with_(database_url=with_role(settings.database_url, roles.projector)), SamplesView()) as runner:
-        assert runner.catch_up().applied == 1
+    as_projector = settings.with_(database_url=with_role(settings.database_url, roles.projector))
+    for view in VIEWS:
+        with ProjectionRunner(as_projector, view) as runner:
+            assert runner.catch_up().applied == 1
     with as_role(settings, roles.projector) as conn:
-        assert "late-sample" in read_samples(conn.cursor(), VIEWS)
+        assert conn.execute(f"SELECT count(*) FROM {S}.samples WHERE sample_id = 'late-sample'").fetchone() == (1,)
         for query in ("SELECT value FROM evp_events", "SELECT wrapped_key FROM evp_data_keys", f"SELECT * FROM {AUDIT}.ledger"):
             assert_denied(conn, query)
         assert conn.execute("SELECT count(*) FROM evp_data_keys WHERE erased_at IS NOT NULL").fetchone() == (0,)
         readable = readable_columns(conn, roles.projector)
-    assert {c for c in readable if not c.startswith(f"{VIEWS}.")} == {"public.evp_data_keys.subject_id", "public.evp_data_keys.erased_at"}
+    outside = {c for c in readable if not c.startswith((f"{S}.", f"{A}."))}
+    assert outside == {"public.evp_data_keys.subject_id", "public.evp_data_keys.erased_at"}
 
 
 def test_setup_is_idempotent_and_removes_stale_grants(settings: Settings, roles: Roles) -> None:
     with psycopg.connect(settings.database_url, autocommit=True) as admin:
         before = {r: readable_columns(admin, r) for r in roles.all()}
-        admin.execute(f"GRANT SELECT ON {VIEWS}.annotators TO {roles.analyst}")
+        admin.execute(f"GRANT SELECT ON {A}.annotators TO {roles.analyst}")
+        admin.execute(f"GRANT SELECT ON {S}.samples TO PUBLIC")
         admin.execute("GRANT SELECT ON evp_data_keys TO PUBLIC")
         admin.execute(f"ALTER ROLE {roles.auditor} BYPASSRLS CREATEDB")
-        assert f"{VIEWS}.annotators.name_sealed" in readable_columns(admin, roles.analyst)  # the stale grant took
+        assert f"{A}.annotators.name" in readable_columns(admin, roles.analyst)  # the stale grant took
 
-        assert setup_roles(admin, prefix=roles.analyst.removesuffix("analyst")) == roles
+        assert setup_roles(admin, [v.layout() for v in VIEWS], prefix=roles.analyst.removesuffix("analyst")) == roles
         assert {r: readable_columns(admin, r) for r in roles.all()} == before
         flags = admin.execute("SELECT rolbypassrls, rolcreatedb, rolcanlogin FROM pg_roles WHERE rolname = %s",
                               (roles.auditor,)).fetchone()
         assert flags == (False, False, False)
 
 
-def test_grants_survive_a_rebuild_when_set_up_before_the_swap(settings: Settings, roles: Roles, people: list[Any]) -> None:
+def test_grants_survive_a_rebuild_when_set_up_before_the_swap(settings: Settings, roles: Roles, people: list[Person]) -> None:
     with psycopg.connect(settings.database_url, autocommit=True) as admin:
         prefix = roles.analyst.removesuffix("analyst")
-        result = rebuild(settings, SamplesView(), before_swap=lambda: setup_roles(admin, shadow_name(VIEWS), prefix=prefix))
-        assert result.rows["samples"] == 6
+        shadow = [ANNOTATORS.layout(shadow_name(A))]
+
+        def regrant() -> None:
+            setup_roles(admin, shadow, prefix=prefix)
+
+        result = rebuild(settings, ANNOTATORS, before_swap=regrant)
+        assert result.rows == {"annotators": 2}
+        assert readable_columns(admin, roles.analyst) == masked_columns()
     with as_role(settings, roles.analyst) as conn:
-        assert len(conn.execute(f"SELECT * FROM {VIEWS}.annotators_masked").fetchall()) == 2
-        assert_denied(conn, f"SELECT name_sealed FROM {VIEWS}.annotators")
+        assert len(conn.execute(f"SELECT * FROM {A}.annotators_masked").fetchall()) == 2
+        assert_denied(conn, f"SELECT name FROM {A}.annotators")
 
 
-def test_setup_before_the_projection_names_what_is_missing(settings: Settings, store: EventStore, prefix: str) -> None:
+def test_setup_before_the_projection_names_the_missing_view(settings: Settings, store: EventStore, prefix: str) -> None:
     store.append("sample-x", Event("SampleSubmitted", {"sample_id": "x", "annotator_id": "a", "features": [0.0] * 64, "label": 1}))
-    with psycopg.connect(settings.database_url, autocommit=True) as conn, pytest.raises(ConfigurationError, match="evp_views.samples"):
-        setup_roles(conn, prefix=prefix)
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        with pytest.raises(ConfigurationError, match=f"{S}.samples does not exist: run the view 'samples'"):
+            setup_roles(conn, [SAMPLES.layout()], prefix=prefix)
+        with pytest.raises(ConfigurationError, match="at least one view"):
+            setup_roles(conn, [], prefix=prefix)
 
 
 @pytest.mark.parametrize("bad", ["Evp_", "1evp_", "evp-", "x" * 60, ""])
@@ -200,17 +230,17 @@ def test_role_prefixes_are_checked(bad: str) -> None:
 
 
 def test_grant_and_rebuild_commands_keep_the_analyst_on_masked_views_only(
-    settings: Settings, people: list[Any], prefix: str
+    settings: Settings, people: list[Person], prefix: str
 ) -> None:
-    import subprocess
-    import sys
-
     env = {**settings.to_env(), "PATH": "/usr/bin:/bin"}
-    for command in (["grant"], ["rebuild"]):
+    for command in (["grant", "samples"], ["grant", "annotators"], ["rebuild", "samples"]):
         result = subprocess.run([sys.executable, "-m", "projections.cli", *command, "--role-prefix", prefix],
                                 capture_output=True, text=True, env=env, timeout=180)
         assert result.returncode == 0, result.stderr
     analyst = Roles.named(prefix).analyst
     with as_role(settings, analyst) as conn:
-        assert conn.execute(f"SELECT count(*) FROM {VIEWS}.samples").fetchone()[0] == 6  # type: ignore[index]
-        assert_denied(conn, f"SELECT name_sealed FROM {VIEWS}.annotators")
+        assert conn.execute(f"SELECT count(*) FROM {S}.samples_masked").fetchone() == (6,)
+        assert_denied(conn, f"SELECT * FROM {S}.samples")
+        assert_denied(conn, f"SELECT name FROM {A}.annotators")
+    with psycopg.connect(settings.database_url) as admin:
+        assert readable_columns(admin, analyst) == masked_columns()

@@ -1,10 +1,8 @@
-"""The projection runner against real Kafka and PostgreSQL: exactly-once effects, restarts,
-dead letters, rebuilds, and the command line."""
+"""The runner against real Kafka and PostgreSQL: exactly-once effects, restarts, dead letters,
+erasures, rebuilds."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import threading
 import time
@@ -13,25 +11,28 @@ from typing import Any
 
 import psycopg
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from events.store.client import EventStore
-from events.event import HEADER_EVENT_ID, HEADER_OCCURRED_AT, HEADER_STREAM_VERSION, Event
 from events.adapters.kafka import producer
-from events.store.log import LogRecord
+from events.event import HEADER_EVENT_ID, HEADER_OCCURRED_AT, HEADER_STREAM_VERSION
 from events.settings import Settings
-from projections import cli
+from events.store.client import EventStore
+from events.store.log import LogRecord
 from projections.deadletter import STAGE_APPLY, STAGE_DECODE, read_dead_letters
 from projections.rebuild import rebuild
 from projections.runner import Progress, ProjectionRunner, projection_lag, select_new
-from projections.samples import SamplesView
-from tests.projections import ExpectedView, assert_view, random_ops, submitted, view_rows
+from projections.tables import read_rows
+from projections.view import ERASED
+from tests.projections.conftest import (
+    ANNOTATORS_SCHEMA, SAMPLES_SCHEMA, AnnotatorsView, ExpectedSamples, SamplesView, assert_samples, corrected, forgotten,
+    random_ops, registered, republish_everything, retracted, sample_rows, submitted,
+)
 
 # -- deduplication, pure -------------------------------------------------------------------
 
 
 def _rec(stream: str, version: int) -> LogRecord:
-    return LogRecord(0, 0, stream, version, uuid.uuid4(), "evp.samples.SampleRetracted", 1, "", "", {})
+    return LogRecord(0, 0, stream, version, uuid.uuid4(), "digits.SampleRetracted", 1, "", "", {})
 
 
 @st.composite
@@ -46,7 +47,6 @@ def relayed_logs(draw: st.DrawFn) -> list[tuple[str, int]]:
             if draw(st.booleans()) and draw(st.booleans()):
                 sent.extend(range(draw(st.integers(1, v)), v + 1))  # crash: re-publish from some version on
         per_stream.append(sent)
-    # interleave the streams, keeping each stream's own order
     cursors = [0] * len(per_stream)
     log: list[tuple[str, int]] = []
     while any(c < len(s) for c, s in zip(cursors, per_stream)):
@@ -73,16 +73,8 @@ def test_each_stream_version_is_selected_once_wherever_batches_split(log: list[t
 
 
 # -- against the real services -------------------------------------------------------------
-def _republish_everything(settings: Settings) -> int:
-    """What a relay does after crashing between sending and recording: send it all again."""
-    with psycopg.connect(settings.database_url, autocommit=True) as conn:
-        cur = conn.execute("INSERT INTO evp_outbox (position, partition) SELECT position, partition FROM evp_events"
-                           " ON CONFLICT DO NOTHING")
-        return cur.rowcount
-
-
-def _history(store: EventStore, seed: int = 1, count: int = 60) -> ExpectedView:
-    expected = ExpectedView()
+def _history(store: EventStore, seed: int = 1, count: int = 60) -> ExpectedSamples:
+    expected = ExpectedSamples()
     random_ops(random.Random(seed), store, expected, "x", count)
     store.flush()
     return expected
@@ -94,7 +86,7 @@ def test_relay_duplicates_have_no_effect_across_and_within_batches(store: EventS
     total = sum(expected.versions.values())
     with ProjectionRunner(settings, SamplesView()) as runner:
         assert runner.catch_up().applied == total
-        assert _republish_everything(settings) == total
+        assert republish_everything(settings) == total
         assert store.flush() == total
         again = runner.catch_up()
     assert (again.applied, again.skipped) == (0, total)
@@ -102,9 +94,9 @@ def test_relay_duplicates_have_no_effect_across_and_within_batches(store: EventS
         both = fresh.catch_up()
     assert (both.applied, both.skipped) == (total, total)
     with psycopg.connect(settings.database_url) as conn:
-        assert_view(conn, expected.rows)
-        assert_view(conn, expected.rows, schema="from_scratch")
-        versions = dict(conn.execute("SELECT stream_id, version FROM evp_views.evp_stream_versions").fetchall())
+        assert_samples(conn, expected.rows)
+        assert_samples(conn, expected.rows, schema="from_scratch")
+        versions: dict[str, int] = dict(conn.execute(f"SELECT stream_id, version FROM {SAMPLES_SCHEMA}.evp_stream_versions").fetchall())
     assert versions == expected.versions
 
 
@@ -123,20 +115,38 @@ def test_a_restart_continues_exactly_where_the_view_stopped(store: EventStore, s
     with ProjectionRunner(settings, SamplesView()) as restarted:
         second = restarted.catch_up()
     assert (second.applied, second.skipped) == (sum(expected.versions.values()) - first_total, 0)
-    lags = projection_lag(settings, "evp_views")
+    lags = projection_lag(settings, SAMPLES_SCHEMA)
     assert lags and all(l.lag == 0 and l.next_offset == l.end_offset for l in lags)
     with psycopg.connect(settings.database_url) as conn:
-        assert_view(conn, expected.rows)
+        assert_samples(conn, expected.rows)
+
+
+@pytest.mark.services
+def test_the_view_equals_the_independent_fold_for_random_histories(store: EventStore, settings: Settings) -> None:
+    expected = ExpectedSamples()
+    with ProjectionRunner(settings, SamplesView(), batch_size=7) as runner:  # small batches: many boundaries
+
+        @hsettings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+        @given(st.integers(0, 2**32), st.integers(1, 25))
+        def check(seed: int, count: int) -> None:
+            prefix = f"h{uuid.uuid4().hex[:8]}-"
+            random_ops(random.Random(seed), store, expected, prefix, count)
+            store.flush()
+            runner.catch_up()
+            with psycopg.connect(settings.database_url) as conn:
+                assert_samples(conn, expected.restricted(prefix), prefix=prefix)
+
+        check()
 
 
 @pytest.mark.services
 def test_undecodable_and_poison_records_are_dead_lettered_and_the_rest_applied(store: EventStore, settings: Settings) -> None:
-    expected = ExpectedView()
+    expected = ExpectedSamples()
     expected.append(store, "sample-ok1", submitted("ok1", "a1", 1, 1))
     store.flush()
 
-    def framed(sample_id: str, source: str) -> bytes:
-        datum = {"sample_id": sample_id, "annotator_id": "a1", "features": [1.0], "label": 1, "source": source}
+    def framed(sample_id: str, source: str, annotator: str = "a1") -> bytes:
+        datum = {"sample_id": sample_id, "annotator_id": annotator, "features": [1.0], "label": 1, "source": source}
         return store.codec.encode("SampleSubmitted", datum).value
 
     def headers(version: int = 1) -> list[tuple[str, bytes]]:
@@ -148,6 +158,7 @@ def test_undecodable_and_poison_records_are_dead_lettered_and_the_rest_applied(s
         b"unknown-schema": (b"\x00\x00\x0f\x42\x3f" + b"\x02", headers(), STAGE_DECODE, "999999 is not in the registry"),
         b"no-headers": (framed("nh", ""), [], STAGE_DECODE, "headers"),
         b"sample-empty-id": (framed("", ""), headers(), STAGE_APPLY, "sample_id"),
+        b"sample-no-annotator": (framed("na", "", annotator=""), headers(), STAGE_APPLY, "annotator_id"),
         b"sample-nul": (framed("nul", "a\x00b"), headers(), STAGE_APPLY, "DataError"),
     }
     kafka = producer(settings.kafka)
@@ -162,7 +173,7 @@ def test_undecodable_and_poison_records_are_dead_lettered_and_the_rest_applied(s
         result = runner.catch_up()
     assert (result.applied, result.dead_lettered) == (2, len(bad) + 1)
     with psycopg.connect(settings.database_url) as conn:
-        assert_view(conn, expected.rows)
+        assert_samples(conn, expected.rows)
 
     letters = {letter.key: letter for letter in read_dead_letters(settings.kafka, settings.dead_letter_topic)}
     assert len(letters) == len(bad) + 1 and None in letters
@@ -175,22 +186,40 @@ def test_undecodable_and_poison_records_are_dead_lettered_and_the_rest_applied(s
     assert "no key" in letters[None].reason
 
 
-def _annotators(conn: psycopg.Connection[Any], schema: str) -> list[tuple[Any, ...]]:
-    return conn.execute(f"SELECT * FROM {schema}.annotators ORDER BY annotator_id").fetchall()
+@pytest.mark.services
+def test_erasures_redact_rows_whether_they_arrive_before_or_after_them(store: EventStore, settings: Settings) -> None:
+    for annotator in ("a1", "a2"):
+        store.append(f"annotator-{annotator}", registered(annotator))
+    store.append("erasure-a1", forgotten("a1"))
+    store.append("erasure-b1", forgotten("b1"))  # before b1 registers: the view must remember it
+    store.flush()
+    with ProjectionRunner(settings, AnnotatorsView()) as runner:
+        runner.catch_up()
+        store.append("annotator-b1", registered("b1"))
+        store.flush()
+        runner.catch_up()
+    with psycopg.connect(settings.database_url) as conn, conn.cursor() as cur:
+        rows = read_rows(cur, AnnotatorsView())
+    state = {k: (r[ERASED], r["name"] is None, r["email"] is None) for k, r in rows.items()}
+    assert state == {"a1": (True, True, True), "b1": (True, True, True), "a2": (False, False, False)}
+    assert AnnotatorsView().open(rows["a2"], "email", store.keyring) == "a2@example.org"
+
+
+def _annotators(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+    return conn.execute(f"SELECT * FROM {ANNOTATORS_SCHEMA}.annotators ORDER BY annotator_id").fetchall()
 
 
 @pytest.mark.services
 def test_rebuild_gives_the_incremental_view_and_readers_never_see_it_half_built(store: EventStore, settings: Settings) -> None:
     expected = _history(store, seed=4, count=80)
-    store.append("annotator-a1", Event("AnnotatorRegistered", {"annotator_id": "a1", "name": "A", "email": "a@example.org"}))
-    store.flush()
-    _republish_everything(settings)
+    republish_everything(settings)
     store.flush()
     with ProjectionRunner(settings, SamplesView()) as runner:
         runner.catch_up()
+    table = f"{SAMPLES_SCHEMA}.samples"
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
-        incremental, annotators = view_rows(conn), _annotators(conn, "evp_views")
-        conn.execute("DELETE FROM evp_views.samples WHERE sample_id IN (SELECT sample_id FROM evp_views.samples LIMIT 5)")
+        incremental = sample_rows(conn)
+        conn.execute(f"DELETE FROM {table} WHERE sample_id IN (SELECT sample_id FROM {table} LIMIT 5)")
     full, damaged = len(incremental), len(incremental) - 5
 
     seen: list[int] = []
@@ -201,7 +230,7 @@ def test_rebuild_gives_the_incremental_view_and_readers_never_see_it_half_built(
         with psycopg.connect(settings.database_url, autocommit=True) as reader:
             while not stop.is_set() or len(seen) < 3:
                 try:
-                    seen.append(reader.execute("SELECT count(*) FROM evp_views.samples").fetchone()[0])
+                    seen.append(reader.execute(f"SELECT count(*) FROM {table}").fetchone()[0])  # type: ignore[index]
                 except psycopg.Error as err:
                     errors.append(err)
 
@@ -218,15 +247,29 @@ def test_rebuild_gives_the_incremental_view_and_readers_never_see_it_half_built(
     assert not errors, f"a reader failed during the swap: {errors[0]}"
     assert set(seen) <= {damaged, full} and seen[0] == damaged and seen[-1] == full
     assert seen == sorted(seen), "once the new view is visible, the old one never comes back"
-    total = sum(expected.versions.values()) + 1
+    total = sum(expected.versions.values())
     assert (result.replay.applied, result.replay.skipped) == (total, total)
-    assert result.rows == {"annotators": 1, "forgotten_subjects": 0, "samples": full}
+    assert result.rows == {"samples": full}
     with psycopg.connect(settings.database_url) as conn:
-        assert view_rows(conn) == incremental
-        assert_view(conn, expected.rows)
-        assert _annotators(conn, "evp_views") == annotators
-        leftovers = conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'evp_views%'").fetchall()
-    assert leftovers == [("evp_views",)]
+        assert sample_rows(conn) == incremental
+        assert_samples(conn, expected.rows)
+        leftovers = conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'samples_view%'").fetchall()
+    assert leftovers == [(SAMPLES_SCHEMA,)]
+
+
+@pytest.mark.services
+def test_rebuild_keeps_erasures_and_sealed_columns(store: EventStore, settings: Settings) -> None:
+    store.append("erasure-b1", forgotten("b1"))
+    for annotator in ("a1", "b1"):
+        store.append(f"annotator-{annotator}", registered(annotator))
+    store.flush()
+    with ProjectionRunner(settings, AnnotatorsView()) as runner:
+        runner.catch_up()
+    with psycopg.connect(settings.database_url) as conn:
+        before = _annotators(conn)
+    assert rebuild(settings, AnnotatorsView()).rows == {"annotators": 2}
+    with psycopg.connect(settings.database_url) as conn:
+        assert _annotators(conn) == before
 
 
 @pytest.mark.services
@@ -245,22 +288,17 @@ def test_a_runner_that_read_past_the_rebuild_re_seeks_after_the_swap(store: Even
         store.flush()
         live.catch_up()
     with psycopg.connect(settings.database_url) as conn:
-        assert_view(conn, expected.rows)
+        assert_samples(conn, expected.rows)
 
 
 @pytest.mark.services
-def test_command_line_catch_up_status_and_rebuild(store: EventStore, settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
-    expected = _history(store, seed=8, count=20)
-    parser = argparse.ArgumentParser(prog="evp")
-    cli.register(parser.add_subparsers(dest="command", required=True))
-
-    def evp(*argv: str) -> Any:
-        args = parser.parse_args(["projections", *argv, "--json"])
-        assert args.func(args, settings) == 0
-        return json.loads(capsys.readouterr().out)
-
-    before = evp("status")
-    assert sum(p["lag"] for p in before["partitions"]) == sum(expected.versions.values())
-    assert evp("catch-up")["applied"] == sum(expected.versions.values())
-    assert all(p["lag"] == 0 for p in evp("status")["partitions"])
-    assert evp("rebuild")["rows"]["samples"] == len(expected.rows)
+def test_a_correction_and_a_retraction_in_one_append_fold_in_order(store: EventStore, settings: Settings) -> None:
+    expected = ExpectedSamples()
+    expected.append(store, "sample-t", [submitted("t", "a1", 1, 2, 9), corrected("t", "a1", 2), corrected("t", "a1", 3)])
+    expected.append(store, "sample-u", [submitted("u", "a1", 1, 3, 9), retracted("u", "a1"), corrected("u", "a1", 5)])
+    store.flush()
+    with ProjectionRunner(settings, SamplesView()) as runner:
+        runner.catch_up()
+    with psycopg.connect(settings.database_url) as conn:
+        assert_samples(conn, expected.rows)
+    assert expected.rows["t"]["corrections"] == 2 and "u" not in expected.rows
