@@ -6,7 +6,7 @@ SERVICES := $(PYTHON3) platform/services.py
 # Written by bootstrap.sh: the venv lives in the cache, keyed by pyproject.toml.
 VENV = "$$(cat .evp/venv-path)"
 
-.PHONY: venv services services-down status demo test bench clean-state
+.PHONY: venv services services-down status demo test typecheck bench clean-state
 
 venv:
 	@bash platform/bootstrap.sh >/dev/null
@@ -20,13 +20,23 @@ services-down:
 status:
 	@$(SERVICES) status
 
+# Both example projects end to end, one after the other; `make demo EXAMPLE=clinic` runs one.
+EXAMPLES := digits clinic
+EXAMPLE ?= $(EXAMPLES)
 demo: venv services
-	$(VENV)/bin/evp demo
+	@for example in $(EXAMPLE); do \
+	  if [ ! -f examples/$$example/demo.py ]; then echo "make demo: no example '$$example' (have: $(EXAMPLES))" >&2; exit 2; fi; \
+	  echo "== example $$example"; $(VENV)/bin/python examples/$$example/demo.py || exit 1; \
+	done
 
 # pytest exits 5 when it collects nothing: that is a broken suite, not a pass.
-test: venv services
+test: venv services typecheck
 	@$(VENV)/bin/python -m pytest tests -q -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# mypy --strict over the packages (settings in pyproject.toml).
+typecheck: venv
+	@$(VENV)/bin/python -m mypy
 
 # Every bench/bench_*.py is a script that prints its ratios against its own baseline.
 bench: venv services

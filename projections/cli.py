@@ -29,23 +29,10 @@ from events.adapters import postgres
 from projections.rebuild import rebuild, shadow_name
 from projections.roles import DEFAULT_PREFIX, roles_exist, setup_roles
 from projections.runner import BatchOutcome, CatchUpResult, Progress, ProjectionRunner, projection_lag
+from projections.declarations import load_view
 from projections.view import View
 
 REPORT_EVERY_S = 10.0
-
-
-def load_view(project: Project, name: str) -> View:
-    """The view ``name`` of ``project`` (a ``[views]`` name or a ``module:Class`` spec), instantiated.
-
-    Raises :class:`ConfigurationError` naming the view when it is not declared, does not
-    import, or is not a :class:`projections.view.View` subclass.
-    """
-    declared = project.load("views", name)
-    if isinstance(declared, type) and issubclass(declared, View) and "_layout" in vars(declared):
-        return declared()
-    if isinstance(declared, View):
-        return declared
-    raise ConfigurationError(f"{project.file}: view {name!r} is {declared!r}, not a projections.view.View subclass")
 
 
 def _view(args: argparse.Namespace, settings: Settings) -> View:

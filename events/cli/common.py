@@ -1,9 +1,12 @@
-"""Small helpers the subcommands share: opening the store, printing tables or JSON."""
+"""Small helpers the subcommands and scripts share: numbered steps, tables, JSON."""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -30,3 +33,19 @@ def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> No
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
     for r in cells:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+class Steps:
+    """Numbered, timed steps for a long script: ``with steps("loading"): ...`` prints
+    ``[1] loading`` before and ``done in 1.2s`` after, so a reader sees where time goes."""
+
+    def __init__(self) -> None:
+        self.number = 0
+
+    @contextmanager
+    def __call__(self, title: str) -> Iterator[None]:
+        self.number += 1
+        print(f"\n[{self.number}] {title}", flush=True)
+        started = time.perf_counter()
+        yield
+        print(f"    done in {time.perf_counter() - started:.1f}s", flush=True)

@@ -24,7 +24,7 @@ from events.ops.forget import forget_subject
 from events.project import Project
 from events.settings import Settings
 from events.store.client import EventStore
-from projections.cli import load_view
+from projections.declarations import load_view
 from projections.rebuild import rebuild, shadow_name
 from projections.roles import AUDIT_COLUMNS, Roles, drop_roles, setup_roles
 from projections.runner import ProjectionRunner

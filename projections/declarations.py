@@ -1,0 +1,51 @@
+"""The views a project declares: loading them by name, and catching all of them up.
+
+A project names its views in ``evp.toml`` (``[views] samples = "digits.views:SamplesView"``);
+everything here works from those names, so a script, a test and the command line load a
+view the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from events.errors import ConfigurationError
+from events.project import Project
+from events.settings import Settings
+from projections.runner import CatchUpResult, Progress, ProjectionRunner
+from projections.view import View
+
+
+def load_view(project: Project, name: str) -> View:
+    """The view ``name`` of ``project`` (a ``[views]`` name or a ``module:Class`` spec), instantiated.
+
+    Raises :class:`ConfigurationError` naming the view when it is not declared, does not
+    import, or is not a :class:`projections.view.View` subclass.
+    """
+    declared = project.load("views", name)
+    if isinstance(declared, type) and issubclass(declared, View) and "_layout" in vars(declared):
+        return declared()
+    if isinstance(declared, View):
+        return declared
+    raise ConfigurationError(f"{project.file}: view {name!r} is {declared!r}, not a projections.view.View subclass")
+
+
+def catch_up_views(
+    settings: Settings,
+    project: Project,
+    names: Sequence[str] | None = None,
+    on_progress: Callable[[str, Progress], None] | None = None,
+) -> dict[str, CatchUpResult]:
+    """Catch every declared view (or those named) up with the end of the log, one after the other.
+
+    1. load each view by name (a bad declaration fails before anything is applied);
+    2. catch each one up in its own schema, exactly once (see :class:`ProjectionRunner`);
+    3. return what each applied, by name, in declaration order.
+    """
+    views = {name: load_view(project, name) for name in (names if names is not None else project.names("views"))}
+    results: dict[str, CatchUpResult] = {}
+    for name, view in views.items():
+        report = None if on_progress is None else (lambda progress, name=name: on_progress(name, progress))
+        with ProjectionRunner(settings, view) as runner:
+            results[name] = runner.catch_up(report)
+    return results
