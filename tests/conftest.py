@@ -75,29 +75,22 @@ def delete_topics(settings: Settings) -> list[str]:
 
     A failure is a warning, not an error: the test itself has already passed or failed.
     """
-    from kafka.errors import KafkaError, UnknownTopicOrPartitionError
-
-    from events.adapters.kafka import admin
+    from events.adapters.kafka import admin, kafka_errors
     from events.errors import EvpError
 
     try:
         client = admin(settings.kafka)
+        try:
+            with kafka_errors(settings.kafka):
+                names = sorted(t for t in client.list_topics() if t.startswith(settings.topic_prefix))
+                if names:
+                    client.delete_topics(names, timeout_ms=30_000)
+                return names
+        finally:
+            client.close()
     except EvpError as err:
         warnings.warn(f"topics {settings.topic_prefix}* were not deleted: {err}", stacklevel=2)
         return []
-    try:
-        names = sorted(t for t in client.list_topics() if t.startswith(settings.topic_prefix))
-        if names:
-            try:
-                client.delete_topics(names, timeout_ms=30_000)
-            except UnknownTopicOrPartitionError:
-                pass  # deleted meanwhile, which is what we wanted
-        return names
-    except KafkaError as err:
-        warnings.warn(f"topics {settings.topic_prefix}* were not deleted: {type(err).__name__}: {err}", stacklevel=2)
-        return []
-    finally:
-        client.close()
 
 
 @contextmanager
