@@ -13,6 +13,7 @@ from pathlib import Path
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
 
 from events.adapters.kafka import admin  # noqa: E402
 from events.settings import Settings  # noqa: E402
@@ -27,7 +28,7 @@ def throwaway(base: Settings) -> Iterator[Settings]:
         conn.execute(f'CREATE DATABASE "{name}"')
     with tempfile.TemporaryDirectory() as home:
         settings = base.with_(
-            database_url=f"{root}/{name}", topic_prefix=f"bench{uuid.uuid4().hex[:8]}", home=Path(home),
+            database_url=f"{root}/{name}", topic_prefix=f"bench{uuid.uuid4().hex[:8]}", home=Path(home), project=DIGITS,
             kek_file=Path(home) / "kek",
         )
         try:

@@ -27,7 +27,8 @@ from events.event import Event
 from events.adapters.kafka import consumer
 from events.settings import Settings
 from projections.runner import ProjectionRunner
-from projections.samples import SamplesView
+from events.project import Project
+from projections.declarations import load_view
 
 SIZES = {"small": 2_000, "large": 20_000}
 BATCH = 100
@@ -83,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for start in range(0, count, BATCH):
                 store.append(f"batch-{start}", [Event("SampleSubmitted", row) for row in data[start:start + BATCH]])
             store.flush()
-        with ProjectionRunner(settings, SamplesView()) as runner:
+        with ProjectionRunner(settings, load_view(Project.read(DIGITS), "samples")) as runner:
             seconds = timed(runner.catch_up)
         baseline = copy_baseline(settings, data)
         fetch = kafka_only(settings, count)

@@ -60,10 +60,10 @@ def event_id(*parts: object) -> uuid.UUID:
 
 
 def run(settings: Settings, epochs: int | None) -> int:
+    """The demo in the services of ``settings`` (which :func:`main` points at a fresh sandbox)."""
     step = Steps()
-    with step("a fresh sandbox: its own database, topics and home"):
-        settings = fresh_sandbox(settings, "evp_demo_digits").with_(project=HERE)
-        print(f"    database {settings.database_url.rsplit('/', 1)[-1]}, topics {settings.topic_prefix}.*")
+    settings = settings.with_(project=HERE)
+    print(f"digits demo: database {settings.database_url.rsplit('/', 1)[-1]}, topics {settings.topic_prefix}.*")
     project = Project.read(HERE)
     digits = load_digits()
     features, labels = digits.data.astype(np.float32), digits.target.astype(int)
@@ -174,9 +174,13 @@ def masked(value: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the recipe's)")
+    parser.add_argument("--sandbox", default="evp_demo_digits", help="name of the fresh database, topics and home to use")
+    parser.add_argument("--no-sandbox", action="store_true",
+                        help="use the services EVP_* names as they are (they must be empty)")
     args = parser.parse_args(argv)
     try:
-        return run(Settings.from_env(), args.epochs)
+        settings = Settings.from_env()
+        return run(settings if args.no_sandbox else fresh_sandbox(settings, args.sandbox), args.epochs)
     except EvpError as err:
         print(f"digits demo: error: {err}", file=sys.stderr)
         return 1

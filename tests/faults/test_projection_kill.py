@@ -25,8 +25,9 @@ import pytest
 from events.store.client import EventStore
 from events.settings import Settings
 from projections.runner import ProjectionRunner, projection_lag
-from projections.samples import SamplesView
-from tests.projections import ExpectedView, assert_view, random_ops
+from projections.declarations import load_view
+from tests.support.examples import DIGITS, project
+from tests.support.views import ExpectedSamples, assert_samples, random_ops
 
 REPO = Path(__file__).resolve().parents[2]
 KILLS = 5
@@ -36,7 +37,7 @@ def _start_runner(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, **settings.to_env(), "PYTHONPATH": str(REPO)}
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "projections.cli", "run", "--batch-size", "50"],
+            [sys.executable, "-m", "projections.cli", "run", "samples", "--batch-size", "50"],
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
 
@@ -52,8 +53,8 @@ def _wait_for_applied(settings: Settings, before: int, proc: subprocess.Popen[by
 
 def _applied_offsets(settings: Settings) -> int:
     with psycopg.connect(settings.database_url) as conn:
-        exists = conn.execute("SELECT to_regclass('evp_views.evp_offsets')").fetchone()[0]
-        return int(conn.execute("SELECT coalesce(sum(next_offset), 0) FROM evp_views.evp_offsets").fetchone()[0]) if exists else 0
+        exists = conn.execute("SELECT to_regclass('samples_view.evp_offsets')").fetchone()[0]
+        return int(conn.execute("SELECT coalesce(sum(next_offset), 0) FROM samples_view.evp_offsets").fetchone()[0]) if exists else 0
 
 
 @pytest.mark.services
@@ -61,7 +62,7 @@ def _applied_offsets(settings: Settings) -> int:
 def test_a_runner_killed_at_random_points_loses_and_doubles_nothing(store: EventStore, settings: Settings, tmp_path: Path) -> None:
     seed = random.randrange(2**32)
     rng = random.Random(seed)
-    expected = ExpectedView()
+    expected = ExpectedSamples()
     writing = threading.Event()
     writing.set()
     writer_errors: list[BaseException] = []
@@ -108,7 +109,7 @@ def test_a_runner_killed_at_random_points_loses_and_doubles_nothing(store: Event
     # one last run, stopped politely once it has caught up
     proc = _start_runner(settings, log)
     deadline = time.monotonic() + 60
-    while not (lags := projection_lag(settings, "evp_views")) or any(l.lag for l in lags):
+    while not (lags := projection_lag(settings, "samples_view")) or any(l.lag for l in lags):
         assert time.monotonic() < deadline, f"the last run did not catch up: {lags}"
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
@@ -117,10 +118,10 @@ def test_a_runner_killed_at_random_points_loses_and_doubles_nothing(store: Event
 
     print(f"seed {seed}: {kills} SIGKILLs, each after the run had committed batches; "
           f"{sum(expected.versions.values())} events appended, {republished} re-published")
-    with ProjectionRunner(settings, SamplesView()) as runner:
+    with ProjectionRunner(settings, load_view(project(DIGITS), "samples")) as runner:
         final = runner.catch_up()
     assert final.applied == 0, "the SIGTERMed run had caught up: nothing may be left"
     with psycopg.connect(settings.database_url) as conn:
-        assert_view(conn, expected.rows)
-        versions = dict(conn.execute("SELECT stream_id, version FROM evp_views.evp_stream_versions").fetchall())
+        assert_samples(conn, expected.rows)
+        versions = dict(conn.execute("SELECT stream_id, version FROM samples_view.evp_stream_versions").fetchall())
     assert versions == expected.versions

@@ -20,8 +20,9 @@ from events.ops.forget import erasure_scope, forget_subject
 from events.privacy.personal import REDACTED
 from events.settings import Settings
 from projections.runner import ProjectionRunner
-from projections.samples import SamplesView
-from tests.privacy import (
+from projections.declarations import load_view
+from tests.support.examples import DIGITS, project
+from tests.support.plaintext import (
     Person,
     PlaintextScanner,
     kafka_log_dir,
@@ -36,9 +37,9 @@ from tests.privacy import (
     topic_files,
     with_bytea_decoded,
 )
-from trainer.config import TrainConfig
+from trainer.recipe import load_recipe
 from trainer.runs import train_snapshot
-from trainer.snapshot import create_snapshot, verify_snapshot
+from trainer.snapshot import create_snapshot, load_dataset, verify_snapshot
 
 pytestmark = pytest.mark.services
 
@@ -61,9 +62,9 @@ def seed(store: EventStore, settings: Settings) -> Seeded:
         register(store, person)
         submit(store, person, sample_ids[person.annotator_id], "digits")
     store.flush()
-    with ProjectionRunner(settings, SamplesView()) as runner:
+    with ProjectionRunner(settings, load_view(project(DIGITS), "samples")) as runner:
         runner.catch_up()
-    return Seeded(people, sample_ids, create_snapshot(store).snapshot_id)
+    return Seeded(people, sample_ids, create_snapshot(store, load_dataset(project(DIGITS), "digits")).snapshot_id)
 
 
 def durable_state(conn: psycopg.Connection[Any]) -> tuple[object, ...]:
@@ -140,12 +141,14 @@ def test_forgetting_shreds_the_subject_and_keeps_everyone_else(store: EventStore
         assert held == (0,)  # the email blind indexes are released too
         assert erasure_scope(fresh, by_cli.annotator_id).snapshots == (world.snapshot_id,)  # audit still answers
 
-        with ProjectionRunner(settings, SamplesView()) as runner:
+        with ProjectionRunner(settings, load_view(project(DIGITS), "samples")) as runner:
             assert runner.catch_up().dead_lettered == 0
 
         # a model can still be trained from the snapshot cut before the erasure
-        assert verify_snapshot(fresh, world.snapshot_id).shards_checked > 0
-        run = train_snapshot(fresh, world.snapshot_id, TrainConfig(epochs=1, device="cpu"))
+        assert verify_snapshot(fresh, world.snapshot_id, project(DIGITS)).shards_checked > 0
+        recipe = load_recipe(project(DIGITS), "mlp")
+        run = train_snapshot(fresh, project(DIGITS), recipe, world.snapshot_id,
+                             recipe.parse_config(["epochs=1", "device=cpu"]))
         assert run.snapshot_id == world.snapshot_id and len(run.weights_sha256) == 64
 
     _assert_no_plaintext_anywhere(settings, world.people)

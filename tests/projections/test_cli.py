@@ -16,7 +16,7 @@ from events.errors import ConfigurationError
 from events.settings import Settings
 from events.store.client import EventStore
 from projections import cli
-from tests.projections.conftest import ExpectedSamples, random_ops, registered
+from tests.support.views import ExpectedSamples, random_ops, registered
 
 pytestmark = pytest.mark.services
 

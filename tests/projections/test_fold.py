@@ -16,7 +16,7 @@ from events.schema.catalog import Catalog
 from events.store.log import LogRecord
 from projections.fold import Changes, Stored, fold, redact, route
 from projections.view import Row, Sealed, View, ViewDefinitionError, on, personal
-from tests.projections.conftest import AnnotatorsView, ExpectedSamples, Records, SamplesView, random_op
+from tests.support.views import AnnotatorsView, ExpectedSamples, Records, SamplesView, random_op
 
 KEYRING = Keyring(MemoryKeyStore(), LocalKek.generate())
 

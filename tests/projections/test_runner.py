@@ -23,7 +23,7 @@ from projections.rebuild import rebuild
 from projections.runner import Progress, ProjectionRunner, projection_lag, select_new
 from projections.tables import read_rows
 from projections.view import ERASED
-from tests.projections.conftest import (
+from tests.support.views import (
     ANNOTATORS_SCHEMA, SAMPLES_SCHEMA, AnnotatorsView, ExpectedSamples, SamplesView, assert_samples, corrected, forgotten,
     random_ops, registered, republish_everything, retracted, sample_rows, submitted,
 )

@@ -18,7 +18,7 @@ from events.store.log import LogRecord
 from projections import tables
 from projections.runner import ensure_schema
 from projections.view import ERASED, View
-from tests.projections.conftest import (
+from tests.support.views import (
     AnnotatorsView, DiagnosesView, ExpectedSamples, PatientsView, Records, SamplesView, clinic_catalog, random_op,
 )
 

@@ -12,7 +12,7 @@ from events.errors import ConfigurationError, CryptoError, InvalidEvent, KeyEras
 from events.privacy.keyring import Keyring
 from events.store.log import LogRecord
 from projections.view import ERASED, Row, Sealed, View, ViewDefinitionError, on, personal, sealed
-from tests.projections.conftest import AnnotatorsView, DiagnosesView, PatientsView, Records, SamplesView, clinic_catalog
+from tests.support.views import AnnotatorsView, DiagnosesView, PatientsView, Records, SamplesView, clinic_catalog
 
 
 def _record(event_type: str, data: dict[str, Any]) -> LogRecord:

@@ -108,14 +108,9 @@ def registered(person: Person) -> Event:
 
 
 def register(store: EventStore, person: Person) -> None:
-    """Register through the SDK, which claims the email's blind index like a real signup.
-
-    The schema marks the email ``"evp.unique"`` and the SDK reserves it on append; an SDK
-    that still wants the reservation passed in (``reserve_email``) gets it explicitly.
-    """
-    reserve: Callable[[str], Any] | None = getattr(store, "reserve_email", None)  # transitional: goes with the SDK's
-    reservations = [reserve(person.email)] if reserve is not None else []
-    store.append(person.stream_id, registered(person), NO_STREAM, reservations=reservations)
+    """Register through the SDK, which claims the email's blind index like a real signup
+    (the schema marks the email ``"evp.unique"``; the SDK reserves it on append)."""
+    store.append(person.stream_id, registered(person), NO_STREAM)
 
 
 def submit(store: EventStore, person: Person, sample_ids: Sequence[str], source: str) -> None:
