@@ -4,18 +4,18 @@ evp's packages hold no domain. Everything a domain needs lives in the team's own
 a directory with an ``evp.toml``::
 
     [project]
-    name = "clinic"
+    name = "shop"
     schemas = ["schemas"]          # folders of .avsc files, relative to this file
     registration = "explicit"      # or "auto" (the default): register on first use
 
     [views]
-    patients = "clinic.views:PatientsView"
+    orders = "shop.views:Orders"
 
     [datasets]
-    scans = "clinic.datasets:Scans"
+    baskets = "shop.datasets:Baskets"
 
     [recipes]
-    logistic = "clinic.recipes:Logistic"
+    spend = "shop.recipes:Spend"
 
 Declarations are named ``module:attribute`` and imported with the project's directory on
 ``sys.path``, so a project needs no installation. Service addresses never live here: they

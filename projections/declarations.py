@@ -1,6 +1,6 @@
 """The views a project declares: loading them by name, and catching all of them up.
 
-A project names its views in ``evp.toml`` (``[views] samples = "digits.views:SamplesView"``);
+A project names its views in ``evp.toml`` (``[views] orders = "shop.views:Orders"``);
 everything here works from those names, so a script, a test and the command line load a
 view the same way.
 """

@@ -84,7 +84,7 @@ class Roles:
         """Validated names: lower case (unquoted SQL folds to it) and within PostgreSQL's 63 bytes."""
         if not _PREFIX.match(prefix) or len(prefix) + _LONGEST_SUFFIX > _MAX_IDENTIFIER:
             raise ConfigurationError(
-                f"role prefix {prefix!r} must be lower-case letters, digits and '_' (not starting with a digit), "
+                f"role prefix {prefix!r} must be lower-case letters, numbers and '_' (not starting with a digit), "
                 f"at most {_MAX_IDENTIFIER - _LONGEST_SUFFIX} characters"
             )
         return cls(f"{prefix}projector", f"{prefix}analyst", f"{prefix}auditor")

@@ -409,5 +409,5 @@ def _collect_handlers(cls: type[View], layout: Layout) -> dict[str, tuple[str, H
 def _check_identifier(view: str, what: str, value: str) -> None:
     if not isinstance(value, str) or not _IDENTIFIER.match(value) or len(value.encode()) > _MAX_IDENTIFIER:
         raise ViewDefinitionError(
-            view, what, f"{value!r} must be a lower-case SQL identifier (letters, digits, '_') of at most {_MAX_IDENTIFIER} bytes"
+            view, what, f"{value!r} must be a lower-case SQL identifier (letters, numbers, '_') of at most {_MAX_IDENTIFIER} bytes"
         )

@@ -29,7 +29,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
 def fresh_sandbox(settings: Settings, name: str) -> Settings:
     """Settings for a new, empty sandbox called ``name`` (see the module docstring)."""
     if not _NAME.match(name):
-        raise ConfigurationError(f"sandbox name {name!r} must be lower-case letters, digits and '_' (at most 41)")
+        raise ConfigurationError(f"sandbox name {name!r} must be lower-case letters, numbers and '_' (at most 41)")
     base, _, _ = settings.database_url.rpartition("/")
     with postgres.connect(f"{base}/postgres", autocommit=True) as conn:
         try:
