@@ -98,6 +98,10 @@ class ReplayOutcome:
     replay: RunRecord
 
     @property
+    def verdict(self) -> str:
+        return "identical" if self.identical else "DIFFERENT"
+
+    @property
     def identical(self) -> bool:
         return self.original.weights_sha256 == self.replay.weights_sha256
 

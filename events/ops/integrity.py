@@ -46,6 +46,15 @@ class IntegrityReport:
     def intact(self) -> bool:
         return not self.findings
 
+    @property
+    def verdict(self) -> str:
+        return "intact" if self.intact else "NOT intact"
+
+    def __str__(self) -> str:
+        """One line per finding, then ``N events, M records: intact`` (or ``NOT intact``)."""
+        lines = [f"{f.kind}: {f.detail}" for f in self.findings]
+        return "\n".join([*lines, f"{self.events_checked} events, {self.records_read} records: {self.verdict}"])
+
 
 def verify_log(store: EventStore, progress: Callable[[int], None] | None = None) -> IntegrityReport:
     """Compare the topic with the ledger; see the module docstring for what is reported."""

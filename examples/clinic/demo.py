@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
+import textwrap
 import uuid
 from pathlib import Path
 
@@ -165,7 +166,7 @@ def run(settings: Settings, epochs: int | None) -> int:
             metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(trained.metrics.items()))
             print(f"    run {trained.run_id} on {trained.device}: held-out {metrics}")
             outcome = replay_run(store, project, trained.run_id)
-            verdict = "identical" if outcome.identical else "DIFFERENT"
+            verdict = outcome.verdict
             print(f"    replay {outcome.replay.run_id}: weights {verdict}")
             for difference in outcome.differences():
                 print(f"    {difference}")
@@ -194,14 +195,11 @@ def run(settings: Settings, epochs: int | None) -> int:
 
         with step("audit: was the log tampered with? (the topic against the ledger)"):
             integrity = verify_log(store)
-            for finding in integrity.findings:
-                print(f"    {finding.kind}: {finding.detail}")
-            print(f"    {integrity.events_checked} events, {integrity.records_read} records: "
-                  f"{'intact' if integrity.intact else 'NOT intact'}")
+            print(textwrap.indent(str(integrity), "    "))
     accuracy = trained.metrics["accuracy"]
     ok = accuracy >= 0.9 and outcome.identical and integrity.intact and after.row_count == manifest.row_count - 1
     print(f"\nclinic demo {'finished' if ok else 'FAILED'}: accuracy {accuracy:.4f}, replay {verdict}, "
-          f"log {'intact' if integrity.intact else 'NOT intact'}")
+          f"log {integrity.verdict}")
     return 0 if ok else 1
 
 

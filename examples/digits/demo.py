@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import uuid
 from pathlib import Path
 
@@ -127,7 +128,7 @@ def run(settings: Settings, epochs: int | None) -> int:
         with step("replaying the training from the recorded run"):
             with step_bar("replaying") as progress:
                 outcome = replay_run(store, project, trained.run_id, progress=progress)
-            verdict = "identical" if outcome.identical else "DIFFERENT"
+            verdict = outcome.verdict
             print(f"    weights {verdict}: {outcome.original.weights_sha256[:16]}… vs "
                   f"{outcome.replay.weights_sha256[:16]}…")
             for difference in outcome.differences():
@@ -154,13 +155,10 @@ def run(settings: Settings, epochs: int | None) -> int:
 
         with step("audit: was the log tampered with? (the topic against the ledger)"):
             integrity = verify_log(store)
-            for finding in integrity.findings:
-                print(f"    {finding.kind}: {finding.detail}")
-            print(f"    {integrity.events_checked} events, {integrity.records_read} records: "
-                  f"{'intact' if integrity.intact else 'NOT intact'}")
+            print(textwrap.indent(str(integrity), "    "))
     ok = accuracy >= 0.90 and outcome.identical and integrity.intact
     print(f"\ndigits demo {'finished' if ok else 'FAILED'}: accuracy {accuracy:.4f}, replay {verdict}, "
-          f"log {'intact' if integrity.intact else 'NOT intact'}")
+          f"log {integrity.verdict}")
     return 0 if ok else 1
 
 
