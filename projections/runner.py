@@ -35,10 +35,11 @@ from kafka import KafkaConsumer, TopicPartition
 from psycopg import sql
 
 from events.adapters import postgres
+from events.adapters.retry import run_until_stopped
 from events.project import catalog_for
 from events.schema.catalog import Catalog
 from events.schema.codec import Codec
-from events.errors import ConfigurationError, EvpError, ServiceUnavailable
+from events.errors import ConfigurationError, ServiceUnavailable
 from events.adapters.kafka import consumer as make_consumer, ensure_event_topics, kafka_errors
 from events.store.log import BadRecord, LogRecord, decode_record, end_offsets
 from events.schema.registry import KafkaSchemaLog, SchemaRegistry
@@ -417,24 +418,22 @@ class ProjectionRunner:
         return CatchUpResult(outcome.applied, outcome.skipped, outcome.dead_lettered, time.monotonic() - started)
 
     def run(self, stop: threading.Event, on_batch: Callable[[BatchOutcome], None] | None = None) -> None:
-        """Apply batches until ``stop`` is set, finishing the batch in hand; survive outages."""
-        backoff = 0.2
-        while not stop.is_set():
-            try:
-                self.open()
-                messages = self._poll(500)
-                if messages:
-                    outcome = self.process(messages)
-                    if on_batch is not None:
-                        on_batch(outcome)
-                backoff = 0.2
-            except ConfigurationError:
-                raise
-            except (EvpError, psycopg.OperationalError, psycopg.InterfaceError) as err:
-                log.warning("projection %s: %s; retrying in %.1fs", self.view.name, err, backoff)
-                self._reset()
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+        """Apply batches until ``stop`` is set, finishing the batch in hand.
+
+        Outages (a broker or database restart, a cut connection) are retried with the one
+        retry policy (:mod:`events.adapters.retry`); anything else — a view declaration
+        that is wrong, an integrity failure — stops the runner and says why.
+        """
+
+        def step() -> None:
+            self.open()
+            messages = self._poll(500)
+            if messages:
+                outcome = self.process(messages)
+                if on_batch is not None:
+                    on_batch(outcome)
+
+        run_until_stopped(stop, step, recover=self._reset, log=log, name=f"projection {self.view.name}")
 
     def lag(self) -> list[PartitionLag]:
         """Per partition: stored next offset, end offset and the difference."""
