@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from kafka import TopicPartition
 
-from _support import throwaway, timed  # noqa: E402  (also puts the repo on sys.path)
+from _support import DIGITS, throwaway, timed  # noqa: E402  (also puts the repo on sys.path)
 from events.adapters import postgres
 from events.store.client import EventStore
 from events.event import Event

@@ -22,8 +22,8 @@ from contextlib import contextmanager
 from tqdm import tqdm
 
 from events.cli.common import print_json, print_table
-from events.errors import ConfigurationError, EvpError
-from events.project import Project, catalog_for, require_project
+from events.errors import EvpError
+from events.project import catalog_for, require_project
 from events.settings import Settings
 from events.adapters import postgres
 from projections.rebuild import rebuild, shadow_name

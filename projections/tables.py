@@ -59,7 +59,7 @@ class _Statements:
 @cache
 def statements(layout: Layout) -> _Statements:
     """Every statement of one layout, composed once."""
-    s, t = sql.Identifier(layout.schema), sql.Identifier(layout.schema, layout.table)
+    t = sql.Identifier(layout.schema, layout.table)
     stored = layout.stored()
     names = [n for n, _ in stored]
     cols = sql.SQL(", ").join(map(sql.Identifier, names))

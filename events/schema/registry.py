@@ -28,7 +28,6 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import sys
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -20,8 +20,7 @@ from typing import Any
 import psycopg
 
 from events.event import Event
-from events.privacy.kek import LocalKek
-from events.privacy.keyring import Keyring, MemoryKeyStore
+from events.privacy.keyring import Keyring
 from events.privacy.personal import seal
 from events.project import Project
 from events.schema.catalog import Catalog

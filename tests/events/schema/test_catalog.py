@@ -111,3 +111,13 @@ def test_canonical_json_ignores_spelling_but_not_meaning() -> None:
                     "fields": [{"name": "a", "type": "int", "default": 0}]}
     assert canonical_json(short) == canonical_json(full)
     assert canonical_json(short) != canonical_json(with_default)
+
+
+def test_a_personal_field_must_carry_its_whole_type_since_it_is_encrypted_alone() -> None:
+    schema = {"type": "record", "name": "Visit", "namespace": "x", "evp.subject": "who", "fields": [
+        {"name": "who", "type": "string"},
+        {"name": "kind", "type": {"type": "enum", "name": "Kind", "symbols": ["a", "b"]}},
+        {"name": "secret_kind", "type": "Kind", "confluent:tags": ["PII"]},
+    ]}
+    with pytest.raises(SchemaError, match="secret_kind"):
+        Catalog([schema])

@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 
 from tests.support.examples import catalog as examples_catalog
-from events.schema.catalog import Catalog
 from events.schema.compatibility import check_backward
 from events.errors import IncompatibleSchema
 

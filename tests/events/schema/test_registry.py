@@ -13,7 +13,6 @@ from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource
 
 from tests.support.examples import catalog as examples_catalog
-from events.schema.catalog import Catalog
 from events.schema.codec import Codec
 from events.errors import IncompatibleSchema, SchemaError, ServiceUnavailable
 from events.schema.registry import KafkaSchemaLog, MemorySchemaLog, SchemaLog, SchemaRegistry
