@@ -131,7 +131,7 @@ class Catalog:
         if full in self._by_full:
             raise SchemaError(f"event type {full!r} is defined twice")
         for personal in policy_of(schema).personal:  # policy_of raises SchemaError naming the field
-            if personal.plain_type in _PRIMITIVES:
+            if isinstance(personal.plain_type, str) and personal.plain_type in _PRIMITIVES:
                 continue
             try:
                 if isinstance(personal.plain_type, str):

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from events.errors import ConfigurationError, IntegrityError, NotFound
-from tests.trainer import digits, mlp
+from tests.support.training import digits, mlp
 from trainer import checkpoint as checkpoint_module
 from trainer.checkpoint import FORMAT_VERSION, Checkpoint, RngStates
 from trainer.data import EpochSampler

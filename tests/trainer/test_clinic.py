@@ -13,7 +13,7 @@ from events.ops.forget import forget_subject
 from events.settings import Settings
 from events.store.client import EventStore
 from tests.support.examples import CLINIC, catalog, project
-from tests.trainer import logistic, scans
+from tests.support.training import logistic, scans
 from trainer.runs import replay_run, train_snapshot
 from trainer.snapshot import create_snapshot, load_dataset, load_table, verify_snapshot
 

@@ -15,7 +15,7 @@ from events.project import Project
 from events.settings import Settings
 from events.store.client import EventStore
 from tests.support.examples import DIGITS, project
-from tests.trainer import digits
+from tests.support.training import digits
 from tests.trainer.regression import Linear, diabetes
 from trainer import cli
 from trainer.recipe import load_recipe

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from events.errors import ConfigurationError, InvalidDataset
-from tests.trainer import DIGIT_COLUMNS, digits, logistic, mlp, scans
+from tests.support.training import DIGIT_COLUMNS, digits, logistic, mlp, scans
 from trainer.checkpoint import Checkpoint
 from trainer.config import TrainConfig
 from trainer.data import EpochSampler, Table, holdout_bucket
