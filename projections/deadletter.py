@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 from kafka import KafkaProducer, TopicPartition
 
+from events.settings import Settings
 from events.errors import EvpError, InvalidEvent
 from events.adapters.kafka import consumer, kafka_errors, producer as make_producer
 
@@ -58,10 +59,10 @@ class DeadLetterQueue:
     """Sends letters for one projection; the producer is created on the first letter."""
 
     def __init__(
-        self, bootstrap: str, topic: str, projection: str, *, producer_factory: Callable[[], KafkaProducer] | None = None
+        self, settings: Settings, projection: str, *, producer_factory: Callable[[], KafkaProducer] | None = None
     ) -> None:
-        self.bootstrap, self.topic, self.projection = bootstrap, topic, projection
-        self._factory = producer_factory or (lambda: make_producer(bootstrap))
+        self.bootstrap, self.topic, self.projection = settings.kafka, settings.dead_letter_topic, projection
+        self._factory = producer_factory or (lambda: make_producer(settings.kafka))
         self._producer: KafkaProducer | None = None
         self._pending: list[tuple[int, Any]] = []
         self.sent = 0

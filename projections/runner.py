@@ -212,7 +212,7 @@ class ProjectionRunner:
         self._consumer: KafkaConsumer | None = None
         self._partitions: list[TopicPartition] = []
         self._expected: dict[int, int] = {}
-        self._dead_letters = DeadLetterQueue(settings.kafka, settings.dead_letter_topic, view.name)
+        self._dead_letters = DeadLetterQueue(settings, view.name)
 
     # -- connections ----------------------------------------------------------------------
     def open(self) -> None:
