@@ -10,7 +10,8 @@ reader finds it in the schema an event was **written** with (the registry keeps 
 - ``"evp.unique": "<scope>"`` on a field makes its value unique within ``scope`` across
   streams, enforced on a keyed blind index (the plaintext is never stored);
 - ``"evp.blind_index_of": "<field>"`` on a string field has the SDK fill it with the blind
-  index of another field, for equality lookups in views.
+  index of another field, for equality lookups in views; only a field declared unique may
+  be indexed (an index of a low-entropy value is a lookup table for it).
 
 Personal fields may have any Avro type. On the wire (:func:`to_wire`) a personal field is a
 string (or a nullable string) holding the sealed value, and ``"evp.plain_type"`` keeps the
@@ -126,6 +127,11 @@ def _policy(schema_json: str) -> Policy:
                 raise SchemaError(f"{name}: field {fname!r}: {BLIND_INDEX_PROPERTY} names {source!r}, which is not a field")
             if not _is_string(field["type"]):
                 raise SchemaError(f"{name}: field {fname!r} holds a blind index and must be a string")
+            if UNIQUE_PROPERTY not in fields[source]:
+                # An index of a low-entropy value (a birth date, a postcode) is a lookup table
+                # for it: whoever holds the index key recovers the value by trying them all.
+                raise SchemaError(f"{name}: field {fname!r} indexes {source!r}, which is not declared "
+                                  f"{UNIQUE_PROPERTY!r}: blind indexes are only for unique values")
             indexes.append((fname, str(source)))
     subject_names = {p.subject_field for p in personal} | ({record_subject} if record_subject else set())
     for field in personal:

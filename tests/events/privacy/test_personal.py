@@ -181,3 +181,11 @@ def test_blind_indexes_are_keyed_normalised_and_scoped() -> None:
     assert blind_index(keyring, "email", "ada@example.org") != blind_index(keyring, "login", "ada@example.org")
     assert blind_index(keyring, "email", "ada@example.org") != blind_index(_keyring(), "email", "ada@example.org")
     assert blind_index(keyring, "mrn", 12345) == blind_index(keyring, "mrn", 12345)
+
+
+def test_a_blind_index_of_a_field_that_is_not_unique_is_refused() -> None:
+    fields = [*TICKET["fields"], {"name": "birth_index", "type": "string", "evp.blind_index_of": "birth_date"}]
+    with pytest.raises(SchemaError, match="birth_date.*not declared 'evp.unique'"):
+        policy_of({**TICKET, "fields": fields})
+    indexed = [*TICKET["fields"], {"name": "email_index", "type": "string", "evp.blind_index_of": "customer_email"}]
+    assert policy_of({**TICKET, "fields": indexed}).blind_indexes == (("email_index", "customer_email"),)
