@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from events.errors import ConfigurationError
 
@@ -19,6 +20,38 @@ DEFAULT_KAFKA = "127.0.0.1:19092"
 DEFAULT_DATABASE_URL = "postgresql://evp@127.0.0.1:15432/evp"
 
 _PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
+#: What a repr shows instead of a secret.
+MASK = "***"
+
+
+def describe_database(url: str) -> str:
+    """``host:port/dbname`` of a libpq URL or key=value string: never its password.
+
+    The stdlib twin of :func:`events.adapters.postgres.describe`, for modules (this one)
+    that must not import psycopg.
+    """
+    if "://" in url:
+        parts = urlsplit(url)
+        query = parse_qs(parts.query)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        host = query.get("host", [unquote(parts.hostname or "")])[0] or "localhost"
+        port_text = query.get("port", [str(port or 5432)])[0]
+        dbname = query.get("dbname", [unquote(parts.path.lstrip("/"))])[0] or unquote(parts.username or "")
+        return f"{host}:{port_text}/{dbname}"
+    params = dict(item.split("=", 1) for item in url.split() if "=" in item)
+    host = params.get("host") or params.get("hostaddr") or "localhost"
+    return f"{host}:{params.get('port') or 5432}/{params.get('dbname') or params.get('user') or ''}"
+
+
+def has_password(url: str) -> bool:
+    """Whether a libpq URL or key=value string carries a password (``user:pw@``, ``password=``)."""
+    if "://" in url:
+        parts = urlsplit(url)
+        return bool(parts.password) or "password" in parse_qs(parts.query)
+    return any(item.split("=", 1)[0].strip() == "password" for item in url.split() if "=" in item)
 
 
 @dataclass(frozen=True)
@@ -71,11 +104,40 @@ class Settings:
     def kek_path(self) -> Path:
         return self.kek_file if self.kek_file is not None else self.home / "keyring" / "kek"
 
+    @property
+    def keyring_dir(self) -> Path:
+        """Where the default KEK lives: ``<home>/keyring``, a 0700 folder of its own.
+
+        Not the services' state folder's top level (the runner's logs and the broker's data
+        sit there, readable by others): the KEK gets a private folder beside them.
+        """
+        return self.kek_path.parent
+
+    def __repr__(self) -> str:
+        """Every field, the secrets masked: the KEK and the database password never show."""
+        shown = []
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name == "kek" and value is not None:
+                shown.append(f"kek={MASK!r}")
+            elif item.name == "database_url":
+                shown.append(f"database_url={describe_database(value)!r}")
+            else:
+                shown.append(f"{item.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+    __str__ = __repr__
+
     def with_(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
 
     def to_env(self) -> dict[str, str]:
-        """The environment variables that reproduce these settings in a child process."""
+        """The environment variables that reproduce these settings in a child process.
+
+        For evp's own children only (they need the KEK and the database password): it holds
+        secrets. Third-party programs (the Kafka JVM, the postmaster) are started with an
+        environment scrubbed of them (``platform/services.py``: ``scrubbed_env``).
+        """
         env = {
             "EVP_KAFKA": self.kafka,
             "EVP_DATABASE_URL": self.database_url,

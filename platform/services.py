@@ -19,13 +19,16 @@ import argparse
 import fcntl
 import hashlib
 import os
+import pwd
 import re
 import shutil
 import signal
 import socket
+import stat as stat_module
 import string
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -44,11 +47,22 @@ KAFKA_STOP_TIMEOUT_S = 30.0
 KAFKA_STARTED_LINE = "Kafka Server started"
 MIN_JAVA = 17
 STATE_MARKER = ".evp-state"
+#: Where the database goes when the postgres user cannot reach the state dir.
+FALLBACK_PARENT = "/var/tmp"
 #: A KRaft cluster id: 16 random bytes, URL-safe base64 without padding.
 CLUSTER_ID = re.compile(r"[A-Za-z0-9_-]{22}")
 
 #: Exit status of ``status`` when some service is not running.
 EXIT_NOT_RUNNING = 3
+
+#: Environment variables no service process may inherit: evp's KEK, any password or token,
+#: libpq's password variables. The runner is started from a shell holding evp's secrets.
+SECRET_VARIABLE = re.compile(
+    r"^(EVP_KEK.*|EVP_.*(PASSWORD|SECRET|TOKEN).*|PG.*PASSWORD.*|.*(PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL).*)$",
+    re.IGNORECASE,
+)
+#: Variables whose value is a connection string: kept only without a password in it.
+URL_VARIABLES = ("EVP_DATABASE_URL", "DATABASE_URL")
 
 
 class ServiceError(Exception):
@@ -110,6 +124,39 @@ def local_state(pid: int | None, port: int) -> str:
 
 
 # --- small process and network helpers ---------------------------------------------
+
+
+def scrubbed_env(env: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """``env`` (default: ours) without any secret, plus ``extra``: what a service process gets.
+
+    Drops every variable :data:`SECRET_VARIABLE` matches (``EVP_KEK*``, ``EVP_*PASSWORD*``,
+    ``PG*PASSWORD``, tokens, secrets) and a database URL carrying a password.
+    """
+    source = dict(os.environ) if env is None else env
+    kept = {
+        name: value for name, value in source.items()
+        if not SECRET_VARIABLE.match(name) and not (name in URL_VARIABLES and url_has_password(value))
+    }
+    return {**kept, **extra}
+
+
+def url_has_password(url: str) -> bool:
+    """Whether a libpq URL or key=value string carries a password."""
+    if "://" in url:
+        parts = urlsplit(url)
+        return bool(parts.password) or "password" in parse_qs(parts.query)
+    return any(item.split("=", 1)[0].strip() == "password" for item in url.split() if "=" in item)
+
+
+def masked_url(url: str) -> str:
+    """A connection string fit for a message: any password replaced by ``***``."""
+    if "://" not in url:
+        return re.sub(r"(password\s*=\s*)\S+", r"\1***", url)
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
 
 
 def say(service: str, message: str) -> None:
@@ -188,7 +235,11 @@ def rotate_log(path: Path) -> None:
 
 
 def run(service: str, cmd: Sequence[str], what: str, **kwargs: object) -> str:
-    """Run a short command; on failure raise with its output, never a bare traceback."""
+    """Run a short command; on failure raise with its output, never a bare traceback.
+
+    The command gets a scrubbed environment (:func:`scrubbed_env`) unless ``env`` is given.
+    """
+    kwargs.setdefault("env", scrubbed_env())
     try:
         done = subprocess.run(
             list(cmd), stdin=subprocess.DEVNULL, capture_output=True, text=True, **kwargs  # type: ignore[call-overload]
@@ -211,7 +262,7 @@ def apt_install(service: str, packages: Sequence[str], missing: str) -> None:
     if not is_root() or not shutil.which("apt-get"):
         raise ServiceError(service, f"{missing} is not installed; install it with: sudo {command}")
     say(service, f"{missing} is missing: running {command} ...")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    env = scrubbed_env(DEBIAN_FRONTEND="noninteractive")
     run(service, ["apt-get", "update", "-q"], "apt-get update failed", env=env)
     run(service, ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages], f"{command} failed", env=env)
 
@@ -313,7 +364,7 @@ def database_address(url: str) -> Address:
     """The host and port a libpq URL connects to (a Unix socket directory for host=/path)."""
     parts = urlsplit(url)
     if parts.scheme not in ("postgresql", "postgres"):
-        raise ServiceError("postgres", f"EVP_DATABASE_URL must start with postgresql://, got {url!r}")
+        raise ServiceError("postgres", f"EVP_DATABASE_URL must start with postgresql://, got {masked_url(url)!r}")
     query = parse_qs(parts.query)
     host = query.get("host", [unquote(parts.hostname or "")])[0] or "localhost"
     try:
@@ -329,7 +380,7 @@ class External(Service):
     def __init__(self, name: str, variable: str, value: str, addresses: list[Address]) -> None:
         self.name = name
         self.variable = variable
-        self.value = value
+        self.value = masked_url(value)  # shown in messages: never a password
         self.addresses = addresses
 
     def _reachable(self) -> Address | None:
@@ -411,6 +462,7 @@ class Kafka(Service):
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=self.paths.state,
+                env=scrubbed_env(),  # the broker never sees evp's KEK or a password
                 start_new_session=True,  # Ctrl-C in the caller's terminal must not reach the broker
             )
         self.pid_file.write_text(f"{proc.pid}\n")
@@ -438,7 +490,7 @@ class Kafka(Service):
 
     def _java(self) -> str:
         java = require_tool(self.name, "java", ["default-jdk-headless"])
-        probe = subprocess.run([java, "-version"], capture_output=True, text=True)
+        probe = subprocess.run([java, "-version"], capture_output=True, text=True, env=scrubbed_env())
         major = _java_major(probe.stderr + probe.stdout)
         if major is not None and major < MIN_JAVA:
             raise ServiceError(self.name, f"Kafka 4.3 needs Java {MIN_JAVA} or newer; {java} is Java {major}")
@@ -566,8 +618,47 @@ class Postgres(Service):
         return self.paths.state / "postgres"
 
     def _fallback(self) -> Path:
-        digest = hashlib.sha256(str(self.paths.state).encode()).hexdigest()[:12]
-        return Path("/var/tmp") / f"evp-postgres-{digest}"
+        """A new private directory under ``/var/tmp`` with an unguessable name (0700, ours).
+
+        Never a predictable name: another local user could create it first, or link it
+        elsewhere, and be handed the database. The choice is recorded in the state dir.
+        """
+        return Path(tempfile.mkdtemp(prefix="evp-postgres-", dir=FALLBACK_PARENT))
+
+    def _owners(self) -> set[int]:
+        """Who may own the data directory: this process, and the server user when we run it as that."""
+        owners = {os.geteuid()}
+        if is_root():
+            try:
+                owners.add(pwd.getpwnam(self.system_user).pw_uid)
+            except KeyError:
+                pass
+        return owners
+
+    def _check_data_dir(self, data: Path) -> None:
+        """Refuse an existing data directory that someone else could have planted or can read.
+
+        It must be a real directory (no symlink), owned by us or the server user, with no
+        access for group or others (0700).
+        """
+        try:
+            info = data.lstat()
+        except FileNotFoundError:
+            return
+        if not stat_module.S_ISDIR(info.st_mode):
+            raise ServiceError(self.name, f"the data directory {data} is not a directory (a link or a file): refusing it")
+        if info.st_uid not in self._owners():
+            raise ServiceError(
+                self.name,
+                f"the data directory {data} belongs to uid {info.st_uid}, not to this runner or {self.system_user}: "
+                f"refusing it; remove it, or delete {self.location_file} to choose a new one",
+            )
+        if info.st_mode & 0o077:
+            raise ServiceError(
+                self.name,
+                f"the data directory {data} has mode {stat_module.S_IMODE(info.st_mode):04o}, wider than 0700: "
+                f"refusing it; chmod 700 it if it is yours",
+            )
 
     def _as_server_user(self, cmd: Sequence[str]) -> list[str]:
         return ["runuser", "-u", self.system_user, "--", *cmd] if is_root() else list(cmd)
@@ -578,7 +669,8 @@ class Postgres(Service):
             return self.data
         chosen = self.paths.state / "postgres"
         if is_root():
-            probe = subprocess.run(self._as_server_user(["test", "-x", str(self.paths.state)]), cwd="/")
+            probe = subprocess.run(self._as_server_user(["test", "-x", str(self.paths.state)]), cwd="/",
+                                   env=scrubbed_env())
             if probe.returncode != 0:
                 chosen = self._fallback()
                 say(self.name, f"{self.system_user} cannot reach {self.paths.state}; keeping the data in {chosen}")
@@ -610,7 +702,8 @@ class Postgres(Service):
 
     @staticmethod
     def _major(bindir: Path) -> str:
-        version = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, text=True).stdout
+        version = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, text=True,
+                                 env=scrubbed_env()).stdout
         return version.split()[-1].split(".")[0] if version.strip() else bindir.parent.name
 
     # lifecycle -----------------------------------------------------------------------
@@ -638,6 +731,7 @@ class Postgres(Service):
             raise ServiceError(self.name, "runuser (util-linux) is needed to run the server as the postgres user")
         self.paths.ensure_state()
         data = self._choose_data_dir()
+        self._check_data_dir(data)
         data_major = self._data_major(data)
         bindir = self._bindir(data_major)
         server_major = self._major(bindir)
@@ -690,7 +784,8 @@ class Postgres(Service):
         cmd = self._as_server_user([str(bindir / "pg_ctl"), "-w", "-t", "60", "-D", str(data), "start"])
         with open(self.log, "ab") as out:
             done = subprocess.run(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=data, start_new_session=True
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=data, start_new_session=True,
+                env=scrubbed_env(),  # the postmaster (and every backend) never sees evp's KEK or a password
             )
         if done.returncode != 0 or not wait_until(lambda: port_open(HOST, POSTGRES_PORT), 10.0):
             tail = log_tail(self.log)
@@ -699,7 +794,7 @@ class Postgres(Service):
     def _ensure_database(self, bindir: Path) -> None:
         psql = [str(bindir / "psql"), "-X", "-q", "-h", HOST, "-p", str(POSTGRES_PORT), "-U", DB_USER, "-d", "postgres"]
         psql += ["-tA", "-c"]
-        env = {**os.environ, "PGCONNECT_TIMEOUT": "5"}
+        env = scrubbed_env(PGCONNECT_TIMEOUT="5")
         query = f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"
         exists = run(self.name, [*psql, query], "psql failed", env=env)
         if exists.strip() != "1":

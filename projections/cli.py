@@ -27,7 +27,7 @@ from events.project import catalog_for, require_project
 from events.settings import Settings
 from events.adapters import postgres
 from projections.rebuild import rebuild, shadow_name
-from projections.roles import DEFAULT_PREFIX, roles_exist, setup_roles
+from projections.roles import DEFAULT_PREFIX, check_views_schema, roles_exist, setup_roles
 from projections.runner import BatchOutcome, CatchUpResult, Progress, ProjectionRunner, projection_lag
 from projections.declarations import load_view
 from projections.view import View
@@ -121,6 +121,7 @@ def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
 
 def _grant(args: argparse.Namespace, settings: Settings) -> int:
     layout = _view(args, settings).layout(args.schema)
+    check_views_schema(layout.schema)  # before connecting; setup_roles also refuses the ledger's schema
     with postgres.connect(settings.database_url, autocommit=True) as conn:
         roles = setup_roles(conn, [layout], prefix=args.role_prefix)
     print(f"roles ready on {layout.schema}: {roles.projector} (writes views), {roles.analyst} (masked views only), "

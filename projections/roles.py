@@ -58,6 +58,11 @@ AUDIT_COLUMNS = (
 TOMBSTONE_COLUMNS = ("subject_id", "erased_at")
 LEDGER_TABLE = "evp_events"
 KEYS_TABLE = "evp_data_keys"
+#: Tables of the ledger and the keyring: a schema holding any of them is never a views' schema,
+#: because the projector owns its views' schemas and everything in them.
+PROTECTED_TABLES = (LEDGER_TABLE, KEYS_TABLE, "evp_outbox", "evp_streams", "evp_reservations")
+#: Schemas the projector must never own, whatever they hold.
+SHARED_SCHEMAS = ("public", "information_schema")
 
 _MAX_IDENTIFIER = 63
 _LONGEST_SUFFIX = len("projector")
@@ -109,7 +114,9 @@ def setup_roles(
 ) -> Roles:
     """Create (or bring back in line) the roles, masked views and grants; returns the role names.
 
-    1. check that the ledger, the keyring and every view's table exist;
+    1. check that the ledger, the keyring and every view's table exist, and that no view's
+       schema is ``public``, a system schema, the audit schema, or one holding the ledger
+       or the keyring (the projector becomes the owner of its views' schemas);
     2. create the roles and pin their attributes (no superuser, no bypassing row security;
        ``login`` lets them connect themselves, otherwise an administrator uses ``SET ROLE``);
     3. revoke what PUBLIC, the analyst and the auditor may do on the ledger, keyring, audit
@@ -125,6 +132,9 @@ def setup_roles(
     with conn.transaction(), conn.cursor() as cur:
         ledger_schema = _schema_of(cur, LEDGER_TABLE, "open an EventStore first: it creates the ledger")
         keys_schema = _schema_of(cur, KEYS_TABLE, "open an EventStore first: it creates the keyring table")
+        for layout in views:
+            check_views_schema(layout.schema, audit_schema)
+        _refuse_protected_schemas(cur, [layout.schema for layout in views], (ledger_schema, keys_schema))
         for layout in views:
             _require_view(cur, layout)
         for role in roles.all():
@@ -156,6 +166,41 @@ def drop_roles(conn: psycopg.Connection[Any], prefix: str = DEFAULT_PREFIX) -> N
 
 
 # -- checks --------------------------------------------------------------------------------
+def check_views_schema(schema: str, audit_schema: str = DEFAULT_AUDIT_SCHEMA) -> None:
+    """ConfigurationError unless ``schema`` may belong to the projector (no database needed).
+
+    Refuses ``public``, ``information_schema``, ``pg_*`` and the audit schema; the ledger's
+    and keyring's schemas are refused by :func:`setup_roles`, which can look them up.
+    """
+    lowered = schema.lower()
+    if lowered in SHARED_SCHEMAS or lowered.startswith("pg_") or schema == audit_schema:
+        raise ConfigurationError(
+            f"schema {schema!r} cannot hold a view that has roles: the projector becomes the owner of its view's "
+            f"schema and of everything in it; choose a schema of the view's own (--schema NAME)"
+        )
+
+
+def _refuse_protected_schemas(cur: psycopg.Cursor[Any], schemas: Sequence[str], ledger_schemas: tuple[str, ...]) -> None:
+    """ConfigurationError if a views' schema is, or holds, the ledger or the keyring."""
+    for schema in schemas:
+        if schema in ledger_schemas:
+            raise ConfigurationError(
+                f"schema {schema!r} holds the ledger or the keyring ({LEDGER_TABLE}, {KEYS_TABLE}): the projector would "
+                "become their owner; choose a schema of the view's own (--schema NAME)"
+            )
+    rows = cur.execute(
+        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = ANY(%s) AND c.relname = ANY(%s) ORDER BY 1, 2",
+        (list(schemas), list(PROTECTED_TABLES)),
+    ).fetchall()
+    if rows:
+        schema, table = rows[0]
+        raise ConfigurationError(
+            f"schema {schema!r} holds {table}, a table of evp's ledger or keyring: the projector would become its "
+            "owner; choose a schema of the view's own (--schema NAME)"
+        )
+
+
 def _schema_of(cur: psycopg.Cursor[Any], table: str, hint: str) -> str:
     """The schema the search path finds ``table`` in."""
     row = cur.execute(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,19 @@ from trainer.snapshot import declaration_of, load_dataset, load_manifest, load_t
 from trainer.training import TrainResult, train
 
 Progress = Callable[[int, int], None]
+#: A run id, as :func:`train_snapshot` makes them (``run-`` and 12 hex digits) or close to
+#: it: nothing that could leave the runs folder.
+RUN_ID = re.compile(r"run-[0-9a-z]{1,40}")
+
+
+def check_run_id(run_id: object) -> str:
+    """``run_id`` if it matches :data:`RUN_ID`; ConfigurationError naming it otherwise."""
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+        raise ConfigurationError(
+            f"run id {run_id!r} is not valid: it must be 'run-' followed by 1 to 40 lower-case letters or digits "
+            "(as evp makes them, e.g. run-0192f3a4b5c6)"
+        )
+    return run_id
 
 
 class ReplayRefused(EvpError):
@@ -82,7 +96,7 @@ class RunRecord:
     @classmethod
     def from_event(cls, data: dict[str, Any]) -> RunRecord:
         return cls(
-            run_id=str(data["run_id"]), snapshot_id=str(data["snapshot_id"]), recipe=str(data["recipe"]),
+            run_id=check_run_id(data["run_id"]), snapshot_id=str(data["snapshot_id"]), recipe=str(data["recipe"]),
             dataset=str(data["dataset"]), config_json=str(data["config_json"]),
             environment=json.loads(data["environment_json"]), device=str(data["device"]),
             weights_sha256=str(data["weights_sha256"]),
@@ -128,7 +142,7 @@ def _same_number(a: float | None, b: float | None) -> bool:
 
 
 def run_dir(store: EventStore, run_id: str) -> Path:
-    return store.settings.runs_dir / run_id
+    return store.settings.runs_dir / check_run_id(run_id)
 
 
 def train_snapshot(
@@ -163,6 +177,7 @@ def _save_weights(store: EventStore, record: RunRecord, result: TrainResult) -> 
 
 
 def load_run(store: EventStore, run_id: str) -> RunRecord:
+    check_run_id(run_id)
     try:
         events = store.read_stream(f"training-{run_id}", decrypt=False)
     except NotFound as err:

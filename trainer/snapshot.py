@@ -22,6 +22,7 @@ the local manifest, on a machine without Kafka.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +41,22 @@ from trainer.shards import ShardInfo, read_shards, write_shards
 
 Progress = Callable[[int], None]
 MANIFEST = "manifest.json"
+#: A snapshot id, as :func:`create_snapshot` makes them (``snap-`` and 12 hex digits) or
+#: close to it: nothing that could leave the snapshots folder (no ``/``, ``.``, ``\\``).
+SNAPSHOT_ID = re.compile(r"snap-[0-9a-z]{1,40}")
+
+
+def check_snapshot_id(snapshot_id: object) -> str:
+    """``snapshot_id`` if it matches :data:`SNAPSHOT_ID`; ConfigurationError naming it otherwise.
+
+    Called before any path or stream name is built from an id.
+    """
+    if not isinstance(snapshot_id, str) or not SNAPSHOT_ID.fullmatch(snapshot_id):
+        raise ConfigurationError(
+            f"snapshot id {snapshot_id!r} is not valid: it must be 'snap-' followed by 1 to 40 lower-case letters or "
+            "digits (as evp makes them, e.g. snap-0192f3a4b5c6)"
+        )
+    return snapshot_id
 
 
 @dataclass(frozen=True)
@@ -77,7 +94,7 @@ class SnapshotManifest:
     @classmethod
     def from_event(cls, data: Mapping[str, Any]) -> SnapshotManifest:
         return cls(
-            snapshot_id=str(data["snapshot_id"]), topic=str(data["topic"]), dataset=str(data["dataset"]),
+            snapshot_id=check_snapshot_id(data["snapshot_id"]), topic=str(data["topic"]), dataset=str(data["dataset"]),
             dataset_version=int(data["dataset_version"]), declaration=str(data["declaration"]),
             row_id=str(data["row_id"]), columns=tuple(Column.from_description(c) for c in data["columns"]),
             ranges={int(r["partition"]): (int(r["start"]), int(r["end"])) for r in data["ranges"]},
@@ -130,7 +147,7 @@ def fold_range(store: EventStore, dataset: Dataset, ranges: Mapping[int, tuple[i
 
 
 def snapshot_dir(store: EventStore, snapshot_id: str) -> Path:
-    return store.settings.snapshots_dir / snapshot_id
+    return store.settings.snapshots_dir / check_snapshot_id(snapshot_id)
 
 
 def create_snapshot(store: EventStore, dataset: Dataset, progress: Progress | None = None) -> SnapshotManifest:
@@ -156,6 +173,7 @@ def create_snapshot(store: EventStore, dataset: Dataset, progress: Progress | No
 
 def load_manifest(store: EventStore, snapshot_id: str) -> SnapshotManifest:
     """The manifest as recorded in the log (the local copy is only a cache)."""
+    check_snapshot_id(snapshot_id)
     try:
         events = store.read_stream(f"snapshot-{snapshot_id}", decrypt=False)
     except NotFound as err:

@@ -10,8 +10,12 @@ A backup is an Avro object container file (deflate) whose records are, in this o
    is pinned *after* the events topic, so every schema id an event uses is in the file.
 
 The file's header metadata holds the :class:`Manifest`: format version, topics, ranges,
-record counts, creation time and a sha256 over the records in that canonical order. The
-hash is only known once every record was read, and a container writes its header first,
+record counts, creation time, a sha256 over the records in that canonical order (the
+self-check: it finds corruption) and a MAC over the manifest, sha256 included (the
+authentication: it finds an edit). The MAC is HMAC-SHA256 under a key derived from the
+KEK (:class:`BackupKey`), so whoever edits the records and re-hashes them cannot make a
+manifest that verifies without the KEK; verifying needs the KEK for the same reason.
+The hash is only known once every record was read, and a container writes its header first,
 so the records are spooled to a temporary file next to the target and copied into the final
 container behind the manifest; the file appears under its name only complete (``fsync``,
 then ``os.replace``).
@@ -25,12 +29,14 @@ Restoring is :mod:`events.ops.restore`.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import json
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -39,14 +45,17 @@ from typing import IO, Any
 import fastavro
 from kafka import TopicPartition
 
-from events.errors import EvpError, IntegrityError, NotFound
+from events.errors import ConfigurationError, EvpError, IntegrityError, NotFound
 from events.adapters.files import write_atomically
 from events.adapters.kafka import consumer, kafka_errors
 from events.store.log import read_pinned
 from events.settings import Settings
 
 FORMAT = "evp-backup"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  #: 2: the manifest carries a MAC under the KEK; 1 had only the sha256 self-check
+READABLE_VERSIONS = (1, 2)
+MAC_ALGORITHM = "hmac-sha256"
+_MAC_DOMAIN = b"evp-backup-mac-v1"
 MANIFEST_KEY = "evp.backup.manifest"
 SCHEMAS, EVENTS = "SCHEMAS", "EVENTS"  #: a record's source topic, in file order
 
@@ -137,6 +146,85 @@ def _framed(data: bytes | None) -> bytes:
     return struct.pack(">i", -1) if data is None else struct.pack(">i", len(data)) + data
 
 
+class BackupKey:
+    """The key that authenticates backups: HMAC-SHA256 under a key derived from the KEK.
+
+    Derived (HMAC of a fixed label under the KEK's secret), never the KEK itself, so a MAC
+    reveals nothing about the key that wraps the data keys. ``kek_id`` (the KEK's public
+    id) is recorded in the manifest, so a backup checked under another KEK is reported as
+    such, not as tampered with.
+    """
+
+    __slots__ = ("_find", "_key", "kek_id")
+
+    def __init__(self, secret: bytes, kek_id: str, find: Callable[[str], Any] | None = None) -> None:
+        self._key = hmac.new(secret, _MAC_DOMAIN, hashlib.sha256).digest()
+        self.kek_id = kek_id
+        self._find = find  #: finds an older KEK by id (after ``evp keys rotate``), or None
+
+    def __repr__(self) -> str:  # never show the key
+        return f"BackupKey(kek_id={self.kek_id!r})"
+
+    @classmethod
+    def from_kek(cls, kek: Any, find: Callable[[str], Any] | None = None) -> BackupKey:
+        """From a :class:`events.privacy.kek.LocalKek` (a KMS-held KEK cannot export a MAC key).
+
+        ``find`` looks a KEK up by key id: a backup made before a KEK rotation is then
+        checked under the KEK it was made with, if this deployment still keeps it.
+        """
+        export = getattr(kek, "export_base64", None)
+        if export is None:
+            raise ConfigurationError(f"{kek!r} cannot derive a backup key: backups need a local key-encryption key")
+        return cls(base64.b64decode(export()), str(kek.key_id), find)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, create: bool = False) -> BackupKey:
+        """The key of ``settings``' KEK (``EVP_KEK`` or the KEK file).
+
+        ``create`` lets a missing KEK file be created (taking a backup, as opening the store
+        does); verifying never creates one: without the KEK a backup cannot be authenticated,
+        and a new KEK could only say that it was not made under it.
+        """
+        from events.privacy import kek as keks
+
+        if not create and not settings.kek and not settings.kek_path.exists():
+            raise ConfigurationError(
+                f"verifying a backup needs the key-encryption key it was made under, and there is none here "
+                f"(EVP_KEK is unset and {settings.kek_path} does not exist): set EVP_KEK or EVP_KEK_FILE to that key"
+            )
+        finder = getattr(keks, "kek_finder", None)  # the deployment's other KEKs, where it keeps them
+        return cls.from_kek(keks.kek_from_settings(settings), finder(settings) if finder is not None else None)
+
+    def for_kek(self, kek_id: str | None) -> BackupKey | None:
+        """The key for the KEK ``kek_id``: this one, an older one this deployment keeps, or None."""
+        if kek_id == self.kek_id:
+            return self
+        found = self._find(kek_id) if self._find is not None and kek_id is not None else None
+        return BackupKey.from_kek(found) if found is not None and hasattr(found, "export_base64") else None
+
+    def mac(self, manifest: Manifest) -> str:
+        return hmac.new(self._key, manifest.signed_bytes(), hashlib.sha256).hexdigest()
+
+    def check(self, manifest: Manifest, path: Path) -> None:
+        """IntegrityError unless ``manifest`` carries a MAC made with this key."""
+        if manifest.mac is None:
+            raise IntegrityError(
+                f"backup {path} is format version {manifest.format_version}, without a MAC: it cannot be "
+                "authenticated (only checked for corruption, with --corruption-only); take a new backup"
+            )
+        key = self.for_kek(manifest.mac_kek_id)
+        if key is None:
+            raise IntegrityError(
+                f"backup {path} was authenticated under key-encryption key {manifest.mac_kek_id}, but the key "
+                f"given is {self.kek_id}: verify it with the KEK it was made under"
+            )
+        if not hmac.compare_digest(key.mac(manifest), manifest.mac):
+            raise IntegrityError(
+                f"backup {path} fails authentication: its manifest's MAC does not match under key-encryption key "
+                f"{key.kek_id}, so the manifest or the records it hashes were edited after the backup was made"
+            )
+
+
 @dataclass(frozen=True)
 class Manifest:
     """What a backup holds; stored in the container's header, checked by :func:`verify_backup`."""
@@ -147,9 +235,11 @@ class Manifest:
     schema_range: tuple[int, int]
     counts: Mapping[int, int]  #: event records per partition (duplicates included)
     schema_records: int
-    sha256: str
+    sha256: str  #: the records' self-check (corruption), unkeyed
     created_at: str
     format_version: int = FORMAT_VERSION
+    mac: str | None = None  #: HMAC-SHA256 of :meth:`signed_bytes` under a :class:`BackupKey` (None in version 1)
+    mac_kek_id: str | None = None  #: the id of the KEK the MAC key was derived from
 
     @property
     def partitions(self) -> int:
@@ -167,7 +257,16 @@ class Manifest:
             "schema_range": list(self.schema_range),
             "counts": {str(p): n for p, n in sorted(self.counts.items())},
             "schema_records": self.schema_records,
+            **({"mac": {"algorithm": MAC_ALGORITHM, "kek_id": self.mac_kek_id, "value": self.mac}}
+               if self.mac is not None else {}),
         }
+
+    def signed_bytes(self) -> bytes:
+        """What the MAC covers: the whole manifest (its sha256 included) but the MAC itself."""
+        body = self.as_dict()
+        body.pop("mac", None)
+        body["mac_kek_id"] = self.mac_kek_id
+        return f"{FORMAT}/{self.format_version}/{MAC_ALGORITHM}\n".encode() + json.dumps(body, sort_keys=True).encode()
 
     def to_json(self) -> str:
         return json.dumps(self.as_dict(), sort_keys=True)
@@ -178,8 +277,12 @@ class Manifest:
             body = json.loads(text)
             if body.get("format") != FORMAT:
                 raise ValueError(f"format is {body.get('format')!r}, not {FORMAT!r}")
-            if body["format_version"] != FORMAT_VERSION:
-                raise ValueError(f"format version {body['format_version']} is not {FORMAT_VERSION}")
+            if body["format_version"] not in READABLE_VERSIONS:
+                raise ValueError(f"format version {body['format_version']} is not one of {READABLE_VERSIONS}")
+            mac = body.get("mac")
+            if body["format_version"] >= 2:
+                if not isinstance(mac, dict) or mac.get("algorithm") != MAC_ALGORITHM:
+                    raise ValueError(f"format version {body['format_version']} needs a {MAC_ALGORITHM} mac, found {mac!r}")
             return cls(
                 topic=str(body["topic"]), schemas_topic=str(body["schemas_topic"]),
                 ranges={int(p): (int(r[0]), int(r[1])) for p, r in body["ranges"].items()},
@@ -187,6 +290,7 @@ class Manifest:
                 counts={int(p): int(n) for p, n in body["counts"].items()},
                 schema_records=int(body["schema_records"]), sha256=str(body["sha256"]),
                 created_at=str(body["created_at"]), format_version=int(body["format_version"]),
+                mac=str(mac["value"]) if mac else None, mac_kek_id=str(mac["kek_id"]) if mac else None,
             )
         except (ValueError, KeyError, TypeError, IndexError) as err:
             raise IntegrityError(f"the backup's manifest is malformed: {err}") from err
@@ -302,10 +406,20 @@ class BackupFile:
         self.close()
 
 
-def verify_backup(path: Path | str, *, on_progress: OnProgress | None = None) -> Manifest:
-    """Re-read every record, recompute counts and the hash; IntegrityError names what differs."""
+def verify_backup(path: Path | str, key: BackupKey | None, *, on_progress: OnProgress | None = None) -> Manifest:
+    """Authenticate the manifest, re-read every record, recompute counts and the hash.
+
+    1. with ``key``, check the manifest's MAC (an edited backup, re-hashed or not, fails
+       here); ``key=None`` skips only this step: a check for corruption, not for tampering;
+    2. re-read every record in canonical order within the pinned ranges;
+    3. compare counts and the sha256 with the (now authenticated) manifest.
+
+    IntegrityError names what differs.
+    """
     with BackupFile(path) as backup:
         manifest = backup.manifest
+        if key is not None:
+            key.check(manifest, backup.path)
         tally = _Tally(manifest.ranges, manifest.schema_range)
         total = manifest.records + manifest.schema_records
         for record in reporting(backup.records(), "verify", total, on_progress):
@@ -339,13 +453,16 @@ def _read_pinned(bootstrap: str, topic: str, source: str, ranges: Ranges) -> Ite
         yield BackupRecord.from_message(source, message)
 
 
-def create_backup(settings: Settings, path: Path | str, *, on_progress: OnProgress | None = None) -> Manifest:
+def create_backup(settings: Settings, path: Path | str, *, on_progress: OnProgress | None = None,
+                  key: BackupKey | None = None) -> Manifest:
     """Back up the events topic (pinned now) and the schema registry's topic into ``path``.
 
     Refuses to overwrite an existing file. Reads Kafka only: publish the outbox first (the
-    ``evp backup create`` command does) to include events still waiting there.
+    ``evp backup create`` command does) to include events still waiting there. The manifest
+    is authenticated with ``key``, by default the one derived from ``settings``' KEK.
     """
     path = Path(path)
+    key = key if key is not None else BackupKey.from_settings(settings, create=True)
     if path.exists():
         raise EvpError(f"backup {path} already exists; a backup is never overwritten")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -371,8 +488,9 @@ def create_backup(settings: Settings, path: Path | str, *, on_progress: OnProgre
         manifest = Manifest(
             topic=settings.events_topic, schemas_topic=settings.schemas_topic, ranges=dict(ranges),
             schema_range=schema_range, counts=dict(tally.counts), schema_records=tally.schema_records,
-            sha256=tally.sha256(), created_at=created_at,
+            sha256=tally.sha256(), created_at=created_at, mac_kek_id=key.kek_id,
         )
+        manifest = replace(manifest, mac=key.mac(manifest))
         spooled = (BackupRecord.from_avro(d) for d in fastavro.reader(spool, reader_schema=_PARSED))
         records = (r.to_avro() for r in reporting(spooled, "write", tally.seen, on_progress))
         write_atomically(path, lambda out: fastavro.writer(

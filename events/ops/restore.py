@@ -3,7 +3,8 @@
 Contract of :func:`restore_backup` (into the *current* settings, typically a new topic
 prefix and a new database):
 
-1. verify the whole file first; refuse unless the target's events topic and ledger are
+1. authenticate and verify the whole file first (its MAC under the KEK of ``settings``, or
+   ``backup_key``); refuse unless the target's events topic and ledger are
    empty and its schema registry holds nothing but (a prefix of) the backup's schemas;
 2. copy wrapped data keys and tombstones from a live key store, when one is given;
 3. append the schema records (same ids; subjects renamed to the target topic);
@@ -52,6 +53,7 @@ from events.ops.backup import (
     PRODUCE_CHUNK,
     SCHEMAS,
     BackupFile,
+    BackupKey,
     BackupRecord,
     Manifest,
     OnProgress,
@@ -358,15 +360,19 @@ def _check_consistent(conn: psycopg.Connection[Any], path: Path) -> None:
 
 def restore_backup(
     path: Path | str, settings: Settings, *, keys: KeyStore | None = None, on_progress: OnProgress | None = None,
+    backup_key: BackupKey | None = None,
 ) -> RestoreReport:
     """Restore a backup into the services of ``settings``; see the module docstring for the contract.
 
     ``keys`` is a live key store to copy wrapped data keys and tombstones from (the restored
     ledger's database holds the target key store); without it, personal fields decrypt only
-    where the target's key store already holds their keys.
+    where the target's key store already holds their keys. ``backup_key`` authenticates the
+    backup; by default it is derived from the KEK of ``settings`` (which must exist: the
+    restored data keys are wrapped under it anyway).
     """
     path = Path(path)
-    manifest = verify_backup(path, on_progress=on_progress)
+    mac_key = backup_key if backup_key is not None else BackupKey.from_settings(settings)
+    manifest = verify_backup(path, mac_key, on_progress=on_progress)
     catalog = Catalog.platform()  # events are read with the schemas they were written with
     conn = postgres.connect(settings.database_url, autocommit=True)
     target_keys = PostgresKeyStore(settings.database_url)

@@ -244,3 +244,32 @@ def test_grant_and_rebuild_commands_keep_the_analyst_on_masked_views_only(
         assert_denied(conn, f"SELECT name FROM {A}.annotators")
     with psycopg.connect(settings.database_url) as admin:
         assert readable_columns(admin, analyst) == masked_columns()
+
+
+def test_grant_refuses_public_and_the_ledgers_or_keyrings_schema(settings: Settings, store: EventStore, prefix: str) -> None:
+    """The projector owns its views' schemas: never one holding the ledger, the keyring or anyone's tables."""
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        owner_before = conn.execute("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'public'").fetchone()
+        for schema in ("public", AUDIT, "pg_catalog"):
+            with pytest.raises(ConfigurationError, match=rf"schema '{schema}' cannot hold a view that has roles"):
+                setup_roles(conn, [SAMPLES.layout(schema)], prefix=prefix)
+        # a schema holding a copy of the keyring (or the ledger) is refused by what it holds
+        conn.execute("CREATE SCHEMA keys_copy")
+        conn.execute("CREATE TABLE keys_copy.evp_data_keys (LIKE evp_data_keys)")
+        with pytest.raises(ConfigurationError, match=r"schema 'keys_copy' holds evp_data_keys"):
+            setup_roles(conn, [SAMPLES.layout("keys_copy")], prefix=prefix)
+        ledger_schema = conn.execute("SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                                     " WHERE c.oid = to_regclass('evp_events')").fetchone()
+        assert ledger_schema is not None
+        conn.execute(f'CREATE TABLE IF NOT EXISTS "{ledger_schema[0]}".samples (x int)')  # as if projected there
+        with pytest.raises(ConfigurationError):
+            setup_roles(conn, [SAMPLES.layout(ledger_schema[0])], prefix=prefix)
+        assert conn.execute("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'public'").fetchone() \
+            == owner_before
+        assert conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (f"{prefix}projector",)).fetchone() is None
+
+    env = {**settings.to_env(), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "projections.cli", "grant", "samples", "--schema", "public",
+                             "--role-prefix", prefix], capture_output=True, text=True, env=env, timeout=180)
+    assert result.returncode == 1
+    assert "schema 'public' cannot hold a view that has roles" in result.stderr and "--schema NAME" in result.stderr

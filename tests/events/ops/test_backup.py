@@ -10,13 +10,17 @@ source, because it forgets someone.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import shutil
+import subprocess
+import sys
+import tempfile
 import uuid
 from contextlib import closing, contextmanager
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +29,23 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from events.ops.backup import MANIFEST_KEY, RECORD_SCHEMA, BackupFile, BackupRecord, Manifest, create_backup, verify_backup
+from events.ops.backup import (
+    MANIFEST_KEY,
+    RECORD_SCHEMA,
+    BackupFile,
+    BackupKey,
+    BackupRecord,
+    Manifest,
+    _Tally,
+    create_backup,
+    verify_backup,
+)
 from events.ops.restore import RestoreReport, copy_keys, restore_backup, retarget_schema_record
 from events.store.client import EventStore
 from events.errors import ConcurrencyError, ConfigurationError, EvpError, IntegrityError
 from events.event import Event
 from events.ops.forget import forget_subject
+from events.privacy.kek import LocalKek
 from events.privacy.keyring import MemoryKeyStore, PostgresKeyStore
 from events.store.log import end_offsets
 from events.privacy.personal import REDACTED
@@ -53,6 +68,10 @@ class Source:
     snapshot_id: str
     backup: Path
     samples: dict[Any, Any]  #: the samples view, projected from the source after the backup
+
+    @property
+    def key(self) -> BackupKey:
+        return BackupKey.from_settings(self.settings)
 
 
 def samples_view(settings: Settings) -> dict[Any, Any]:
@@ -180,7 +199,7 @@ def ledger_state(settings: Settings) -> tuple[Any, ...]:
 # -- the round trip ------------------------------------------------------------------------
 def test_every_stream_comes_back_with_the_same_events_and_personal_data(source: Source, restored: tuple[Settings, RestoreReport]) -> None:
     target, report = restored
-    assert verify_backup(source.backup) == manifest_of(source.backup)
+    assert verify_backup(source.backup, source.key) == manifest_of(source.backup)
     streams = stream_ids(source.settings)
     first_copies = first_offsets(source.backup)
     assert stream_ids(target) == streams and len(streams) >= 3 * (1 + SAMPLES_EACH) + 1
@@ -264,7 +283,9 @@ def test_a_byte_flipped_anywhere_in_the_records_fails_verification(source: Sourc
     def flipped(at: int) -> None:
         tampered.write_bytes(data[:at] + bytes([data[at] ^ 0x5A]) + data[at + 1:])
         with pytest.raises(IntegrityError, match=re.escape(str(tampered))):
-            verify_backup(tampered)
+            verify_backup(tampered, source.key)
+        with pytest.raises(IntegrityError, match=re.escape(str(tampered))):
+            verify_backup(tampered, None)  # the self-check alone finds corruption too
 
     flipped()
 
@@ -275,7 +296,7 @@ def test_truncated_and_re_encoded_backups_fail_verification_naming_what_differs(
     for cut in (len(data) - 1, len(data) // 2, header_end(data)):
         truncated.write_bytes(data[:cut])
         with pytest.raises(IntegrityError):
-            verify_backup(truncated)
+            verify_backup(truncated, source.key)
 
     # A forger who re-encodes the records validly but keeps the manifest is caught by the hash…
     with BackupFile(source.backup) as backup:
@@ -293,12 +314,81 @@ def test_truncated_and_re_encoded_backups_fail_verification_naming_what_differs(
         return path
 
     with pytest.raises(IntegrityError, match="sha256"):
-        verify_backup(forge("changed.evpbak", records[:-1] + [changed]))
+        verify_backup(forge("changed.evpbak", records[:-1] + [changed]), source.key)
     # …and one who drops a record by the counts.
     with pytest.raises(IntegrityError, match=f"partition {last.partition} has"):
-        verify_backup(forge("dropped.evpbak", records[:-1]))
+        verify_backup(forge("dropped.evpbak", records[:-1]), source.key)
     with pytest.raises(IntegrityError, match="out of order"):
-        verify_backup(forge("reordered.evpbak", records[-1:] + records[:-1]))
+        verify_backup(forge("reordered.evpbak", records[-1:] + records[:-1]), source.key)
+
+
+def rehashed(manifest: Manifest, records: list[BackupRecord]) -> Manifest:
+    """The manifest a forger writes for edited records: counts and sha256 recomputed, without the KEK."""
+    tally = _Tally(manifest.ranges, manifest.schema_range)
+    for record in records:
+        tally.add(record)
+    return Manifest(
+        topic=manifest.topic, schemas_topic=manifest.schemas_topic, ranges=manifest.ranges,
+        schema_range=manifest.schema_range, counts=dict(tally.counts), schema_records=tally.schema_records,
+        sha256=tally.sha256(), created_at=manifest.created_at, mac=manifest.mac, mac_kek_id=manifest.mac_kek_id,
+    )
+
+
+def test_an_edited_and_re_hashed_backup_fails_authentication(source: Source, tmp_path: Path) -> None:
+    with BackupFile(source.backup) as backup:
+        manifest, records = backup.manifest, list(backup.records())
+    assert manifest.mac is not None and manifest.mac_kek_id == source.key.kek_id
+    last = records[-1]
+    value = last.value or b"\x00"
+    edited = records[:-1] + [BackupRecord(last.source, last.partition, last.offset, last.timestamp, last.key,
+                                          value[:-1] + bytes([value[-1] ^ 1]), last.headers)]
+
+    def write(name: str, body: list[BackupRecord], forged: Manifest) -> Path:
+        path = tmp_path / name
+        with path.open("wb") as out:
+            fastavro.writer(out, fastavro.parse_schema(RECORD_SCHEMA), [r.to_avro() for r in body],
+                            codec="deflate", metadata={MANIFEST_KEY: forged.to_json()})
+        return path
+
+    # Edited, counts and sha256 recomputed: the self-check passes, the MAC does not.
+    forged = rehashed(manifest, edited)
+    path = write("rehashed.evpbak", edited, forged)
+    assert verify_backup(path, None).sha256 == forged.sha256 != manifest.sha256
+    with pytest.raises(IntegrityError, match=rf"backup {re.escape(str(path))} fails authentication.*edited"):
+        verify_backup(path, source.key)
+    # A record dropped and the counts fixed: the same.
+    dropped = rehashed(manifest, records[:-1])
+    with pytest.raises(IntegrityError, match="fails authentication"):
+        verify_backup(write("dropped.evpbak", records[:-1], dropped), source.key)
+    # Re-MACed under the forger's own KEK, claiming the right KEK id: still refused.
+    own = BackupKey.from_kek(LocalKek.generate())
+    claimed = replace(forged, mac=own.mac(forged))
+    with pytest.raises(IntegrityError, match="fails authentication"):
+        verify_backup(write("own-key.evpbak", edited, claimed), source.key)
+    # …and under its own KEK id: named as another key, not verified either.
+    theirs = replace(forged, mac_kek_id=own.kek_id)
+    theirs = replace(theirs, mac=own.mac(theirs))
+    with pytest.raises(IntegrityError, match=rf"authenticated under key-encryption key {own.kek_id}.*{source.key.kek_id}"):
+        verify_backup(write("their-key.evpbak", edited, theirs), source.key)
+    # The original still verifies; the MAC is not derivable from what the file shows.
+    assert verify_backup(source.backup, source.key) == manifest
+    assert source.key.mac(manifest) == manifest.mac and source.settings.kek is None
+    assert source.settings.kek_path.read_text().strip() not in source.backup.read_bytes().decode("latin-1")
+    assert "kek_id" in repr(source.key) and manifest.mac not in repr(source.key)
+
+
+def test_verifying_needs_the_kek_and_says_so(source: Source, tmp_path: Path) -> None:
+    keyless = source.settings.with_(kek_file=tmp_path / "absent" / "kek", kek=None)
+    with pytest.raises(ConfigurationError, match=r"needs the key-encryption key.*EVP_KEK.*EVP_KEK_FILE"):
+        BackupKey.from_settings(keyless)
+    assert not (tmp_path / "absent").exists()  # verifying never creates a KEK
+    with pytest.raises(ConfigurationError, match="needs the key-encryption key"):
+        restore_backup(source.backup, keyless)
+    refused = run_cli(keyless, "backup", "verify", str(source.backup))
+    assert refused.returncode == 1 and "needs the key-encryption key" in refused.stderr, refused.stderr
+    unauthenticated = run_cli(keyless, "backup", "verify", "--corruption-only", str(source.backup))
+    assert unauthenticated.returncode == 0, unauthenticated.stderr
+    assert "NOT authenticated" in unauthenticated.stdout
 
 
 def test_restore_refuses_a_non_empty_target_and_writes_nothing(services: Settings, source: Source,
@@ -372,13 +462,13 @@ def test_cli_creates_and_verifies_a_backup_and_reports_tampering(source: Source,
     path = tmp_path / "cli.evpbak"
     created = run_cli(source.settings, "backup", "create", str(path))
     assert created.returncode == 0, created.stderr
-    manifest = verify_backup(path)
-    assert f"sha256 {manifest.sha256}" in created.stdout
+    manifest = verify_backup(path, source.key)
+    assert f"sha256 {manifest.sha256}" in created.stdout and f"mac {manifest.mac}" in created.stdout
     assert manifest.records == manifest_of(source.backup).records
 
     verified = run_cli(source.settings, "backup", "verify", str(path))
     assert verified.returncode == 0, verified.stderr
-    assert "verified" in verified.stdout
+    assert f"verified: authentic (MAC under key-encryption key {source.key.kek_id})" in verified.stdout
 
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -387,3 +477,41 @@ def test_cli_creates_and_verifies_a_backup_and_reports_tampering(source: Source,
 
     refused = run_cli(source.settings, "backup", "restore", str(source.backup))
     assert refused.returncode == 1 and "is not empty" in refused.stderr
+
+
+def test_restore_takes_the_keyring_url_from_the_environment_or_a_private_file(source: Source, tmp_path: Path) -> None:
+    """Never from argv with a password in it: the options are parsed, the keyring opened, the restore reached."""
+    url = source.settings.database_url.replace("://evp@", "://evp:s3cret-pw@", 1)
+    assert "s3cret-pw" in url
+    in_argv = run_cli(source.settings, "backup", "restore", "--keys-from", url, str(source.backup))
+    assert in_argv.returncode == 2 and "s3cret-pw" not in in_argv.stderr + in_argv.stdout
+    assert "holds a password" in in_argv.stderr and "--keys-from-env VAR" in in_argv.stderr
+    assert "--keys-from-file PATH" in in_argv.stderr
+
+    # Trust authentication ignores the password: reaching "is not empty" proves the URL was used.
+    settings = source.settings.with_()
+    env_run = run_cli_env(settings, {"EVP_TEST_KEYRING_URL": url},
+                          "backup", "restore", "--keys-from-env", "EVP_TEST_KEYRING_URL", str(source.backup))
+    assert env_run.returncode == 1 and "is not empty" in env_run.stderr, env_run.stderr
+    missing = run_cli(settings, "backup", "restore", "--keys-from-env", "EVP_TEST_NOT_SET", str(source.backup))
+    assert missing.returncode == 1 and "EVP_TEST_NOT_SET: that environment variable is unset" in missing.stderr
+
+    secret = tmp_path / "keyring-url"
+    secret.write_text(url + "\n")
+    secret.chmod(0o644)
+    loose = run_cli(settings, "backup", "restore", "--keys-from-file", str(secret), str(source.backup))
+    assert loose.returncode == 1 and "has mode 0644" in loose.stderr and "chmod 600" in loose.stderr
+    assert "s3cret-pw" not in loose.stderr
+    secret.chmod(0o600)
+    tight = run_cli(settings, "backup", "restore", "--keys-from-file", str(secret), str(source.backup))
+    assert tight.returncode == 1 and "is not empty" in tight.stderr, tight.stderr
+    assert "s3cret-pw" not in tight.stderr + tight.stdout
+
+
+def run_cli_env(settings: Settings, extra: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """:func:`run_cli` with extra environment variables (a keyring URL held in one)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVP_")}
+    env.update(settings.to_env())
+    env.update(extra)
+    return subprocess.run([sys.executable, "-m", "events.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=tempfile.gettempdir(), timeout=120)

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings as hypothesis_settings, strategies as st
 from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource
 
 from tests.support.examples import catalog as examples_catalog
 from events.schema.codec import Codec
 from events.errors import IncompatibleSchema, SchemaError, ServiceUnavailable
-from events.schema.registry import KafkaSchemaLog, MemorySchemaLog, SchemaLog, SchemaRegistry
+from events.schema import registry as registry_module
+from events.schema.registry import (
+    MAX_RECORD_BYTES, MAX_SCHEMA_BYTES, MAX_SCHEMA_DEPTH, MAX_SCHEMA_ID, KafkaSchemaLog, MemorySchemaLog, SchemaLog,
+    SchemaRegistry, json_depth,
+)
 from events.settings import Settings
 
 
@@ -43,7 +50,7 @@ class InterleavingLog:
 
     def __init__(self, log: SchemaLog) -> None:
         self._log = log
-        self.before_append: Callable[[], None] | None = None
+        self.before_append: Callable[[], object] | None = None
 
     def append(self, key: bytes, value: bytes) -> None:
         hook, self.before_append = self.before_append, None
@@ -147,8 +154,10 @@ def test_foreign_records_in_the_log_are_ignored() -> None:
     log.append(b"noise", b"not json")
     log.append(b"{}", json.dumps({"id": 1, "subject": "s"}).encode())
     registry = SchemaRegistry(log)
-    assert registry.register("s", V1) == 1  # a record that is not a claim claims nothing
-    assert registry.get(1).schema == V1
+    assert registry.register("s", V1) == 2  # no claim, but its sane id 1 is used up all the same
+    assert registry.get(2).schema == V1
+    with pytest.raises(SchemaError, match="schema id 1 "):
+        registry.get(1)
 
 
 def test_records_have_the_confluent_shape() -> None:
@@ -247,6 +256,224 @@ def test_compaction_keeps_the_winning_claims() -> None:
 def test_unreachable_broker_is_service_unavailable() -> None:
     with pytest.raises(ServiceUnavailable, match="kafka at 127.0.0.1:1"):
         KafkaSchemaLog(Settings(kafka="127.0.0.1:1", topic_prefix="evp-test-unreachable"), timeout_s=1)
+
+
+# -- hostile records: every reader folds them alike ------------------------------
+
+
+def nested(depth: int) -> Any:
+    """An Avro schema whose JSON nests ``depth`` levels: arrays of arrays of ... of int."""
+    node: Any = "int"
+    for _ in range(depth):
+        node = {"type": "array", "items": node}
+    return node
+
+
+def nested_text(depth: int) -> str:
+    """The JSON of :func:`nested`, written without recursion (json.dumps recurses)."""
+    return '{"type":"array","items":' * depth + '"int"' + "}" * depth
+
+
+def raw_claim(schema_id: Any, subject: str = "s", version: Any = 1, schema_text: Any = None) -> tuple[bytes, bytes]:
+    """A record in the claim's shape with any fields at all, as a forger could append it."""
+    text = json.dumps(V1) if schema_text is None else schema_text
+    value = json.dumps({"id": schema_id, "subject": subject, "version": version, "schema": text}).encode()
+    return json.dumps({"id": str(schema_id)[:20], "claim": uuid.uuid4().hex}).encode(), value
+
+
+def frames() -> int:
+    depth, frame = 0, sys._getframe()
+    while frame is not None:
+        depth, frame = depth + 1, frame.f_back  # type: ignore[assignment]
+    return depth
+
+
+def fold_with_low_recursion_limit(log: SchemaLog, headroom: int = 120) -> SchemaRegistry:
+    """A fresh registry that folds the log with only ``headroom`` frames to spare.
+
+    Enough for any schema inside the caps (they need about 40); far too few for the
+    schemas that poisoned the registry before the caps.
+    """
+    registry, old = SchemaRegistry(log), sys.getrecursionlimit()
+    sys.setrecursionlimit(frames() + headroom)
+    try:
+        registry.ids()
+    finally:
+        sys.setrecursionlimit(old)
+    return registry
+
+
+def fold_deep_in_the_stack(log: SchemaLog, spare: int = 150) -> SchemaRegistry:
+    """A fresh registry that folds the log from a stack already ``limit - spare`` frames deep."""
+    registry = SchemaRegistry(log)
+
+    def descend(left: int) -> None:
+        if left > 0:
+            descend(left - 1)
+        else:
+            registry.ids()
+
+    descend(sys.getrecursionlimit() - frames() - spare)
+    return registry
+
+
+def folded(registry: SchemaRegistry) -> tuple[dict[int, tuple[str, int, str]], int, int]:
+    """What a reader made of the log: every id's (subject, version, schema), its highest id and position."""
+    ids = {i: (e.subject, e.version, json.dumps(e.schema, sort_keys=True)) for i, e in registry.ids().items()}
+    return ids, registry.highest_id, registry.position
+
+
+def readers_agree(log: SchemaLog, *others: SchemaRegistry) -> tuple[dict[int, tuple[str, int, str]], int, int]:
+    """Fresh, low-limit, deep-stack and incremental readers all fold ``log`` to the same state."""
+    views = [folded(r) for r in (SchemaRegistry(log), fold_with_low_recursion_limit(log),
+                                 fold_deep_in_the_stack(log), *others)]
+    assert all(view == views[0] for view in views), views
+    return views[0]
+
+
+def test_the_deep_schema_that_poisoned_the_registry_is_now_refused_by_every_reader(
+        caplog: pytest.LogCaptureFixture) -> None:
+    log = MemorySchemaLog()
+    # Deep enough to pass a parser with a fresh stack and to fail one with a deeper stack.
+    log.append(*raw_claim(1, subject="poison", schema_text=nested_text(700)))
+    log.append(*raw_claim(2, subject="poison", schema_text=nested_text(9_000)))
+    server = SchemaRegistry(log)
+    with caplog.at_level(logging.WARNING, logger=registry_module.__name__):
+        assert server.register("s", V1) == 3  # both poisoned ids are used up, neither reused
+    warnings = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert len(warnings) == 2 and "#0" in warnings[0] and "#1" in warnings[1], warnings
+    assert all(f"deeper than {MAX_SCHEMA_DEPTH}" in w and "key b'" in w for w in warnings), warnings
+    ids, highest, position = readers_agree(log, server)
+    assert list(ids) == [3] and highest == 3 and position == 3
+    for name, reader in (("T", fold_with_low_recursion_limit(log)), ("U", fold_deep_in_the_stack(log))):
+        assert reader.register(name, distinct(name)) == reader.highest_id  # each reader's next claim is fresh
+    assert sorted(SchemaRegistry(log).ids()) == [3, 4, 5]
+
+
+@pytest.mark.parametrize("schema_id", [0, -1, MAX_SCHEMA_ID + 1, 2**32 - 1, 10**30, "1", 1.0, True, None, [1]])
+def test_absurd_ids_claim_nothing_and_use_nothing_up(schema_id: Any) -> None:
+    log = MemorySchemaLog()
+    log.append(*raw_claim(schema_id))
+    assert SchemaRegistry(log).register("s", V1) == 1
+    readers_agree(log)
+
+
+def test_an_id_that_skips_ahead_is_refused_so_one_record_cannot_use_up_the_id_space() -> None:
+    log = MemorySchemaLog()
+    log.append(*raw_claim(MAX_SCHEMA_ID, subject="squatter"))
+    log.append(*raw_claim(5, subject="squatter"))
+    registry = SchemaRegistry(log)
+    assert registry.register("s", V1) == 1 and registry.register("s", V2) == 2
+    assert registry.subjects() == ("s",)
+    readers_agree(log, registry)
+
+
+def test_a_forged_record_with_a_sane_id_uses_it_up_in_every_reader() -> None:
+    log = MemorySchemaLog()
+    registry = SchemaRegistry(log)
+    assert registry.register("s", V1) == 1
+    for value in (raw_claim(2, schema_text="{not json")[1], raw_claim(3, version=0)[1],
+                  raw_claim(4, schema_text=json.dumps({"type": "record", "name": "X"}))[1],
+                  raw_claim(5, schema_text='{"type": "fixed", "name": "F", "size": 1' + "0" * 30 + "}")[1]):
+        log.append(b"forged", value)
+    log.append(b"not json", b"\xff\xfe")
+    log.append(b"huge", b" " * MAX_RECORD_BYTES)
+    log.append(b"big schema", raw_claim(6, schema_text=json.dumps({**V1, "doc": "x" * MAX_SCHEMA_BYTES}))[1])
+    assert registry.register("s", V2) == 7
+    ids, highest, position = readers_agree(log, registry)
+    assert sorted(ids) == [1, 7] and highest == 7 and position == 9
+
+
+def test_register_refuses_schemas_over_the_caps_and_writes_nothing() -> None:
+    log = MemorySchemaLog()
+    registry = SchemaRegistry(log)
+    for schema, named in ((nested(MAX_SCHEMA_DEPTH + 1), "deeper"), (nested(100_000), "deeper"),
+                          ({**V1, "doc": "x" * MAX_SCHEMA_BYTES}, "bytes")):
+        with pytest.raises(SchemaError, match=named):
+            registry.register("s", schema)
+        with pytest.raises(SchemaError, match=named):
+            registry.lookup("s", schema)
+    assert log.read_all() == []
+    assert registry.register("s", nested(MAX_SCHEMA_DEPTH)) == 1  # at the cap is fine
+    assert readers_agree(log, registry)[0][1][0] == "s"
+
+
+def test_register_refuses_a_claim_once_ids_are_used_up() -> None:
+    log = MemorySchemaLog()
+    registry = SchemaRegistry(log)
+    registry.register("s", V1)
+    registry._state.highest_id = MAX_SCHEMA_ID  # as after 2**31 - 1 registrations
+    with pytest.raises(SchemaError, match="every schema id"):
+        registry.register("t", V1)
+    assert len(log.read_all()) == 1
+
+
+def test_a_reader_that_cannot_evaluate_a_record_stops_there_instead_of_skipping_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    log = MemorySchemaLog()
+    SchemaRegistry(log).register("s", V1)
+
+    def exhausted(schema: Any) -> str:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(registry_module, "canonical_json", exhausted)
+    reader = SchemaRegistry(log)
+    with pytest.raises(SchemaError, match="#0 .* could not be evaluated here .*RecursionError"):
+        reader.ids()
+    assert (reader.position, reader.highest_id) == (0, 0)  # nothing applied, nothing skipped
+    monkeypatch.undo()
+    assert folded(reader) == folded(SchemaRegistry(log))
+
+
+def test_json_depth_counts_structure_not_strings_and_never_recurses() -> None:
+    assert json_depth('{"a": "[[[{{{", "b": [1, {"c": "\\"]]]"}]}') == 3
+    assert json_depth("[" * 10**6) == MAX_SCHEMA_DEPTH + 1  # stops at the first level past the cap
+    assert json_depth('"unterminated [[[') == 0
+    assert json_depth('\\"' * 10**5 + "[[") == 0  # one unterminated string, matched once, not once per quote
+    assert json_depth('["' + '\\"' * 10**5 + '", [[]]]') == 3
+
+
+RAW_RECORDS = st.one_of(
+    st.builds(lambda n, s: ("claim", n, s), st.integers(-2, 3), st.sampled_from(["a", "b"])),  # near the next id
+    st.builds(lambda d: ("deep", d, ""), st.integers(MAX_SCHEMA_DEPTH, 3000)),
+    st.builds(lambda n: ("absurd", n, ""), st.sampled_from([0, -7, MAX_SCHEMA_ID, 2**32 - 1, 10**25])),
+    st.builds(lambda b: ("bytes", b, ""), st.binary(max_size=60)),
+    st.builds(lambda t: ("schema", t, ""), st.text(max_size=40)),
+    st.builds(lambda s: ("register", 0, s), st.sampled_from(["a", "b", "c"])),
+)
+
+
+@hypothesis_settings(max_examples=150, deadline=None)
+@given(records=st.lists(RAW_RECORDS, max_size=14))
+def test_every_reader_folds_any_log_to_the_same_ids(records: list[tuple[str, Any, str]]) -> None:
+    """Raw records of every kind, and real registrations, in any order: readers agree on every id."""
+    log = MemorySchemaLog()
+    follower = SchemaRegistry(log)  # reads after every record: the incremental path
+    registrar = SchemaRegistry(log)
+    schemas = iter(distinct(f"T{n}") for n in range(100))
+    for kind, arg, subject in records:
+        highest = follower.highest_id
+        if kind == "claim":
+            version = len(follower.versions(subject)) + 1
+            log.append(*raw_claim(highest + arg, subject, version, json.dumps(next(schemas))))
+        elif kind == "deep":
+            log.append(*raw_claim(highest + 1, schema_text=nested_text(arg)))
+        elif kind == "absurd":
+            log.append(*raw_claim(arg))
+        elif kind == "bytes":
+            log.append(b"raw", arg)
+        elif kind == "schema":
+            log.append(*raw_claim(highest + 1, schema_text=arg))
+        else:
+            assert registrar.register(f"{subject}{len(log.read_all())}", next(schemas)) == registrar.highest_id
+        follower.ids()
+    ids, highest, position = readers_agree(log, follower, registrar)
+    assert position == len(log.read_all())
+    assert all(0 < i <= highest for i in ids)
+    versions = [(subject, version) for subject, version, _ in ids.values()]
+    assert len(set(versions)) == len(versions)  # one id per (subject, version)
+    new_id = SchemaRegistry(log).register("fresh", distinct("Fresh"))
+    assert new_id == highest + 1 and new_id not in ids  # no id any reader saw is handed out again
 
 
 # -- against the real broker ------------------------------------------------------
@@ -354,3 +581,24 @@ def test_kafka_codec_values_decode_in_another_registry(kafka_topic: tuple[Settin
     finally:
         writer_log.close()
         reader_log.close()
+
+
+@pytest.mark.services
+def test_kafka_the_deep_schema_poisoning_is_harmless(kafka_topic: tuple[Settings, str]) -> None:
+    own, topic = kafka_topic
+    writer_log = KafkaSchemaLog(own)
+    try:
+        writer_log.append(*raw_claim(1, subject="poison", schema_text=nested_text(700)))
+        assert SchemaRegistry(writer_log).register("s", V1) == 2
+    finally:
+        writer_log.close()
+    logs = [KafkaSchemaLog(own) for _ in range(3)]
+    try:
+        low, deep = fold_with_low_recursion_limit(logs[1]), fold_deep_in_the_stack(logs[2])
+        views = [folded(SchemaRegistry(logs[0])), folded(low), folded(deep)]
+        assert views[0] == views[1] == views[2] and list(views[0][0]) == [2] and views[0][1] == 2
+        assert low.register("t", distinct("T")) == 3
+        assert deep.register("u", distinct("U")) == 4
+    finally:
+        for log in logs:
+            log.close()
