@@ -5,6 +5,8 @@ PYTHON3 ?= python3
 SERVICES := $(PYTHON3) platform/services.py
 # Written by bootstrap.sh: the venv lives in the cache, keyed by pyproject.toml.
 VENV = "$$(cat .evp/venv-path)"
+# The variables that point evp's clients at the local services (credential files, never values).
+CLIENT_ENV = eval "$$($(SERVICES) env)";
 
 .PHONY: venv services services-down status demo test typecheck bench clean-state
 
@@ -24,14 +26,14 @@ status:
 EXAMPLES := digits clinic
 EXAMPLE ?= $(EXAMPLES)
 demo: venv services
-	@for example in $(EXAMPLE); do \
+	@$(CLIENT_ENV) for example in $(EXAMPLE); do \
 	  if [ ! -f examples/$$example/demo.py ]; then echo "make demo: no example '$$example' (have: $(EXAMPLES))" >&2; exit 2; fi; \
 	  echo "== example $$example"; $(VENV)/bin/python examples/$$example/demo.py || exit 1; \
 	done
 
 # pytest exits 5 when it collects nothing: that is a broken suite, not a pass.
 test: venv services typecheck
-	@$(VENV)/bin/python -m pytest tests -q -p no:cacheprovider; rc=$$?; \
+	@$(CLIENT_ENV) $(VENV)/bin/python -m pytest tests -q -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # mypy --strict over the packages (settings in pyproject.toml).
@@ -42,7 +44,7 @@ typecheck: venv
 bench: venv services
 	@shopt -s nullglob; scripts=(bench/bench_*.py); \
 	if [ $${#scripts[@]} -eq 0 ]; then echo "make bench: no bench/bench_*.py scripts" >&2; exit 1; fi; \
-	for script in "$${scripts[@]}"; do echo "== $$script"; $(VENV)/bin/python "$$script" || exit 1; done
+	$(CLIENT_ENV) for script in "$${scripts[@]}"; do echo "== $$script"; $(VENV)/bin/python "$$script" || exit 1; done
 
 # Stops the services and deletes the state directory (broker log, database, snapshots,
 # keys). The jar and venv caches stay.

@@ -21,6 +21,7 @@ import hashlib
 import os
 import pwd
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -332,6 +333,14 @@ class Service:
 
     def clean(self) -> None:
         """Delete state kept outside the state directory (the state directory goes anyway)."""
+
+    def client_env(self) -> dict[str, str]:
+        """The ``EVP_*`` variables evp's clients need to reach this service (``services.py env``).
+
+        Paths of credential files, never a secret's value: the files are 0600 in the state
+        directory. A service someone else runs needs none (its variables are already set).
+        """
+        return {}
 
 
 @dataclass(frozen=True)
@@ -857,7 +866,7 @@ def clean_state(paths: Paths, services: Sequence[Service]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="services.py", description="Run evp's Kafka and PostgreSQL locally.")
-    parser.add_argument("command", choices=["up", "down", "restart", "status", "kill", "clean"])
+    parser.add_argument("command", choices=["up", "down", "restart", "status", "kill", "clean", "env"])
     parser.add_argument("service", nargs="?", choices=["kafka", "postgres"], help="default: both")
     args = parser.parse_args(argv)
     env = dict(os.environ)
@@ -868,6 +877,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{err.service}: error: {err}", file=sys.stderr)
         return 1
     chosen = [everything[args.service]] if args.service else list(everything.values())
+
+    if args.command == "env":
+        # `eval "$(python3 platform/services.py env)"` points evp's clients at these services.
+        for service in chosen:
+            for variable, value in sorted(service.client_env().items()):
+                print(f"export {variable}={shlex.quote(value)}")
+        return 0
 
     if args.command == "status":
         statuses = [service.status() for service in chosen]

@@ -7,21 +7,42 @@ personal: features, labels, counts, pseudonymous ids.
 
 Contract of :func:`forget_subject`:
 
-1. find what the erasure touches (streams, events, reservations, snapshots, training runs);
-2. unless ``dry_run``: destroy the data key (a tombstone remains, so the subject cannot be
-   silently re-keyed), release the subject's unique reservations and only theirs (their
-   blind indexes would otherwise let a key holder test guesses of the values; another
-   person's reservation on the same stream stays), and append a ``SubjectForgotten``
-   event, which carries no personal data and tells projections to redact their rows.
+1. refuse an id that :func:`~events.privacy.keyring.subject_problem` refuses (whitespace at
+   either end, control characters, not NFC), naming the id to use instead; find the
+   look-alike ids stored before that rule (``"ann-cy "`` beside ``ann-cy``): they are the
+   same person and are forgotten with the subject;
+2. find what the erasure touches (streams, events, reservations, dataset snapshots,
+   aggregate snapshots) for the subject and its look-alikes;
+3. unless ``dry_run``: destroy the data keys (a tombstone remains, so the subject cannot be
+   silently re-keyed); delete the aggregate snapshots of every stream concerned (they hold
+   decrypted state, which no key deletion reaches; a save racing the erasure is refused,
+   see :func:`events.store.aggregate.save_snapshot`); release the subjects' unique
+   reservations and only theirs (their blind indexes would otherwise let a key holder test
+   guesses of the values; another person's reservation on the same stream stays); and
+   append one ``SubjectForgotten`` event per id, which carries no personal data and tells
+   projections to redact their rows.
+
+Running it again after a crash finishes the erasure: every step is idempotent.
+
+What the erasure cannot reach by itself, and how to close it:
+
+- other processes' keyrings may use a cached copy of the key for up to
+  ``Keyring.DEFAULT_CACHE_SECONDS`` (10 s) and then find the tombstone;
+- the wrapped key stays in PostgreSQL's dead tuples and WAL until they are recycled, and
+  in every dump of ``evp_data_keys`` taken before; the KEK still unwraps those copies.
+  ``evp keys rotate`` after erasures re-wraps every live key under a new KEK and retires
+  (deletes) the old KEK's file, which makes every old wrapped copy useless.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from events.store.aggregate import count_snapshots, drop_snapshots
 from events.store.client import EventStore
 from events.errors import EvpError
 from events.event import Event, RecordedEvent
+from events.privacy.keyring import InvalidSubject, canonical_subject, subject_problem
 
 
 @dataclass(frozen=True)
@@ -34,21 +55,33 @@ class ErasureReport:
     snapshots: tuple[str, ...] = field(default=())
     key_destroyed: bool = False
     published: bool = False  #: the SubjectForgotten event is on Kafka (else it waits in the outbox)
+    aggregate_snapshots: int = 0  #: aggregate snapshots of the streams (deleted unless dry run)
+    lookalikes: tuple[str, ...] = field(default=())  #: ids stored before validation that stand for the subject
 
     def __str__(self) -> str:
         verb = "would touch" if self.dry_run else "touched"
         key = "" if self.dry_run else ("; data key destroyed" if self.key_destroyed else "; no live data key was left")
         if not self.dry_run and not self.published:
             key += "; erasure recorded, its publication to Kafka is pending (the relay will send it)"
-        return (f"erasure of {self.subject_id} {verb} {self.events} events in {len(self.streams)} streams, "
-                f"{self.reservations} reservations, {len(self.snapshots)} snapshots{key}")
+        also = f" (and look-alike ids {', '.join(map(repr, self.lookalikes))})" if self.lookalikes else ""
+        return (f"erasure of {self.subject_id}{also} {verb} {self.events} events in {len(self.streams)} streams, "
+                f"{self.reservations} reservations, {len(self.snapshots)} snapshots, "
+                f"{self.aggregate_snapshots} aggregate snapshots{key}")
 
 
 def erasure_scope(store: EventStore, subject_id: str) -> ErasureReport:
-    events = store.ledger.events_concerning(subject_id)
+    """What forgetting ``subject_id`` touches (step 1 and 2 of :func:`forget_subject`)."""
+    problem = subject_problem(subject_id)
+    if problem is not None:
+        raise InvalidSubject(subject_id, f"{problem}: forget {canonical_subject(subject_id)!r}, "
+                                         "which erases its look-alike ids with it")
+    lookalikes = tuple(store.keyring.lookalikes(subject_id))
+    found = {e.position: e for s in (subject_id, *lookalikes) for e in store.ledger.events_concerning(s)}
+    events = [found[p] for p in sorted(found)]
     streams = tuple(sorted({e.stream_id for e in events}))
-    reservations = store.ledger.reservations_of(subject_id)
-    return ErasureReport(subject_id, True, streams, len(events), reservations, _snapshots_holding(store, events))
+    reservations = sum(store.ledger.reservations_of(s) for s in (subject_id, *lookalikes))
+    return ErasureReport(subject_id, True, streams, len(events), reservations, _snapshots_holding(store, events),
+                         aggregate_snapshots=count_snapshots(store, streams), lookalikes=lookalikes)
 
 
 def _snapshots_holding(store: EventStore, events: list[RecordedEvent]) -> tuple[str, ...]:
@@ -66,17 +99,22 @@ def _snapshots_holding(store: EventStore, events: list[RecordedEvent]) -> tuple[
 def forget_subject(
     store: EventStore, subject_id: str, *, reason: str, dry_run: bool = False, actor: str | None = None
 ) -> ErasureReport:
+    """Forget ``subject_id`` (and its look-alike ids); see the module docstring for the contract."""
     scope = erasure_scope(store, subject_id)
     if dry_run:
         return scope
-    destroyed = store.keyring.forget(subject_id)
-    store.ledger.release_subject(subject_id)
-    erasure = Event("SubjectForgotten", {"subject_id": subject_id, "reason": reason}, actor=actor or store.settings.actor)
-    store.append(f"erasure-{subject_id}", erasure)
+    ids = (subject_id, *scope.lookalikes)
+    destroyed = any([store.keyring.forget(s) for s in ids])  # the keys first: nothing decrypts from here on
+    dropped = drop_snapshots(store, scope.streams)
+    for s in ids:
+        store.ledger.release_subject(s)
+    who = actor or store.settings.actor
+    store.append(f"erasure-{subject_id}",
+                 [Event("SubjectForgotten", {"subject_id": s, "reason": reason}, actor=who) for s in ids])
     try:
         store.flush()
         published = True
     except EvpError:  # the key is gone and the event is in the outbox: the erasure stands
         published = False
     return ErasureReport(subject_id, False, scope.streams, scope.events, scope.reservations, scope.snapshots,
-                         destroyed, published)
+                         destroyed, published, dropped, scope.lookalikes)

@@ -6,6 +6,11 @@ HashiCorp Vault's transit engine or a cloud KMS implements the same three member
 (``key_id``, ``wrap``, ``unwrap``), binding the subject id as associated data / context,
 and the keyring never sees the master key. :class:`LocalKek` is the built-in
 implementation: a 32-byte AES-256-GCM key from ``EVP_KEK`` or a private file.
+
+On disk (:class:`KeyFiles`), every KEK lives in a file named by its key id,
+``<kek file>.<key id>``, written once (complete, fsynced) and never overwritten; the
+configured KEK file is a symbolic link to the current one, switched atomically by
+``evp keys rotate`` (a plain file is the current key of a deployment never rotated).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import hashlib
 import os
 import secrets
 from pathlib import Path
+from collections.abc import Callable
 from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
@@ -102,6 +108,10 @@ class LocalKek:
             return cls._load(path)
         except FileNotFoundError:
             pass
+        if path.is_symlink():  # the link is there, its key file is not: never create a key behind it
+            raise ConfigurationError(
+                f"the key-encryption key file {path} points to {os.readlink(path)}, which does not exist"
+            )
         _make_private_dirs(path.parent)
         _create_private_file(path, cls.generate().export_base64() + "\n")
         return cls._load(path)
@@ -155,6 +165,141 @@ def kek_from_settings(settings: Settings) -> LocalKek:
     if settings.kek:
         return LocalKek.from_base64(settings.kek, source="EVP_KEK")
     return LocalKek.load_or_create(settings.kek_path)
+
+
+#: Finds a KEK by key id, or None: how a :class:`~events.privacy.keyring.Keyring` follows a rotation.
+KekFinder = Callable[[str], KeyEncryptionKey | None]
+
+
+def kek_finder(settings: Settings, *pointers: Path) -> KekFinder:
+    """Find a KEK by id in ``EVP_KEK``, then in the key files beside ``settings.kek_path`` and ``pointers``.
+
+    Never creates a key. Pass it to ``Keyring(find_kek=...)`` so that a process started
+    before ``evp keys rotate`` loads the new KEK instead of being refused.
+    """
+    places = [KeyFiles(p) for p in dict.fromkeys((settings.kek_path, *pointers))]
+
+    def find(key_id: str) -> KeyEncryptionKey | None:
+        if settings.kek:
+            given = LocalKek.from_base64(settings.kek, source="EVP_KEK")
+            if given.key_id == key_id:
+                return given
+        for files in places:
+            found = files.load(key_id)
+            if found is not None:
+                return found
+        return None
+
+    return find
+
+
+class KeyFiles:
+    """The KEK files of one deployment: ``<pointer>.<key id>`` per key, ``<pointer>`` for the current one.
+
+    A key file is created once — complete, 0600, fsynced with its folder — and never
+    overwritten or replaced; :meth:`retire` deletes one for good. ``<pointer>`` is what
+    :func:`kek_from_settings` reads: a symbolic link to the current key file after a
+    rotation (:meth:`point_to` switches it atomically), or a plain key file before one.
+    """
+
+    def __init__(self, pointer: Path) -> None:
+        self.pointer = Path(pointer)
+
+    def path_of(self, key_id: str) -> Path:
+        return self.pointer.with_name(f"{self.pointer.name}.{key_id}")
+
+    def write(self, kek: LocalKek) -> Path:
+        """Store ``kek`` in its own file, unless that file exists and holds it already."""
+        path = self.path_of(kek.key_id)
+        _make_private_dirs(path.parent)
+        _create_private_file(path, kek.export_base64() + "\n")
+        _fsync_directory(path.parent)
+        written = LocalKek._load(path)
+        if written.key_id != kek.key_id:
+            raise CryptoError(f"key file {path} holds key-encryption key {written.key_id}, not {kek.key_id}")
+        return path
+
+    def load(self, key_id: str) -> LocalKek | None:
+        """The KEK ``key_id`` from its own file or from the pointer, or None if neither holds it."""
+        for path in (self.path_of(key_id), self.pointer):
+            try:
+                found = LocalKek._load(path)
+            except (FileNotFoundError, ConfigurationError):
+                continue
+            if found.key_id == key_id:
+                return found
+        return None
+
+    def current(self) -> LocalKek | None:
+        """The KEK the pointer names, or None when there is no pointer (never creates one)."""
+        try:
+            return LocalKek._load(self.pointer)
+        except FileNotFoundError:
+            return None
+
+    def unused(self, known: set[str]) -> list[LocalKek]:
+        """Key files beside the pointer whose ids are not in ``known``, newest first."""
+        prefix = self.pointer.name + "."
+        found: list[tuple[float, LocalKek]] = []
+        if not self.pointer.parent.is_dir():
+            return []
+        for path in self.pointer.parent.iterdir():
+            key_id = path.name[len(prefix):]
+            if not path.name.startswith(prefix) or len(key_id) != _KEY_ID_CHARS or key_id in known:
+                continue
+            kek = self.load(key_id)
+            if kek is not None:
+                found.append((path.stat().st_mtime, kek))
+        return [kek for _, kek in sorted(found, key=lambda item: -item[0])]
+
+    def point_to(self, key_id: str) -> None:
+        """Make the pointer a link to ``key_id``'s file, atomically; its old target is left alone."""
+        target = self.path_of(key_id)
+        if self.load(key_id) is None or not target.exists():
+            raise CryptoError(f"cannot switch {self.pointer} to key-encryption key {key_id}: {target} does not hold it")
+        if self.pointer.is_symlink() and os.readlink(self.pointer) == target.name:
+            return
+        temporary = self.pointer.with_name(f".{self.pointer.name}.{secrets.token_hex(6)}.link")
+        try:
+            os.symlink(target.name, temporary)
+            os.replace(temporary, self.pointer)
+        except OSError as err:
+            raise ConfigurationError(f"cannot switch {self.pointer} to {target.name}: {err}") from err
+        finally:
+            temporary.unlink(missing_ok=True)
+        _fsync_directory(self.pointer.parent)
+
+    def retire(self, key_id: str) -> list[Path]:
+        """Delete every file holding ``key_id`` here (its own file, the pointer if it still is one); returns them.
+
+        Refuses while the pointer links to that key: the current key is never retired.
+        """
+        if self.pointer.is_symlink() and os.readlink(self.pointer) == self.path_of(key_id).name:
+            raise CryptoError(f"{self.pointer} still links to key-encryption key {key_id}: it cannot be retired")
+        removed: list[Path] = []
+        for path in (self.path_of(key_id), self.pointer):
+            try:
+                holds = LocalKek._load(path).key_id == key_id
+            except (FileNotFoundError, ConfigurationError):
+                continue
+            if holds:
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        if removed:
+            _fsync_directory(self.pointer.parent)
+        return removed
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a new name in ``directory`` survive a crash."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _make_private_dirs(directory: Path) -> None:

@@ -22,7 +22,7 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
 from events.errors import CryptoError, InvalidEvent, KeyErased, NotFound
 from events.privacy import cipher
-from events.privacy.keyring import Keyring
+from events.privacy.keyring import Keyring, subject_problem
 from events.privacy.policy import PersonalField, Policy
 
 #: What a personal field reads as once its subject was forgotten, whatever its type.
@@ -32,8 +32,10 @@ REDACTED = "[erased]"
 def seal(policy: Policy, event_id: str, datum: Mapping[str, Any], keyring: Keyring) -> dict[str, Any]:
     """A copy of ``datum`` (already valid for the declared schema) with personal fields sealed.
 
-    1. Null personal values stay null; every other one needs its subject's id, else
-       :class:`InvalidEvent` names the subject field.
+    1. Null personal values stay null; every other one needs its subject's id, a valid one
+       (no whitespace at either end, no control characters, NFC; see
+       :func:`~events.privacy.keyring.subject_problem`), else :class:`InvalidEvent` names
+       the subject field: a look-alike id never gets a key of its own.
     2. Each subject's data key is created on first use; a forgotten subject raises
        :class:`KeyErased`: a forgotten person's data is not accepted again.
     3. A value that is already sealed is refused (it would be encrypted twice).
@@ -46,6 +48,10 @@ def seal(policy: Policy, event_id: str, datum: Mapping[str, Any], keyring: Keyri
         if isinstance(value, str) and cipher.is_sealed(value):
             raise InvalidEvent(policy.event_type, field.name, "already encrypted; refusing to encrypt it twice")
         subject = _subject(policy, field, out)
+        problem = subject_problem(subject)
+        if problem is not None:
+            raise InvalidEvent(policy.event_type, field.subject_field,
+                               f"the data subject id {subject!r} {problem}, but field {field.name!r} carries personal data")
         key = keyring.data_key(subject, create=True)
         aad = cipher.field_aad(event_id, policy.event_type, field.name, subject)
         out[field.name] = cipher.seal_bytes(key, _plaintext(field, value), aad)

@@ -3,20 +3,30 @@
 After ``forget`` the subject's personal data reads as ``[erased]`` wherever it was copied,
 no fresh key can bring it back, the erasure event itself carries nothing personal, other
 subjects are untouched, and models can still be trained from snapshots cut before.
+Another process's keyring stops using the key within the documented bound; a look-alike
+subject id (whitespace, control characters, not NFC) never gets a key of its own, and one
+stored before that rule is forgotten with the subject it stands for.
 """
 
 from __future__ import annotations
 
+import os
 import random
-from dataclasses import dataclass
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
 from events.store.client import EventStore
-from events.errors import KeyErased
+from events.errors import InvalidEvent, KeyErased
 from events.ops.forget import erasure_scope, forget_subject
+from events.privacy import personal
+from events.privacy.keyring import InvalidSubject, Keyring
 from events.privacy.personal import REDACTED
 from events.settings import Settings
 from projections.runner import ProjectionRunner
@@ -162,3 +172,90 @@ def _assert_no_plaintext_anywhere(settings: Settings, people: tuple[Person, ...]
     if log_dir is not None:
         sources.update(read_files(topic_files(log_dir, settings)))
     assert not scanner.scan(sources)
+
+
+REPO = Path(__file__).resolve().parents[2]
+#: A second process: caches the subject's key, then uses it every 50 ms until it is refused.
+_HOLDER = """
+import sys, time
+from events.errors import KeyErased
+from events.privacy.kek import kek_from_settings
+from events.privacy.keyring import Keyring, PostgresKeyStore
+from events.settings import Settings
+settings = Settings.from_env()
+keyring = Keyring(PostgresKeyStore(settings.database_url), kek_from_settings(settings))
+keyring.data_key(sys.argv[1], create=False)
+print("ready", flush=True)
+while True:
+    try:
+        keyring.data_key(sys.argv[1], create=False)
+        print("used", time.time(), flush=True)
+    except KeyErased:
+        print("erased", time.time(), flush=True)
+        break
+    time.sleep(0.05)
+"""
+
+
+def test_another_process_stops_using_a_forgotten_key_within_the_documented_bound(
+    store: EventStore, settings: Settings,
+) -> None:
+    (person,) = make_people(random.Random(), 1)
+    register(store, person)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVP_")}
+    env.update(settings.to_env(), PYTHONPATH=str(REPO))
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, person.annotator_id], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        forgotten_at = time.time()
+        forget_subject(store, person.annotator_id, reason="request")
+        out, err = holder.communicate(timeout=Keyring.DEFAULT_CACHE_SECONDS + 20)
+    finally:
+        holder.kill()
+    lines = [line.split() for line in out.splitlines() if len(line.split()) == 2]
+    assert lines and lines[-1][0] == "erased", out + err
+    used_after = [float(t) for word, t in lines if word == "used" and float(t) > forgotten_at]
+    assert used_after  # not vacuous: the other process did go on with its cached copy for a while
+    assert float(lines[-1][1]) - forgotten_at <= Keyring.DEFAULT_CACHE_SECONDS + 1.0
+
+
+@pytest.mark.parametrize("lookalike", ["{id} ", " {id}", "{id}\t", "{id}\u200b", "{id}\x1b", "{id}e\u0301"])
+def test_a_look_alike_subject_id_is_refused_naming_the_subject_field(store: EventStore, lookalike: str) -> None:
+    (person,) = make_people(random.Random(), 1)
+    register(store, person)
+    twin = replace(person, annotator_id=lookalike.format(id=person.annotator_id))
+    with pytest.raises(InvalidEvent) as caught:
+        store.append(f"{person.stream_id}-twin", registered(twin))
+    assert caught.value.field == "annotator_id" and repr(twin.annotator_id) in str(caught.value)
+    assert store.keyring.lookalikes(person.annotator_id) == []  # no key was made for it
+
+
+def test_forgetting_a_subject_forgets_the_look_alike_ids_stored_before_the_rule(
+    store: EventStore, settings: Settings, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    person, other = make_people(random.Random(), 2)
+    twin = replace(person, annotator_id=person.annotator_id + " ", name=person.name + " II",
+                   email="twin." + person.email)
+    register(store, person)
+    register(store, other)
+    with monkeypatch.context() as old_sdk:  # an SDK from before subject ids were checked
+        old_sdk.setattr(personal, "subject_problem", lambda subject_id: None)
+        old_sdk.setattr("events.privacy.keyring.subject_problem", lambda subject_id: None)
+        store.append(f"{person.stream_id}-twin", registered(twin))
+    assert store.read_stream(f"{person.stream_id}-twin")[0].data["name"] == twin.name
+
+    with pytest.raises(InvalidSubject, match=repr(person.annotator_id)):
+        forget_subject(store, twin.annotator_id, reason="request")  # names the id to forget instead
+    report = forget_subject(store, person.annotator_id, reason="request")
+
+    assert report.lookalikes == (twin.annotator_id,) and report.key_destroyed
+    with EventStore.open(settings) as fresh:
+        assert fresh.read_stream(f"{person.stream_id}-twin")[0].data["name"] == REDACTED
+        assert opened(fresh, person) == (REDACTED, REDACTED)
+        assert opened(fresh, other) == (other.name, other.email)
+        erased = [e.data["subject_id"] for e in fresh.read_stream(f"erasure-{person.annotator_id}", decrypt=False)]
+        assert erased == [person.annotator_id, twin.annotator_id]  # projections redact both
+        for subject in (person.annotator_id, twin.annotator_id):
+            with pytest.raises(KeyErased):
+                fresh.keyring.data_key(subject, create=False)

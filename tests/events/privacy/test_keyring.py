@@ -23,8 +23,21 @@ from psycopg.conninfo import make_conninfo
 
 from events.privacy import cipher
 from events.errors import ConfigurationError, CryptoError, KeyErased, NotFound, ServiceUnavailable
-from events.privacy.kek import LocalKek, kek_from_settings
-from events.privacy.keyring import INDEX_KEY_SUBJECT, Keyring, KeyStore, MemoryKeyStore, PostgresKeyStore, StoredKey
+from events.privacy.kek import KeyFiles, LocalKek, kek_finder, kek_from_settings
+from events.privacy.keyring import (
+    INDEX_KEY_SUBJECT,
+    InvalidSubject,
+    KekRetired,
+    KekState,
+    Keyring,
+    KeyStore,
+    MemoryKeyStore,
+    PostgresKeyStore,
+    StoredKey,
+    canonical_subject,
+    index_key_id,
+    subject_problem,
+)
 from events.settings import Settings
 
 T = TypeVar("T")
@@ -149,7 +162,8 @@ def store(request: pytest.FixtureRequest) -> KeyStore:
     postgres.ensure_schema()
     postgres.ensure_schema()  # idempotent
     with psycopg.connect(url) as conn:
-        conn.execute("TRUNCATE evp_data_keys")
+        conn.execute("TRUNCATE evp_data_keys, evp_kek_state")
+        conn.execute("INSERT INTO evp_kek_state (id) VALUES (1)")
     return postgres
 
 
@@ -266,8 +280,10 @@ def test_rotate_rewraps_every_live_key_so_the_old_kek_can_be_discarded(store: Ke
     with pytest.raises(KeyErased):
         fresh.data_key("carol", create=False)
     assert {row.kek_id for row in store.all() if not row.erased} == {new_kek.key_id}
-    with pytest.raises(CryptoError, match="does not match"):
+    assert store.kek_state() == KekState(new_kek.key_id, retired=(kek.key_id,))
+    with pytest.raises(KekRetired) as caught:  # the old KEK opens nothing, and says why
         Keyring(store, kek).data_key("ada", create=False)
+    assert kek.key_id in str(caught.value) and new_kek.key_id in str(caught.value)
 
 
 def test_rotate_with_the_wrong_current_kek_changes_nothing(store: KeyStore, kek: LocalKek) -> None:
@@ -310,3 +326,175 @@ def test_another_keyring_stops_using_a_forgotten_key_once_its_cache_expires() ->
     time.sleep(0.06)
     with pytest.raises(KeyErased):
         writer.data_key("s1", create=True)
+
+
+# --- key files: written once, never overwritten ----------------------------------------
+
+
+def test_key_files_are_named_by_key_id_and_never_overwritten(tmp_path: Path) -> None:
+    files = KeyFiles(tmp_path / "keyring" / "kek")
+    first, second = LocalKek.generate(), LocalKek.generate()
+    path = files.write(first)
+    assert path.name == f"kek.{first.key_id}" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    before = path.read_bytes()
+    assert files.write(first) == path and path.read_bytes() == before  # idempotent, same bytes
+    path.write_text(second.export_base64() + "\n")  # a file under the wrong name is never "fixed" by overwriting
+    with pytest.raises(CryptoError, match=f"holds key-encryption key {second.key_id}, not {first.key_id}"):
+        files.write(first)
+    assert path.read_text().strip() == second.export_base64()
+
+
+def test_the_pointer_switches_atomically_and_the_current_key_cannot_be_retired(tmp_path: Path) -> None:
+    pointer = tmp_path / "kek"
+    old = LocalKek.load_or_create(pointer)  # a deployment never rotated: a plain key file
+    new = LocalKek.generate()
+    files = KeyFiles(pointer)
+    files.write(old)
+    files.write(new)
+    files.point_to(new.key_id)
+    assert pointer.is_symlink() and LocalKek.load_or_create(pointer).key_id == new.key_id
+    assert kek_from_settings(Settings(home=tmp_path, kek_file=pointer)).key_id == new.key_id
+    with pytest.raises(CryptoError, match="cannot be retired"):
+        files.retire(new.key_id)
+    assert files.retire(old.key_id) == [files.path_of(old.key_id)]
+    assert files.load(old.key_id) is None and files.load(new.key_id) is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kek", f"kek.{new.key_id}"]  # no temporary left
+
+
+def test_a_dangling_key_link_is_refused_and_never_replaced_by_a_new_key(tmp_path: Path) -> None:
+    pointer = tmp_path / "kek"
+    pointer.symlink_to("kek.0123456789abcdef")
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        LocalKek.load_or_create(pointer)
+    assert pointer.is_symlink() and not pointer.exists()
+
+
+# --- a rotation other processes notice -------------------------------------------------
+
+
+def test_a_keyring_holding_a_retired_kek_is_refused_naming_both_ids(store: KeyStore, kek: LocalKek) -> None:
+    stale = Keyring(store, kek, kek_check_seconds=3600.0)  # it would not look again for an hour
+    stale.data_key("ada", create=True)
+    new_kek = LocalKek.generate()
+    Keyring(store, kek).rotate(new_kek)
+
+    with pytest.raises(KekRetired) as caught:  # the store checks when it inserts: no wait for the next look
+        stale.data_key("bob", create=True)
+    assert (caught.value.held, caught.value.current) == (kek.key_id, new_kek.key_id)
+    assert kek.key_id in str(caught.value) and new_kek.key_id in str(caught.value)
+    assert store.get("bob") is None  # nothing was wrapped under the retired KEK
+    with pytest.raises(KekRetired):
+        stale.index_key()  # not cached: it lives under the new KEK now
+    assert Keyring(store, new_kek).data_key("bob", create=True)
+
+
+def test_a_keyring_that_can_find_the_new_kek_follows_the_rotation(store: KeyStore, kek: LocalKek,
+                                                                 tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path, kek_file=tmp_path / "kek")
+    files = KeyFiles(settings.kek_path)
+    files.write(kek)
+    files.point_to(kek.key_id)
+    follower = Keyring(store, kek, kek_check_seconds=0.0, find_kek=kek_finder(settings))
+    ada = follower.data_key("ada", create=True)
+    new_kek = LocalKek.generate()
+    files.write(new_kek)
+    Keyring(store, kek).rotate(new_kek)
+
+    bob = follower.data_key("bob", create=True)
+    assert follower.kek_id == new_kek.key_id
+    stored = store.get("bob")
+    assert stored is not None and stored.kek_id == new_kek.key_id
+    fresh = Keyring(store, new_kek)
+    assert (fresh.data_key("ada", create=False), fresh.data_key("bob", create=False)) == (ada, bob)
+
+
+def test_a_store_never_accepts_a_key_under_another_kek_than_its_current(store: KeyStore, kek: LocalKek) -> None:
+    Keyring(store, kek).data_key("ada", create=True)  # claims the store for kek
+    other = LocalKek.generate()
+    row = StoredKey("bob", other.key_id, other.wrap(bytes(32), subject_id="bob"), datetime.now(UTC))
+    with pytest.raises(CryptoError, match="does not match"):
+        store.put_if_absent(row)
+    assert store.get("bob") is None
+    tombstone = StoredKey("carol", "", None, datetime.now(UTC), datetime.now(UTC))
+    assert store.put_if_absent(tombstone).erased  # a tombstone needs no KEK
+
+
+def test_a_rotation_is_resumable_and_never_moves_a_key_the_current_kek_cannot_open(store: KeyStore,
+                                                                                    kek: LocalKek) -> None:
+    keyring = Keyring(store, kek)
+    keys = {s: keyring.data_key(s, create=True) for s in ("a1", "a2", "a3", "a4", "a5")}
+    new_kek = LocalKek.generate()
+    keyring.begin_rotation(new_kek)
+    assert keyring.begin_rotation(new_kek) == store.kek_state()  # recorded once, idempotent
+    with pytest.raises(CryptoError, match="in progress"):
+        Keyring(store, kek).begin_rotation(LocalKek.generate())  # never a second new key
+    batches: list[int] = []
+    with pytest.raises(RuntimeError):  # dies after the first batch
+        keyring.rewrap(new_kek, batch=2, after_batch=lambda: batches.append(1) or _die())
+    assert sorted(r.kek_id for r in store.all()).count(new_kek.key_id) == 2
+    resumed = Keyring(store, kek)  # a new process: it has only the old KEK and the state in the store
+    assert resumed.rewrap(new_kek, batch=2) == 3
+    assert resumed.verify_rotation(new_kek) == 5
+    resumed.end_rotation(new_kek)
+    fresh = Keyring(store, new_kek)
+    assert {s: fresh.data_key(s, create=False) for s in keys} == keys
+
+
+def _die() -> None:
+    raise RuntimeError("killed")
+
+
+# --- subject ids: no look-alikes -------------------------------------------------------
+
+
+@pytest.mark.parametrize("subject", ["ann-cy ", " ann-cy", "ann-cy\n", "ann\u200bcy", "ann\x07cy",
+                                     "ann-c\u0065\u0301", "ann\u2028cy"])
+def test_a_look_alike_subject_id_never_gets_a_key_of_its_own(store: KeyStore, kek: LocalKek, subject: str) -> None:
+    keyring = Keyring(store, kek)
+    assert subject_problem(subject) is not None
+    with pytest.raises(InvalidSubject) as caught:
+        keyring.data_key(subject, create=True)
+    assert repr(subject) in str(caught.value)
+    assert store.get(subject) is None
+    assert subject_problem(canonical_subject(subject)) is None
+
+
+def test_look_alikes_stored_before_the_rule_are_found_and_stay_readable(store: KeyStore, kek: LocalKek) -> None:
+    keyring = Keyring(store, kek)
+    keyring.data_key("ann-cy", create=True)
+    keyring.data_key("ann-cz", create=True)  # a different person
+    legacy = {}
+    for subject in ("ann-cy ", "ann\u200b-cy", "ann-c\u0065\u0301"):  # written before ids were checked
+        legacy[subject] = os.urandom(32)
+        store.put_if_absent(StoredKey(subject, kek.key_id, kek.wrap(legacy[subject], subject_id=subject),
+                                      datetime.now(UTC)))
+    assert keyring.lookalikes("ann-cy") == sorted(["ann-cy ", "ann\u200b-cy"])
+    assert keyring.lookalikes("ann-c\u00e9") == ["ann-c\u0065\u0301"]
+    assert keyring.lookalikes("ann-cz") == []
+    assert keyring.data_key("ann-cy ", create=False) == legacy["ann-cy "]  # old data still opens
+
+
+# --- the blind-index key is versioned --------------------------------------------------
+
+
+def test_the_blind_index_key_carries_a_version_that_survives_rotation(store: KeyStore, kek: LocalKek) -> None:
+    keyring = Keyring(store, kek)
+    index_key = keyring.index_key()
+    stored = store.get(INDEX_KEY_SUBJECT)
+    assert stored is not None and stored.key_id == index_key_id(index_key) == keyring.index_key_id()
+    assert stored.key_id not in index_key.hex()
+    before = cipher.blind_index(index_key, "email", "ada@example.org")
+    new_kek = LocalKek.generate()
+    keyring.rotate(new_kek)
+    fresh = Keyring(store, new_kek)
+    assert fresh.index_key_id() == stored.key_id
+    assert cipher.blind_index(fresh.index_key(), "email", "ada@example.org") == before  # no index value changes
+
+
+def test_a_blind_index_key_from_before_versions_gets_its_version_recorded(store: KeyStore, kek: LocalKek) -> None:
+    index_key = os.urandom(32)
+    store.put_if_absent(StoredKey(INDEX_KEY_SUBJECT, kek.key_id, kek.wrap(index_key, subject_id=INDEX_KEY_SUBJECT),
+                                  datetime.now(UTC)))
+    assert Keyring(store, kek).index_key() == index_key  # the same key: existing indexes stay valid
+    stored = store.get(INDEX_KEY_SUBJECT)
+    assert stored is not None and stored.key_id == index_key_id(index_key)
