@@ -8,7 +8,7 @@ VENV = "$$(cat .evp/venv-path)"
 # The variables that point evp's clients at the local services (credential files, never values).
 CLIENT_ENV = eval "$$($(SERVICES) env)";
 
-.PHONY: venv services services-down status demo test typecheck bench clean-state
+.PHONY: venv services services-down status demo test typecheck bench lock clean-state
 
 venv:
 	@bash platform/bootstrap.sh >/dev/null
@@ -45,6 +45,13 @@ bench: venv services
 	@shopt -s nullglob; scripts=(bench/bench_*.py); \
 	if [ $${#scripts[@]} -eq 0 ]; then echo "make bench: no bench/bench_*.py scripts" >&2; exit 1; fi; \
 	$(CLIENT_ENV) for script in "$${scripts[@]}"; do echo "== $$script"; $(VENV)/bin/python "$$script" || exit 1; done
+
+# Re-pin every dependency, with hashes, from pyproject.toml (uv comes from PyPI into the cache).
+lock:
+	@tools="$${XDG_CACHE_HOME:-$$HOME/.cache}/evp/lock-tools"; \
+	[ -x "$$tools/bin/uv" ] || { $(PYTHON3) -m venv "$$tools" && "$$tools/bin/pip" install -q uv; }; \
+	"$$tools/bin/uv" pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 -o platform/requirements.lock
 
 # Stops the services and deletes the state directory (broker log, database, snapshots,
 # keys). The jar and venv caches stay.

@@ -27,15 +27,15 @@ if ! "$python" -c 'import venv, ensurepip' 2>/dev/null; then
     exit 1
 fi
 
-# Key the venv by what pip installs (dependencies and extras), not by the whole file, so
-# editing entry points or tool settings does not trigger a multi-gigabyte reinstall.
-digest="$("$python" - "$repo/pyproject.toml" <<'PY'
-import hashlib, json, sys, tomllib
-project = tomllib.load(open(sys.argv[1], "rb"))["project"]
-keys = ("requires-python", "dependencies", "optional-dependencies")
-print(hashlib.sha256(json.dumps({k: project.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()[:12])
-PY
-)"
+# Every dependency is pinned, with its hashes, in platform/requirements.lock (`make lock`
+# writes it from pyproject.toml). The venv is keyed by that file, so editing entry points or
+# tool settings does not trigger a multi-gigabyte reinstall, and a changed lock gets a fresh venv.
+lock="$repo/platform/requirements.lock"
+if [[ ! -f "$lock" ]]; then
+    echo "bootstrap: $lock is missing; write it with: make lock" >&2
+    exit 1
+fi
+digest="$(sha256sum "$lock" | cut -c1-12)"
 venv="${EVP_VENV:-$cache/venv-$digest}"
 stamp="$venv/.evp-installed"
 
@@ -45,7 +45,9 @@ if [[ ! -f "$stamp" ]]; then
     echo "bootstrap: installing evp and its dependencies into $venv (first run: several minutes)" >&2
     "$python" -m venv "$venv"
     "$venv/bin/python" -m pip install -q --upgrade pip setuptools wheel >&2
-    "$venv/bin/python" -m pip install -q -e "$repo[dev]" >&2
+    # --require-hashes: a package whose bytes differ from the locked hash is refused.
+    "$venv/bin/python" -m pip install -q --require-hashes -r "$lock" >&2
+    "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$repo" >&2
     echo "$repo/pyproject.toml $digest" > "$stamp"
 else
     # Dependencies are already there; point the editable install at this clone.
