@@ -11,32 +11,34 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
 
 from events.adapters.kafka import admin  # noqa: E402
-from events.settings import Settings  # noqa: E402
+from events.settings import Settings, with_database  # noqa: E402
 
 
 @contextmanager
 def throwaway(base: Settings) -> Iterator[Settings]:
     """A fresh database, topic prefix and home, all removed afterwards."""
-    root, _, _ = base.database_url.rpartition("/")
     name = f"evp_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(f"{root}/postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+    server = base.admin_url("a benchmark (it creates a database)", "postgres")
+    owner = conninfo_to_dict(base.database_url).get("user") or "evp"
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" OWNER "{owner}"')
     with tempfile.TemporaryDirectory() as home:
         settings = base.with_(
-            database_url=f"{root}/{name}", topic_prefix=f"bench{uuid.uuid4().hex[:8]}", home=Path(home), project=DIGITS,
+            database_url=with_database(base.database_url, name), topic_prefix=f"bench{uuid.uuid4().hex[:8]}", home=Path(home), project=DIGITS,
             kek_file=Path(home) / "kek",
         )
         try:
             yield settings
         finally:
-            with psycopg.connect(f"{root}/postgres", autocommit=True) as conn:
+            with psycopg.connect(server, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            client = admin(settings.kafka)
+            client = admin(settings)
             try:
                 mine = [t for t in client.list_topics() if t.startswith(settings.topic_prefix + ".")]
                 if mine:

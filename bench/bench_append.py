@@ -113,9 +113,9 @@ def measure_raw(store: EventStore, positions: Sequence[int]) -> Throughput:
     """The same bytes, keys and headers the relay sent, through a bare idempotent producer."""
     settings = store.settings
     topic = f"{settings.topic_prefix}.baseline"
-    ensure_topic(settings.kafka, topic, settings.partitions)
+    ensure_topic(settings, topic, settings.partitions)
     records = store.ledger.read_positions(positions)
-    client = producer(settings.kafka)
+    client = producer(settings)
     try:
         client.send(topic, value=b"warm-up", key=b"warm-up").get(timeout=30)
 
@@ -134,7 +134,7 @@ def measure_latency(store: EventStore, samples: int, rate: float) -> list[float]
     settings = store.settings
     committed: dict[bytes, float] = {}
     latencies: list[float] = []
-    reader = consumer(settings.kafka, fetch_max_wait_ms=10)
+    reader = consumer(settings, fetch_max_wait_ms=10)
     tps = [TopicPartition(settings.events_topic, p) for p in range(settings.partitions)]
     reader.assign(tps)
     reader.seek_to_end(*tps)

@@ -56,7 +56,7 @@ def copy_baseline(settings: Settings, data: Sequence[dict[str, object]]) -> floa
 
 
 def kafka_only(settings: Settings, total: int) -> float:
-    reader = consumer(settings.kafka)
+    reader = consumer(settings)
     partitions = [TopicPartition(settings.events_topic, p) for p in sorted(reader.partitions_for_topic(settings.events_topic))]
     reader.assign(partitions)
     reader.seek_to_beginning()

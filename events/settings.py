@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from events.errors import ConfigurationError
 
@@ -46,12 +46,149 @@ def describe_database(url: str) -> str:
     return f"{host}:{params.get('port') or 5432}/{params.get('dbname') or params.get('user') or ''}"
 
 
+def with_database(url: str, dbname: str) -> str:
+    """``url`` (a libpq URL or key=value string) naming the database ``dbname`` instead.
+
+    Keeps the user, host and every parameter (``passfile=...``): not a split at the last
+    ``/``, which a passfile's path in the query would break.
+    """
+    if "://" in url:
+        parts = urlsplit(url)
+        query = "&".join(item for item in parts.query.split("&") if item and not item.startswith("dbname="))
+        return parts._replace(path="/" + quote(dbname, safe=""), query=query).geturl()
+    kept = [item for item in url.split() if not item.startswith("dbname=")]
+    return " ".join([*kept, f"dbname={dbname}"])
+
+
+def database_name(url: str) -> str:
+    """The database a libpq URL or key=value string names."""
+    return describe_database(url).split("/", 1)[1]
+
+
 def has_password(url: str) -> bool:
     """Whether a libpq URL or key=value string carries a password (``user:pw@``, ``password=``)."""
     if "://" in url:
         parts = urlsplit(url)
         return bool(parts.password) or "password" in parse_qs(parts.query)
     return any(item.split("=", 1)[0].strip() == "password" for item in url.split() if "=" in item)
+
+
+KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_SASL_MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN")
+
+
+@dataclass(frozen=True)
+class KafkaSecurity:
+    """How evp's Kafka clients authenticate and encrypt: one value for every client.
+
+    The SASL password is never held here: only the path of a 0600 file, read by
+    :meth:`sasl_password` when a client is built, so no repr, argv or environment shows it.
+    """
+
+    protocol: str = "PLAINTEXT"  #: EVP_KAFKA_SECURITY_PROTOCOL
+    sasl_mechanism: str = "SCRAM-SHA-512"  #: EVP_KAFKA_SASL_MECHANISM
+    sasl_username: str | None = None  #: EVP_KAFKA_SASL_USERNAME
+    sasl_password_file: Path | None = None  #: EVP_KAFKA_SASL_PASSWORD_FILE
+    ssl_cafile: Path | None = None  #: EVP_KAFKA_SSL_CAFILE (else the system's CAs)
+    ssl_certfile: Path | None = None  #: EVP_KAFKA_SSL_CERTFILE (a client certificate, for mTLS)
+    ssl_keyfile: Path | None = None  #: EVP_KAFKA_SSL_KEYFILE
+
+    def __post_init__(self) -> None:
+        if self.protocol not in KAFKA_SECURITY_PROTOCOLS:
+            raise ConfigurationError(
+                f"EVP_KAFKA_SECURITY_PROTOCOL {self.protocol!r} is not one of {', '.join(KAFKA_SECURITY_PROTOCOLS)}"
+            )
+        if self.sasl_mechanism not in KAFKA_SASL_MECHANISMS:
+            raise ConfigurationError(
+                f"EVP_KAFKA_SASL_MECHANISM {self.sasl_mechanism!r} is not one of {', '.join(KAFKA_SASL_MECHANISMS)}"
+            )
+        if self.uses_sasl:
+            if not self.sasl_username:
+                raise ConfigurationError(f"EVP_KAFKA_SECURITY_PROTOCOL={self.protocol} needs EVP_KAFKA_SASL_USERNAME")
+            if self.sasl_password_file is None:
+                raise ConfigurationError(
+                    f"EVP_KAFKA_SECURITY_PROTOCOL={self.protocol} needs EVP_KAFKA_SASL_PASSWORD_FILE (a 0600 file)"
+                )
+        elif self.sasl_username or self.sasl_password_file is not None:
+            raise ConfigurationError(
+                f"EVP_KAFKA_SASL_USERNAME/EVP_KAFKA_SASL_PASSWORD_FILE are set but EVP_KAFKA_SECURITY_PROTOCOL="
+                f"{self.protocol} does not use SASL (SASL_SSL or SASL_PLAINTEXT do)"
+            )
+        if not self.uses_ssl and any(p is not None for p in (self.ssl_cafile, self.ssl_certfile, self.ssl_keyfile)):
+            raise ConfigurationError(
+                f"EVP_KAFKA_SSL_* files are set but EVP_KAFKA_SECURITY_PROTOCOL={self.protocol} does not use TLS "
+                "(SSL or SASL_SSL do)"
+            )
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise ConfigurationError("EVP_KAFKA_SSL_KEYFILE is set without EVP_KAFKA_SSL_CERTFILE")
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.protocol.startswith("SASL_")
+
+    @property
+    def uses_ssl(self) -> bool:
+        return self.protocol.endswith("SSL")
+
+    def describe(self) -> str:
+        """``SASL_SSL (SCRAM-SHA-512 as evp)``: for messages, never a secret."""
+        if self.uses_sasl:
+            return f"{self.protocol} ({self.sasl_mechanism} as {self.sasl_username})"
+        return self.protocol
+
+    def sasl_password(self) -> str:
+        """The password from EVP_KAFKA_SASL_PASSWORD_FILE, refused unless only its owner can read it."""
+        path = self.sasl_password_file
+        if path is None:
+            raise ConfigurationError(f"EVP_KAFKA_SECURITY_PROTOCOL={self.protocol} has no EVP_KAFKA_SASL_PASSWORD_FILE")
+        try:
+            mode = path.stat().st_mode & 0o777
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigurationError(f"EVP_KAFKA_SASL_PASSWORD_FILE {path} cannot be read: {err.strerror}") from err
+        if mode & 0o077:
+            raise ConfigurationError(
+                f"EVP_KAFKA_SASL_PASSWORD_FILE {path} is readable by others (mode {mode:04o}): chmod 600 it"
+            )
+        password = text.rstrip("\r\n")
+        if not password:
+            raise ConfigurationError(f"EVP_KAFKA_SASL_PASSWORD_FILE {path} is empty")
+        return password
+
+    def to_env(self) -> dict[str, str]:
+        env = {"EVP_KAFKA_SECURITY_PROTOCOL": self.protocol, "EVP_KAFKA_SASL_MECHANISM": self.sasl_mechanism}
+        for variable, value in (
+            ("EVP_KAFKA_SASL_USERNAME", self.sasl_username),
+            ("EVP_KAFKA_SASL_PASSWORD_FILE", self.sasl_password_file),
+            ("EVP_KAFKA_SSL_CAFILE", self.ssl_cafile),
+            ("EVP_KAFKA_SSL_CERTFILE", self.ssl_certfile),
+            ("EVP_KAFKA_SSL_KEYFILE", self.ssl_keyfile),
+        ):
+            if value is not None:
+                env[variable] = str(value)
+        return env
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> KafkaSecurity:
+        if env.get("EVP_KAFKA_SASL_PASSWORD"):
+            raise ConfigurationError(
+                "EVP_KAFKA_SASL_PASSWORD is not read: put the password in a 0600 file and set "
+                "EVP_KAFKA_SASL_PASSWORD_FILE to its path"
+            )
+
+        def path(variable: str) -> Path | None:
+            value = env.get(variable)
+            return Path(value) if value else None
+
+        return cls(
+            protocol=(env.get("EVP_KAFKA_SECURITY_PROTOCOL") or "PLAINTEXT").upper(),
+            sasl_mechanism=(env.get("EVP_KAFKA_SASL_MECHANISM") or "SCRAM-SHA-512").upper(),
+            sasl_username=env.get("EVP_KAFKA_SASL_USERNAME") or None,
+            sasl_password_file=path("EVP_KAFKA_SASL_PASSWORD_FILE"),
+            ssl_cafile=path("EVP_KAFKA_SSL_CAFILE"),
+            ssl_certfile=path("EVP_KAFKA_SSL_CERTFILE"),
+            ssl_keyfile=path("EVP_KAFKA_SSL_KEYFILE"),
+        )
 
 
 @dataclass(frozen=True)
@@ -63,7 +200,13 @@ class Settings:
     """
 
     kafka: str = DEFAULT_KAFKA
+    kafka_security: KafkaSecurity = KafkaSecurity()  #: EVP_KAFKA_SECURITY_PROTOCOL, EVP_KAFKA_SASL_*, EVP_KAFKA_SSL_*
     database_url: str = DEFAULT_DATABASE_URL
+    #: EVP_ADMIN_DATABASE_URL: a role that may create databases and roles (``evp projections grant``,
+    #: sandboxes, test fixtures); never what evp's processes run as. None: unavailable.
+    admin_database_url: str | None = None
+    #: EVP_KEYRING_URL: where the keyring's ``evp_keyring`` schema lives; None: ``database_url``.
+    keyring_database_url: str | None = None
     topic_prefix: str = "evp"
     partitions: int = 3
     home: Path = Path(".evp")
@@ -101,6 +244,25 @@ class Settings:
         return self.home / "runs"
 
     @property
+    def keyring_url(self) -> str:
+        """The keyring's database: EVP_KEYRING_URL, else the ledger's (its own schema, ``evp_keyring``)."""
+        return self.keyring_database_url or self.database_url
+
+    def admin_url(self, purpose: str, dbname: str | None = None) -> str:
+        """EVP_ADMIN_DATABASE_URL on the ledger's database (or ``dbname``), for ``purpose``.
+
+        The admin URL names the server and the administrator; what it acts on is the
+        database of ``database_url`` (a test's, a sandbox's), so one admin URL serves them all.
+        Raises ConfigurationError, saying what ``purpose`` needs, when it is unset.
+        """
+        if not self.admin_database_url:
+            raise ConfigurationError(
+                f"{purpose} needs EVP_ADMIN_DATABASE_URL: a role that may create databases and roles and grant on "
+                "the ledger's tables (evp's own role may not); locally: eval \"$(python3 platform/services.py env)\""
+            )
+        return with_database(self.admin_database_url, dbname or database_name(self.database_url))
+
+    @property
     def kek_path(self) -> Path:
         return self.kek_file if self.kek_file is not None else self.home / "keyring" / "kek"
 
@@ -120,8 +282,8 @@ class Settings:
             value = getattr(self, item.name)
             if item.name == "kek" and value is not None:
                 shown.append(f"kek={MASK!r}")
-            elif item.name == "database_url":
-                shown.append(f"database_url={describe_database(value)!r}")
+            elif item.name in ("database_url", "admin_database_url", "keyring_database_url") and value is not None:
+                shown.append(f"{item.name}={describe_database(value)!r}")
             else:
                 shown.append(f"{item.name}={value!r}")
         return f"Settings({', '.join(shown)})"
@@ -140,7 +302,10 @@ class Settings:
         """
         env = {
             "EVP_KAFKA": self.kafka,
+            **self.kafka_security.to_env(),
             "EVP_DATABASE_URL": self.database_url,
+            **({"EVP_ADMIN_DATABASE_URL": self.admin_database_url} if self.admin_database_url else {}),
+            **({"EVP_KEYRING_URL": self.keyring_database_url} if self.keyring_database_url else {}),
             "EVP_TOPIC_PREFIX": self.topic_prefix,
             "EVP_PARTITIONS": str(self.partitions),
             "EVP_HOME": str(self.home),
@@ -165,7 +330,10 @@ class Settings:
         project = env.get("EVP_PROJECT")
         return cls(
             kafka=env.get("EVP_KAFKA") or DEFAULT_KAFKA,
+            kafka_security=KafkaSecurity.from_env(env),
             database_url=env.get("EVP_DATABASE_URL") or DEFAULT_DATABASE_URL,
+            admin_database_url=env.get("EVP_ADMIN_DATABASE_URL") or None,
+            keyring_database_url=env.get("EVP_KEYRING_URL") or None,
             topic_prefix=env.get("EVP_TOPIC_PREFIX", "evp"),
             partitions=partitions,
             home=Path(env.get("EVP_HOME", ".evp")),

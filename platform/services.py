@@ -16,11 +16,14 @@ Standard library only, because it runs before any virtual environment exists.
 from __future__ import annotations
 
 import argparse
+import base64
 import fcntl
 import hashlib
+import hmac
 import os
 import pwd
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -35,17 +38,33 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 HOST = "127.0.0.1"
 KAFKA_PORT = 19092
 KAFKA_CONTROLLER_PORT = 19093
 POSTGRES_PORT = 15432
 DATABASE = "evp"
-DB_USER = "evp"
+DB_USER = "evp"  #: the app role: owns the database evp, no superuser, no CREATEDB, no CREATEROLE
+ADMIN_USER = "evp_admin"  #: the cluster's superuser: the runner, `evp projections grant`, test fixtures
+#: ``<state>/credentials/pgpass``: the libpq passfile with both roles' passwords (folder 0700, file 0600).
+CREDENTIALS_DIR = "credentials"
+PASSFILE = "pgpass"
+#: Client authentication of the local server: passwords (SCRAM) over loopback TCP, nothing else.
+PG_HBA = (
+    "# Written by platform/services.py on every `up`: edits here are lost.\n"
+    "# TCP on 127.0.0.1 only (no Unix socket, see evp.conf), every role with its SCRAM password.\n"
+    "host all all 127.0.0.1/32 scram-sha-256\n"
+)
 KAFKA_READY_TIMEOUT_S = 90.0
 KAFKA_STOP_TIMEOUT_S = 30.0
 KAFKA_STARTED_LINE = "Kafka Server started"
+#: The local broker's client listener: TLS with a generated CA, SCRAM users created at format time.
+KAFKA_SECURITY_PROTOCOL = "SASL_SSL"
+KAFKA_SASL_MECHANISM = "SCRAM-SHA-512"
+KAFKA_SASL_USER = "evp"
+#: Validity of the generated local CA and broker certificate, in days.
+KAFKA_CERT_DAYS = 3650
 MIN_JAVA = 17
 STATE_MARKER = ".evp-state"
 #: Where the database goes when the postgres user cannot reach the state dir.
@@ -158,6 +177,27 @@ def masked_url(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return parts._replace(netloc=netloc).geturl()
+
+
+def scram_verifier(password: str, salt: bytes | None = None, iterations: int = 4096) -> str:
+    """The SCRAM-SHA-256 verifier PostgreSQL stores for ``password`` (RFC 5802, RFC 7677).
+
+    Computed here so that the server is only ever sent the verifier (``ALTER ROLE ...
+    PASSWORD 'SCRAM-SHA-256$...'`` is stored as is): the password itself never reaches
+    the server, its statement log or a process's argv. ``password`` must be ASCII (SASLprep
+    leaves it unchanged), as :func:`new_password` makes it.
+    """
+    salt = os.urandom(16) if salt is None else salt
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode("ascii"), salt, iterations)
+    stored_key = hashlib.sha256(hmac.new(salted, b"Client Key", "sha256").digest()).digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    salt_text, stored_text, server_text = (base64.b64encode(raw).decode("ascii") for raw in (salt, stored_key, server_key))
+    return f"SCRAM-SHA-256${iterations}:{salt_text}${stored_text}:{server_text}"
+
+
+def new_password() -> str:
+    """32 random bytes, URL-safe base64: no ``:`` or ``\\`` to escape in a libpq passfile."""
+    return secrets.token_urlsafe(32)
 
 
 def say(service: str, message: str) -> None:
@@ -430,14 +470,33 @@ class Kafka(Service):
         self.data = paths.state / "kafka"
         self.props = paths.state / "kafka-server.properties"
         self.cluster_id_file = paths.state / "kafka-cluster-id"
+        #: Credentials, a 0700 folder of 0600 files, generated once and reused.
+        self.security = paths.state / "kafka-security"
+        self.ca_p12 = self.security / "ca.p12"  # the local CA's key: signs the broker certificate
+        self.ca_pem = self.security / "ca.pem"  # EVP_KAFKA_SSL_CAFILE
+        self.keystore = self.security / "broker.p12"  # the broker's key and certificate chain
+        self.store_password_file = self.security / "keystore-password"
+        self.password_file = self.security / f"{KAFKA_SASL_USER}-password"  # EVP_KAFKA_SASL_PASSWORD_FILE
+        #: Written after a format that created the SCRAM user: holds the cluster id it was for.
+        self.scram_stamp = self.security / "scram-formatted"
 
     def _pid(self) -> int | None:
         pid = read_pid(self.pid_file)
         return pid if pid is not None and pid_alive(pid, self.needle) else None
 
+    def client_env(self) -> dict[str, str]:
+        """Where the broker's CA and evp's SCRAM password are: file paths, never the password."""
+        return {
+            "EVP_KAFKA_SECURITY_PROTOCOL": KAFKA_SECURITY_PROTOCOL,
+            "EVP_KAFKA_SASL_MECHANISM": KAFKA_SASL_MECHANISM,
+            "EVP_KAFKA_SASL_USERNAME": KAFKA_SASL_USER,
+            "EVP_KAFKA_SASL_PASSWORD_FILE": str(self.password_file),
+            "EVP_KAFKA_SSL_CAFILE": str(self.ca_pem),
+        }
+
     def status(self) -> Status:
         pid = self._pid()
-        detail = f"pid {pid or '-'}  {HOST}:{KAFKA_PORT}  log {self.log}"
+        detail = f"pid {pid or '-'}  {HOST}:{KAFKA_PORT} {KAFKA_SECURITY_PROTOCOL}  log {self.log}"
         return Status(self.name, local_state(pid, KAFKA_PORT), detail)
 
     def up(self) -> None:
@@ -459,6 +518,7 @@ class Kafka(Service):
         self.paths.ensure_state()
         java = self._java()
         jars = self._jars()
+        self._ensure_credentials(java)
         self._render_properties()
         self._format_storage(java, jars)
         rotate_log(self.log)
@@ -543,21 +603,97 @@ class Kafka(Service):
         say(self.name, f"jars in {target} ({time.monotonic() - started:.1f}s)")
         return target
 
+    @staticmethod
+    def _write_private(path: Path, text: str) -> None:
+        """Write ``text`` to ``path`` readable by its owner only (0600), whatever the umask."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            os.fchmod(out.fileno(), 0o600)
+            out.write(text)
+
+    def _ensure_credentials(self, java: str) -> None:
+        """Create, once, the broker's TLS material and evp's SCRAM password; reuse them after.
+
+        1. A 0700 folder ``kafka-security`` in the state directory; every file in it 0600.
+        2. Two random passwords (the keystores', user ``evp``'s), written to files before use.
+        3. With ``keytool`` (from the JDK that runs the broker): a local CA (``ca.p12``,
+           exported as ``ca.pem`` for clients) and a broker key in ``broker.p12`` whose
+           certificate the CA signs for ``127.0.0.1``/``localhost``. Keystore passwords go
+           to keytool as ``-storepass:file``, never in its argv.
+        A half-made set (an interrupted first run) is made again whole.
+        """
+        self.security.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.security.chmod(0o700)
+        for secret in (self.store_password_file, self.password_file):
+            if not secret.exists():
+                self._write_private(secret, secrets.token_urlsafe(32) + "\n")
+        if all(path.exists() for path in (self.ca_p12, self.ca_pem, self.keystore)):
+            return
+        sibling = Path(java).resolve().parent / "keytool"
+        keytool = str(sibling) if sibling.exists() else require_tool(self.name, "keytool", ["default-jdk-headless"])
+        say(self.name, f"generating a local CA and broker certificate in {self.security} (first run only)")
+        work = Path(tempfile.mkdtemp(prefix=".certs-", dir=self.security))
+        try:
+            store = ["-storetype", "PKCS12", "-storepass:file", str(self.store_password_file)]
+            ca, broker = work / "ca.p12", work / "broker.p12"
+            san = f"SAN=ip:{HOST},dns:localhost"
+            steps = [
+                ["-genkeypair", "-alias", "evp-ca", "-keyalg", "RSA", "-keysize", "2048", "-dname",
+                 "CN=evp local development CA", "-ext", "bc:c=ca:true", "-ext", "ku:c=keyCertSign,cRLSign",
+                 "-validity", str(KAFKA_CERT_DAYS), "-keystore", str(ca)],
+                ["-exportcert", "-rfc", "-alias", "evp-ca", "-keystore", str(ca), "-file", str(work / "ca.pem")],
+                ["-genkeypair", "-alias", "broker", "-keyalg", "RSA", "-keysize", "2048", "-dname", f"CN={HOST}",
+                 "-ext", san, "-validity", str(KAFKA_CERT_DAYS), "-keystore", str(broker)],
+                ["-certreq", "-alias", "broker", "-keystore", str(broker), "-file", str(work / "broker.csr")],
+                ["-gencert", "-rfc", "-alias", "evp-ca", "-keystore", str(ca), "-infile", str(work / "broker.csr"),
+                 "-outfile", str(work / "broker.pem"), "-ext", san, "-ext", "ku:c=digitalSignature,keyEncipherment",
+                 "-ext", "eku=serverAuth", "-validity", str(KAFKA_CERT_DAYS)],
+                ["-importcert", "-noprompt", "-alias", "evp-ca", "-keystore", str(broker), "-file", str(work / "ca.pem")],
+                ["-importcert", "-noprompt", "-alias", "broker", "-keystore", str(broker), "-file", str(work / "broker.pem")],
+            ]
+            for step in steps:
+                run(self.name, [keytool, *step, *store], f"keytool {step[0]} failed")
+            for made, target in ((ca, self.ca_p12), (work / "ca.pem", self.ca_pem), (broker, self.keystore)):
+                made.chmod(0o600)
+                made.replace(target)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
     def _render_properties(self) -> None:
-        values = {"host": HOST, "broker_port": KAFKA_PORT, "controller_port": KAFKA_CONTROLLER_PORT}
+        """Render the template into a 0600 file: it holds the keystore's and the SCRAM user's passwords."""
+        values: dict[str, object] = {"host": HOST, "broker_port": KAFKA_PORT, "controller_port": KAFKA_CONTROLLER_PORT}
         values["log_dirs"] = self.data
+        values.update(
+            security_protocol=KAFKA_SECURITY_PROTOCOL, sasl_mechanism=KAFKA_SASL_MECHANISM,
+            sasl_username=KAFKA_SASL_USER, sasl_password=self.password_file.read_text().strip(),
+            keystore=self.keystore, keystore_password=self.store_password_file.read_text().strip(), cafile=self.ca_pem,
+        )
         try:
             text = string.Template(self.template.read_text()).substitute(values)
         except (KeyError, ValueError) as err:
             raise ServiceError(self.name, f"{self.template} has an unknown or malformed placeholder: {err}") from err
-        self.props.write_text(text)
+        self._write_private(self.props, text)
 
     def _format_storage(self, java: str, jars: Path) -> None:
-        """Format the KRaft log directory once; its cluster id is kept in the state dir."""
-        if (self.data / "meta.properties").exists():
-            return
-        tool = [java, *self._java_props(), "-cp", f"{jars}/*", "kafka.tools.StorageTool"]
+        """Format the KRaft log directory once, creating user ``evp``'s SCRAM credential in it.
+
+        The cluster id is kept in the state dir. A log directory formatted before the broker
+        spoke SASL_SSL has no SCRAM user, and nothing could log in: it is moved aside (not
+        deleted) and a new one formatted. ``--add-scram`` carries the password, so the
+        arguments go to StorageTool in a 0600 ``@file`` (argparse4j reads it), never in argv.
+        """
+        meta = self.data / "meta.properties"
         cluster_id = self.cluster_id_file.read_text().strip() if self.cluster_id_file.exists() else ""
+        stamped = self.scram_stamp.exists() and self.scram_stamp.read_text().strip() == cluster_id != ""
+        if meta.exists() and stamped:
+            return
+        if meta.exists():
+            aside = self.data.with_name(f"kafka.before-sasl-{time.strftime('%Y%m%d-%H%M%S')}")
+            self.data.rename(aside)
+            say(self.name, f"{self.data} was formatted before the broker required SASL_SSL (it has no SCRAM user "
+                           f"{KAFKA_SASL_USER!r}): moved it to {aside} (local dev data; delete it when done) and "
+                           "formatting a new one")
+        tool = [java, *self._java_props(), "-cp", f"{jars}/*", "kafka.tools.StorageTool"]
         if not cluster_id:
             output = run(self.name, [*tool, "random-uuid"], "could not generate a cluster id")
             ids = [line for line in output.split() if CLUSTER_ID.fullmatch(line)]
@@ -565,9 +701,17 @@ class Kafka(Service):
                 raise ServiceError(self.name, f"StorageTool random-uuid printed no cluster id: {output.strip()[:300]}")
             cluster_id = ids[-1]
             self.cluster_id_file.write_text(cluster_id + "\n")
-        say(self.name, f"formatting {self.data} (cluster id {cluster_id})")
-        format_cmd = [*tool, "format", "-t", cluster_id, "-c", str(self.props), "--ignore-formatted"]
-        run(self.name, format_cmd, "storage format failed")
+        say(self.name, f"formatting {self.data} (cluster id {cluster_id}, SCRAM user {KAFKA_SASL_USER!r})")
+        password = self.password_file.read_text().strip()
+        scram = f"{KAFKA_SASL_MECHANISM}=[name={KAFKA_SASL_USER},password={password}]"
+        arguments = ["format", "-t", cluster_id, "-c", str(self.props), "--ignore-formatted", "--add-scram", scram]
+        args_file = self.security / "format-arguments"
+        self._write_private(args_file, "\n".join(arguments) + "\n")
+        try:
+            run(self.name, [*tool, f"@{args_file}"], "storage format failed")
+        finally:
+            args_file.unlink(missing_ok=True)
+        self._write_private(self.scram_stamp, cluster_id + "\n")
 
     def down(self) -> None:
         pid = self._pid()
@@ -617,6 +761,51 @@ class Postgres(Service):
         self.log = paths.logs / "postgres.log"
         self.location_file = paths.state / "postgres-location"
         self.conf = paths.repo / "platform" / "postgres" / "evp.conf"
+        self.passfile = paths.state / CREDENTIALS_DIR / PASSFILE
+
+    # credentials -------------------------------------------------------------------
+    def url(self, user: str = DB_USER, dbname: str = DATABASE) -> str:
+        """A libpq URL for ``user`` naming the passfile (its path, never a password)."""
+        return f"postgresql://{user}@{HOST}:{POSTGRES_PORT}/{dbname}?passfile={quote(str(self.passfile), safe='/')}"
+
+    def client_env(self) -> dict[str, str]:
+        """``EVP_DATABASE_URL`` (the app role) and ``EVP_ADMIN_DATABASE_URL`` (the superuser).
+
+        Keeps ``EVP_KEYRING_URL`` unset: the keyring is the same database's ``evp_keyring``
+        schema, which the projection roles cannot reach.
+        """
+        return {"EVP_DATABASE_URL": self.url(DB_USER), "EVP_ADMIN_DATABASE_URL": self.url(ADMIN_USER)}
+
+    def _passwords(self) -> dict[str, str]:
+        """The roles' passwords from the passfile; a role missing from it gets a new one, stored.
+
+        The folder is 0700 and the file 0600, both made before anything is written to them
+        and refused if they are links; the file is created once and reused by every ``up``.
+        """
+        folder = self.passfile.parent
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path in (folder, self.passfile):
+            if path.is_symlink():
+                raise ServiceError(self.name, f"{path} is a symbolic link: refusing to keep passwords there")
+        folder.chmod(0o700)
+        passwords: dict[str, str] = {}
+        if self.passfile.exists():
+            self.passfile.chmod(0o600)
+            for line in self.passfile.read_text().splitlines():
+                fields = line.split(":")
+                if len(fields) == 5 and not line.startswith("#"):
+                    passwords[fields[3]] = fields[4]
+        missing = [role for role in (ADMIN_USER, DB_USER) if role not in passwords]
+        if missing:
+            passwords.update({role: new_password() for role in missing})
+            lines = "".join(f"{HOST}:{POSTGRES_PORT}:*:{role}:{passwords[role]}\n" for role in (ADMIN_USER, DB_USER))
+            temporary = self.passfile.with_name(f".{PASSFILE}.{os.getpid()}")
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(f"# evp: the local PostgreSQL's roles (platform/services.py); libpq passfile format\n{lines}")
+            temporary.replace(self.passfile)
+            say(self.name, f"new password(s) for {', '.join(missing)} in {self.passfile} (0600)")
+        return passwords
 
     # where the data lives --------------------------------------------------------
     @property
@@ -731,7 +920,7 @@ class Postgres(Service):
         if pid is not None:
             if wait_until(lambda: port_open(HOST, POSTGRES_PORT), 30.0):
                 say(self.name, f"already running (pid {pid}) on {HOST}:{POSTGRES_PORT}")
-                self._ensure_database(self._bindir(self._data_major(self.data)))
+                self._ensure_roles(self._bindir(self._data_major(self.data)), self.data)
                 return
             tail = log_tail(self.log)
             raise ServiceError(self.name, f"pid {pid} runs but does not answer on {POSTGRES_PORT}; {tail}")
@@ -756,7 +945,7 @@ class Postgres(Service):
             self._initdb(bindir, data)
         self._install_conf(data)
         self._start(bindir, data)
-        self._ensure_database(bindir)
+        self._ensure_roles(bindir, data)
         say(self.name, f"ready on {HOST}:{POSTGRES_PORT} in {time.monotonic() - started:.1f}s")
 
     @staticmethod
@@ -767,11 +956,44 @@ class Postgres(Service):
             return None
 
     def _initdb(self, bindir: Path, data: Path) -> None:
+        """A new cluster whose superuser is ``evp_admin``, with its SCRAM verifier, and our pg_hba.conf.
+
+        initdb reads the password from a file the server user can read: it gets the
+        verifier (not the password) in a private temporary folder, deleted at once.
+        """
         say(self.name, f"initializing {data}")
-        # Trust authentication on loopback: this server is for local development and
-        # tests only, and listens on 127.0.0.1 alone. Real deployments set EVP_DATABASE_URL.
-        cmd = [str(bindir / "initdb"), "-D", str(data), "-U", DB_USER, "--auth=trust", "-E", "UTF8", "--locale=C"]
-        run(self.name, self._as_server_user(cmd), "initdb failed", cwd=data)
+        verifier = scram_verifier(self._passwords()[ADMIN_USER])
+        folder = Path(tempfile.mkdtemp(prefix="evp-initdb-"))
+        try:
+            pwfile = folder / "pwfile"
+            descriptor = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(verifier + "\n")
+            if is_root():
+                shutil.chown(folder, self.system_user, self.system_user)
+                shutil.chown(pwfile, self.system_user, self.system_user)
+            cmd = [str(bindir / "initdb"), "-D", str(data), "-U", ADMIN_USER, "--auth=scram-sha-256",
+                   f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C"]
+            run(self.name, self._as_server_user(cmd), "initdb failed", cwd=data)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._write_hba(data)
+
+    def _hba_is_ours(self, data: Path) -> bool:
+        try:
+            return (data / "pg_hba.conf").read_text() == PG_HBA
+        except OSError:
+            return False
+
+    def _write_hba(self, data: Path) -> None:
+        """Replace pg_hba.conf with :data:`PG_HBA` (owned by the server user, 0600)."""
+        temporary = data / ".pg_hba.conf.evp"
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(PG_HBA)
+        if is_root():
+            shutil.chown(temporary, self.system_user, self.system_user)
+        temporary.replace(data / "pg_hba.conf")
 
     def _install_conf(self, data: Path) -> None:
         """Copy evp.conf into the data directory and include it from postgresql.conf once."""
@@ -800,15 +1022,93 @@ class Postgres(Service):
             tail = log_tail(self.log)
             raise ServiceError(self.name, f"the server did not start (pg_ctl exited {done.returncode}); {tail}")
 
-    def _ensure_database(self, bindir: Path) -> None:
-        psql = [str(bindir / "psql"), "-X", "-q", "-h", HOST, "-p", str(POSTGRES_PORT), "-U", DB_USER, "-d", "postgres"]
-        psql += ["-tA", "-c"]
-        env = scrubbed_env(PGCONNECT_TIMEOUT="5")
-        query = f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"
-        exists = run(self.name, [*psql, query], "psql failed", env=env)
-        if exists.strip() != "1":
-            say(self.name, f"creating database {DATABASE}")
-            run(self.name, [*psql, f"CREATE DATABASE {DATABASE}"], f"could not create database {DATABASE}", env=env)
+    def _psql(self, bindir: Path, script: str, what: str, *, user: str = ADMIN_USER, dbname: str = "postgres") -> str:
+        """Run ``script`` through psql's stdin as ``user``, the password from the passfile.
+
+        Statements go through stdin, never argv (a verifier is in some of them); the
+        environment names the passfile's path, never a password.
+        """
+        cmd = [str(bindir / "psql"), "-X", "-q", "-w", "-v", "ON_ERROR_STOP=1", "-tA", "-h", HOST,
+               "-p", str(POSTGRES_PORT), "-U", user, "-d", dbname, "-f", "-"]
+        env = scrubbed_env(PGCONNECT_TIMEOUT="5", PGPASSFILE=str(self.passfile))
+        try:
+            done = subprocess.run(cmd, input=script, capture_output=True, text=True, env=env, cwd="/")
+        except OSError as err:
+            raise ServiceError(self.name, f"{what}: cannot run psql: {err}") from err
+        if done.returncode != 0:
+            raise ServiceError(self.name, f"{what} (psql as {user} exited {done.returncode}):\n{done.stderr.strip()}")
+        return done.stdout.strip()
+
+    def _ensure_roles(self, bindir: Path, data: Path) -> None:
+        """Bring the cluster to scram-sha-256 and the two roles, then make sure the database exists.
+
+        1. a cluster made before passwords (pg_hba.conf not ours: ``trust``, superuser
+           ``evp``) is converted first (:meth:`_secure_legacy_cluster`);
+        2. the app role ``evp`` is (re)pinned: LOGIN, its passfile password, and no
+           SUPERUSER, CREATEDB, CREATEROLE, REPLICATION or BYPASSRLS;
+        3. the database ``evp`` exists and is owned by it.
+        """
+        passwords = self._passwords()
+        if not self._hba_is_ours(data):
+            self._secure_legacy_cluster(bindir, data, passwords)
+        try:
+            self._psql(bindir, "SELECT 1", "the superuser cannot log in")
+        except ServiceError as err:
+            raise ServiceError(
+                self.name,
+                f"{ADMIN_USER} cannot log in with the password in {self.passfile} (was the passfile deleted or "
+                f"replaced?). Start afresh (deletes the local data): python3 platform/services.py clean\n{err}",
+            ) from err
+        self._psql(bindir, _app_role_sql(passwords[DB_USER]), f"could not set up the role {DB_USER}")
+        exists = self._psql(bindir, f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'", "psql failed")
+        if exists != "1":
+            say(self.name, f"creating database {DATABASE} (owner {DB_USER})")
+            self._psql(bindir, f'CREATE DATABASE "{DATABASE}" OWNER "{DB_USER}"', f"could not create database {DATABASE}")
+
+    def _secure_legacy_cluster(self, bindir: Path, data: Path, passwords: dict[str, str]) -> None:
+        """Move a cluster made before this runner used passwords to scram-sha-256 and two roles.
+
+        Such a cluster trusts every local connection and its bootstrap superuser is ``evp``,
+        the role evp's processes use. Each step is safe to repeat if one before it failed:
+
+        1. (over ``trust`` still) rename the bootstrap superuser to ``evp_admin`` (through a
+           temporary superuser: a session cannot rename its own user) and give it its
+           password; create the app role ``evp`` without superuser;
+        2. give the database ``evp`` and every object in it the superuser owned to the app role;
+        3. write pg_hba.conf (scram-sha-256 on 127.0.0.1 only) and reload the server.
+        """
+        say(self.name, f"securing a cluster made before passwords (trust, superuser {DB_USER}): {ADMIN_USER} becomes "
+                       f"the superuser, {DB_USER} a role without superuser owning the database {DATABASE}, "
+                       f"passwords in {self.passfile}. Clients need: eval \"$(python3 platform/services.py env)\"")
+        who = "SELECT rolname FROM pg_roles WHERE oid = 10"
+        try:
+            bootstrap = self._psql(bindir, who, "psql failed", user=ADMIN_USER)
+        except ServiceError:
+            bootstrap = self._psql(bindir, who, f"cannot log in as {DB_USER} or {ADMIN_USER} to secure the cluster: "
+                                                f"its pg_hba.conf is neither trust nor ours", user=DB_USER)
+        if bootstrap == DB_USER:
+            helper = "evp_migrate"
+            self._psql(bindir, f'DROP ROLE IF EXISTS "{helper}"; CREATE ROLE "{helper}" SUPERUSER LOGIN',
+                       "could not create a temporary superuser", user=DB_USER)
+            self._psql(bindir, f'ALTER ROLE "{DB_USER}" RENAME TO "{ADMIN_USER}"', f"could not rename {DB_USER}",
+                       user=helper)
+            self._psql(bindir, f'DROP ROLE "{helper}"', "could not drop the temporary superuser")
+        elif bootstrap != ADMIN_USER:
+            raise ServiceError(self.name, f"the cluster's superuser is {bootstrap!r}, neither {DB_USER} nor {ADMIN_USER}")
+        verifier = scram_verifier(passwords[ADMIN_USER])
+        self._psql(bindir, f"ALTER ROLE \"{ADMIN_USER}\" PASSWORD '{verifier}'", f"could not set {ADMIN_USER}'s password")
+        self._psql(bindir, _app_role_sql(passwords[DB_USER]), f"could not set up the role {DB_USER}")
+        exists = self._psql(bindir, f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'", "psql failed")
+        if exists == "1":
+            self._psql(bindir, f'ALTER DATABASE "{DATABASE}" OWNER TO "{DB_USER}"', "could not change the owner")
+            self._psql(bindir, _REASSIGN_SQL.replace("{role}", DB_USER), f"could not give {DB_USER} its objects",
+                       dbname=DATABASE)
+        self._write_hba(data)
+        self._psql(bindir, "SELECT pg_reload_conf()", "could not reload the server's configuration")
+        rules = self._psql(bindir, "SELECT count(*) FROM pg_hba_file_rules WHERE error IS NOT NULL", "psql failed")
+        if rules != "0":
+            raise ServiceError(self.name, f"the new pg_hba.conf has errors: see {self.log}")
+        say(self.name, f"now scram-sha-256 on {HOST} only; {DB_USER} is no superuser")
 
     def down(self) -> None:
         pid = self._pid()
@@ -836,6 +1136,44 @@ class Postgres(Service):
             shutil.rmtree(data, ignore_errors=True)
 
 
+def _app_role_sql(password: str) -> str:
+    """Create the app role if absent, then pin its attributes and password (only its verifier is sent)."""
+    return (
+        f"SELECT 'CREATE ROLE \"{DB_USER}\" LOGIN' WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{DB_USER}')"
+        " \\gexec\n"
+        f"DO $$ BEGIN IF (SELECT oid FROM pg_roles WHERE rolname = '{DB_USER}') = 10 THEN"
+        f" RAISE EXCEPTION '{DB_USER} is the bootstrap superuser: it cannot lose SUPERUSER'; END IF; END $$;\n"
+        f"ALTER ROLE \"{DB_USER}\" WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"
+        f" PASSWORD '{scram_verifier(password)}';\n"
+    )
+
+
+#: Hand every object the bootstrap superuser (oid 10) owns outside the system schemas to ``{role}``:
+#: ``REASSIGN OWNED`` refuses the bootstrap superuser, which owns the system catalogs too.
+_REASSIGN_SQL = """
+DO $$
+DECLARE r record;
+BEGIN
+  FOR r IN SELECT n.nspname FROM pg_namespace n WHERE n.nspowner = 10
+      AND n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema' LOOP
+    EXECUTE format('ALTER SCHEMA %I OWNER TO %I', r.nspname, '{role}');
+  END LOOP;
+  FOR r IN SELECT c.oid::regclass::text AS name, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+      WHERE c.relowner = 10 AND n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema'
+        AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+        AND NOT (c.relkind = 'S' AND EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                 AND d.objid = c.oid AND d.deptype IN ('a', 'i'))) LOOP
+    EXECUTE format('ALTER %s %s OWNER TO %I', CASE r.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
+                   WHEN 'f' THEN 'FOREIGN TABLE' WHEN 'S' THEN 'SEQUENCE' ELSE 'TABLE' END, r.name, '{role}');
+  END LOOP;
+  FOR r IN SELECT p.oid::regprocedure::text AS name FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+      WHERE p.proowner = 10 AND n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema' LOOP
+    EXECUTE format('ALTER ROUTINE %s OWNER TO %I', r.name, '{role}');
+  END LOOP;
+END $$;
+"""
+
+
 # --- command line -----------------------------------------------------------------------
 
 
@@ -843,8 +1181,10 @@ def make_services(paths: Paths, env: dict[str, str]) -> dict[str, Service]:
     kafka: Service = Kafka(paths)
     if env.get("EVP_KAFKA"):
         kafka = External("kafka", "EVP_KAFKA", env["EVP_KAFKA"], kafka_addresses(env["EVP_KAFKA"]))
-    postgres: Service = Postgres(paths)
-    if env.get("EVP_DATABASE_URL"):
+    local = Postgres(paths)
+    postgres: Service = local
+    # A shell that ran `eval "$(services.py env)"` names our own server: still ours to run.
+    if env.get("EVP_DATABASE_URL") and env["EVP_DATABASE_URL"] != local.client_env()["EVP_DATABASE_URL"]:
         url = env["EVP_DATABASE_URL"]
         postgres = External("postgres", "EVP_DATABASE_URL", url, [database_address(url)])
     return {"kafka": kafka, "postgres": postgres}

@@ -100,15 +100,19 @@ def _counts(result: CatchUpResult) -> str:
 def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
     projection = _view(args, settings)
     schema = projection.layout(args.schema).schema
+    prefix = args.role_prefix
     with postgres.connect(settings.database_url, autocommit=True) as conn:
-        # A swapped-in schema has no grants: give the shadow the roles' grants before the
-        # swap, so analysts never lose access (or gain any) during a rebuild.
-        prefix = args.role_prefix
+        has_roles = roles_exist(conn, prefix)
+    # A swapped-in schema has no grants: give the shadow the roles' grants before the swap,
+    # so analysts never lose access (or gain any) during a rebuild. Granting is the admin's.
+    admin_url = settings.admin_url(f"rebuilding a view with roles ({prefix}*)") if has_roles else None
+    with (postgres.connect(admin_url, autocommit=True) if admin_url else _no_connection()) as admin:
 
         def regrant() -> None:
-            setup_roles(conn, [projection.layout(shadow_name(schema))], prefix=prefix)
+            assert admin is not None
+            setup_roles(admin, [projection.layout(shadow_name(schema))], prefix=prefix)
 
-        keep_grants = regrant if roles_exist(conn, prefix) else None
+        keep_grants = regrant if admin is not None else None
         with _progress_bar(f"rebuild {schema}") as on_progress:
             result = rebuild(settings, projection, schema=args.schema, on_progress=on_progress, before_swap=keep_grants)
     if args.json:
@@ -119,10 +123,17 @@ def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+@contextmanager
+def _no_connection() -> Iterator[None]:
+    yield None
+
+
 def _grant(args: argparse.Namespace, settings: Settings) -> int:
+    """Roles are the administrator's: EVP_ADMIN_DATABASE_URL, on the ledger's database (evp's role may not)."""
     layout = _view(args, settings).layout(args.schema)
     check_views_schema(layout.schema)  # before connecting; setup_roles also refuses the ledger's schema
-    with postgres.connect(settings.database_url, autocommit=True) as conn:
+    admin_url = settings.admin_url("evp projections grant (it creates roles and grants on the ledger and keyring)")
+    with postgres.connect(admin_url, autocommit=True) as conn:
         roles = setup_roles(conn, [layout], prefix=args.role_prefix)
     print(f"roles ready on {layout.schema}: {roles.projector} (writes views), {roles.analyst} (masked views only), "
           f"{roles.auditor} (audit view of the ledger)")

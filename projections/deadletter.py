@@ -61,8 +61,8 @@ class DeadLetterQueue:
     def __init__(
         self, settings: Settings, projection: str, *, producer_factory: Callable[[], KafkaProducer] | None = None
     ) -> None:
-        self.bootstrap, self.topic, self.projection = settings.kafka, settings.dead_letter_topic, projection
-        self._factory = producer_factory or (lambda: make_producer(settings.kafka))
+        self.settings, self.topic, self.projection = settings, settings.dead_letter_topic, projection
+        self._factory = producer_factory or (lambda: make_producer(settings))
         self._producer: KafkaProducer | None = None
         self._pending: list[tuple[int, Any]] = []
         self.sent = 0
@@ -82,7 +82,7 @@ class DeadLetterQueue:
         value = message.value if message.value is not None or message.key is not None else b""
         if self._producer is None:
             self._producer = self._factory()
-        with kafka_errors(self.bootstrap):
+        with kafka_errors(self.settings):
             future = self._producer.send(self.topic, key=message.key, value=value, headers=original + extra)
         self._pending.append((message.offset, future))
 
@@ -91,7 +91,7 @@ class DeadLetterQueue:
         if not self._pending:
             return 0
         assert self._producer is not None
-        with kafka_errors(self.bootstrap):
+        with kafka_errors(self.settings):
             self._producer.flush(timeout=timeout)
         pending, self._pending = self._pending, []
         for offset, future in pending:
@@ -118,12 +118,12 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else '(no message)'}"
 
 
-def read_dead_letters(bootstrap: str, topic: str, *, timeout_s: float = 10.0) -> list[DeadLetter]:
+def read_dead_letters(settings: Settings, topic: str, *, timeout_s: float = 10.0) -> list[DeadLetter]:
     """Every letter in the dead-letter topic, in order (for inspection and tests)."""
-    reader = consumer(bootstrap)
+    reader = consumer(settings)
     letters: list[DeadLetter] = []
     try:
-        with kafka_errors(bootstrap):
+        with kafka_errors(settings):
             partitions = sorted(reader.partitions_for_topic(topic) or ())
             tps = [TopicPartition(topic, p) for p in partitions]
             if not tps:

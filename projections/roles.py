@@ -5,7 +5,8 @@ selecting the ciphertext, the blind indexes or the wrapped keys. Three roles:
 
 - ``<prefix>projector`` keeps the views up to date. It owns every view's schema and its
   tables (the runner re-creates indexes ``IF NOT EXISTS`` on every start, which only an
-  owner may do) and may read, of the keyring, only who was erased and when. It cannot read
+  owner may do) and may read, of the keyring, only who was erased and when (the view
+  ``evp_erasures.tombstones``): it has no privilege on the keyring's schema ``evp_keyring``,
   the ledger or any key.
 - ``<prefix>analyst`` reads, of each view, only ``<schema>.<table>_masked``: the columns the
   view declares as ``analyst`` plus, where the view has personal columns, ``erased``; never
@@ -43,6 +44,7 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 
 from events.errors import ConfigurationError
+from events.privacy.keyring import KEYRING_SCHEMA
 from projections.view import ERASED, Layout
 
 DEFAULT_PREFIX = "evp_"
@@ -54,15 +56,20 @@ AUDIT_COLUMNS = (
     "position", "stream_id", "version", "event_id", "event_type", "actor", "subject_id",
     "occurred_at", "recorded_at", "partition", "kafka_offset",
 )
-#: The keyring columns the masked views need (so their owner, the projector, may read them).
+#: The keyring columns the masked views need: the projector reads them through :data:`TOMBSTONES_VIEW`.
 TOMBSTONE_COLUMNS = ("subject_id", "erased_at")
 LEDGER_TABLE = "evp_events"
 KEYS_TABLE = "evp_data_keys"
+#: ``evp_erasures.tombstones``: who was erased and when, owned by the keyring's owner (so it reads the
+#: keyring with that role's rights), the projector's only window on the keyring, whose schema
+#: (``evp_keyring``) it cannot use at all.
+ERASURES_SCHEMA = "evp_erasures"
+TOMBSTONES_VIEW = "tombstones"
 #: Tables of the ledger and the keyring: a schema holding any of them is never a views' schema,
 #: because the projector owns its views' schemas and everything in them.
 PROTECTED_TABLES = (LEDGER_TABLE, KEYS_TABLE, "evp_outbox", "evp_streams", "evp_reservations")
 #: Schemas the projector must never own, whatever they hold.
-SHARED_SCHEMAS = ("public", "information_schema")
+SHARED_SCHEMAS = ("public", "information_schema", KEYRING_SCHEMA, ERASURES_SCHEMA)
 
 _MAX_IDENTIFIER = 63
 _LONGEST_SUFFIX = len("projector")
@@ -131,7 +138,9 @@ def setup_roles(
         raise ConfigurationError("setup_roles needs at least one view layout (view.layout())")
     with conn.transaction(), conn.cursor() as cur:
         ledger_schema = _schema_of(cur, LEDGER_TABLE, "open an EventStore first: it creates the ledger")
-        keys_schema = _schema_of(cur, KEYS_TABLE, "open an EventStore first: it creates the keyring table")
+        keys_schema = _schema_of(cur, f"{KEYRING_SCHEMA}.{KEYS_TABLE}",
+                                 "open an EventStore first: it creates the keyring table (EVP_KEYRING_URL must be "
+                                 "this database for masked views to show erasures)")
         for layout in views:
             check_views_schema(layout.schema, audit_schema)
         _refuse_protected_schemas(cur, [layout.schema for layout in views], (ledger_schema, keys_schema))
@@ -141,9 +150,10 @@ def setup_roles(
             _ensure_role(cur, role, login=login)
         cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(audit_schema)))
         view_schemas = tuple(dict.fromkeys(layout.schema for layout in views))
-        _reset(cur, roles, view_schemas, (ledger_schema, keys_schema, audit_schema))
-        masked = [m for m in (_create_masked_view(cur, layout, keys_schema) for layout in views) if m is not None]
-        _grant_projector(cur, roles.projector, view_schemas, keys_schema)
+        _create_tombstones(cur, keys_schema)
+        _reset(cur, roles, view_schemas, (ledger_schema, keys_schema, audit_schema, ERASURES_SCHEMA))
+        masked = [m for m in (_create_masked_view(cur, layout) for layout in views) if m is not None]
+        _grant_projector(cur, roles.projector, view_schemas)
         _grant_analyst(cur, roles.analyst, view_schemas, masked)
         _grant_auditor(cur, roles.auditor, ledger_schema, audit_schema)
     return roles
@@ -278,7 +288,21 @@ def _reset(cur: psycopg.Cursor[Any], roles: Roles, view_schemas: tuple[str, ...]
             cur.execute(sql.SQL("REVOKE ALL ON SCHEMA {} FROM {}").format(s, grantees))
 
 
-def _create_masked_view(cur: psycopg.Cursor[Any], layout: Layout, keys_schema: str) -> sql.Identifier | None:
+def _create_tombstones(cur: psycopg.Cursor[Any], keys_schema: str) -> None:
+    """(Re)create ``evp_erasures.tombstones``, owned (with its schema) by the keyring table's owner."""
+    keys = sql.Identifier(keys_schema, KEYS_TABLE)
+    owner = cur.execute("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = %s::regclass",
+                        (keys.as_string(cur),)).fetchone()
+    assert owner is not None
+    schema, view, role = sql.Identifier(ERASURES_SCHEMA), sql.Identifier(ERASURES_SCHEMA, TOMBSTONES_VIEW), sql.Identifier(owner[0])
+    cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
+    cur.execute(sql.SQL("ALTER SCHEMA {} OWNER TO {}").format(schema, role))
+    cur.execute(sql.SQL("CREATE OR REPLACE VIEW {} AS SELECT {} FROM {} WHERE erased_at IS NOT NULL").format(
+        view, sql.SQL(", ").join(map(sql.Identifier, TOMBSTONE_COLUMNS)), keys))
+    cur.execute(sql.SQL("ALTER VIEW {} OWNER TO {}").format(view, role))
+
+
+def _create_masked_view(cur: psycopg.Cursor[Any], layout: Layout) -> sql.Identifier | None:
     """``<table>_masked``: the analyst columns, plus ``erased`` where there are personal columns.
 
     ``erased`` is the row's own redaction flag or the keyring's tombstone of any subject the
@@ -291,7 +315,7 @@ def _create_masked_view(cur: psycopg.Cursor[Any], layout: Layout, keys_schema: s
     cur.execute(sql.SQL("DROP VIEW IF EXISTS {}").format(view))  # its columns may have changed
     selected = [sql.SQL("a.{}").format(sql.Identifier(c)) for c in layout.analyst]
     if layout.personal:
-        keys = sql.Identifier(keys_schema, KEYS_TABLE)
+        keys = sql.Identifier(ERASURES_SCHEMA, TOMBSTONES_VIEW)
         tombstones = [
             sql.SQL("EXISTS (SELECT 1 FROM {} k WHERE k.subject_id = a.{} AND k.erased_at IS NOT NULL)").format(
                 keys, sql.Identifier(subject))
@@ -310,8 +334,8 @@ def _create_masked_view(cur: psycopg.Cursor[Any], layout: Layout, keys_schema: s
     return view
 
 
-def _grant_projector(cur: psycopg.Cursor[Any], role: str, view_schemas: tuple[str, ...], keys_schema: str) -> None:
-    """Own the views' schemas and everything in them; read the keyring's tombstones, nothing else.
+def _grant_projector(cur: psycopg.Cursor[Any], role: str, view_schemas: tuple[str, ...]) -> None:
+    """Own the views' schemas and everything in them; read the tombstones view, nothing of the keyring.
 
     ``CREATE`` on the database lets the runner's ``CREATE SCHEMA IF NOT EXISTS`` pass (the
     privilege is checked even when the schema exists) and lets a rebuild make its shadow.
@@ -331,10 +355,14 @@ def _grant_projector(cur: psycopg.Cursor[Any], role: str, view_schemas: tuple[st
             keyword = {"v": "VIEW", "m": "MATERIALIZED VIEW", "f": "FOREIGN TABLE", "S": "SEQUENCE"}.get(kind, "TABLE")
             cur.execute(sql.SQL("ALTER " + keyword + " {} OWNER TO {}").format(sql.Identifier(views_schema, name), r))
     cur.execute(sql.SQL("GRANT CONNECT, CREATE ON DATABASE {} TO {}").format(_database(cur), r))
-    cur.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(keys_schema), r))
-    cur.execute(sql.SQL("GRANT SELECT ({}) ON {} TO {}").format(
-        sql.SQL(", ").join(map(sql.Identifier, TOMBSTONE_COLUMNS)), sql.Identifier(keys_schema, KEYS_TABLE), r
-    ))
+    # evp's own role (the database's owner, no superuser) runs the views and rebuilds them: it
+    # acts as the projector. No escalation: it owns the ledger and the keyring already.
+    owner = cur.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()").fetchone()
+    assert owner is not None
+    if owner[0] != role:
+        cur.execute(sql.SQL("GRANT {} TO {}").format(r, sql.Identifier(owner[0])))
+    cur.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(ERASURES_SCHEMA), r))
+    cur.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier(ERASURES_SCHEMA, TOMBSTONES_VIEW), r))
 
 
 def _grant_analyst(cur: psycopg.Cursor[Any], role: str, view_schemas: tuple[str, ...], masked: Sequence[sql.Identifier]) -> None:

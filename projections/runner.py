@@ -40,7 +40,7 @@ from events.project import catalog_for
 from events.schema.catalog import Catalog
 from events.schema.codec import Codec
 from events.errors import ConfigurationError, ServiceUnavailable
-from events.adapters.kafka import consumer as make_consumer, ensure_event_topics, kafka_errors
+from events.adapters.kafka import consumer as make_consumer, ensure_event_topics, kafka_errors, where
 from events.store.log import BadRecord, LogRecord, decode_record, end_offsets
 from events.schema.registry import KafkaSchemaLog, SchemaRegistry
 from events.settings import Settings
@@ -225,11 +225,11 @@ class ProjectionRunner:
             self._codec = open_codec(self.settings, self._catalog)
         if self._consumer is None:
             ensure_event_topics(self.settings)
-            self._consumer = make_consumer(self.settings.kafka, max_poll_records=self.batch_size, fetch_max_wait_ms=200)
-            with kafka_errors(self.settings.kafka):
+            self._consumer = make_consumer(self.settings, max_poll_records=self.batch_size, fetch_max_wait_ms=200)
+            with kafka_errors(self.settings):
                 found = self._consumer.partitions_for_topic(self.topic)
                 if not found:
-                    raise ServiceUnavailable("kafka", self.settings.kafka, f"topic {self.topic!r} has no partitions")
+                    raise ServiceUnavailable("kafka", where(self.settings), f"topic {self.topic!r} has no partitions")
                 self._partitions = [TopicPartition(self.topic, p) for p in sorted(found)]
                 self._consumer.assign(self._partitions)
             self._seek_to_stored()
@@ -238,7 +238,7 @@ class ProjectionRunner:
         assert self._conn is not None and self._consumer is not None
         with self._conn.cursor() as cur:
             self._expected = stored_offsets(cur, self.schema, self.topic)
-        with kafka_errors(self.settings.kafka):
+        with kafka_errors(self.settings):
             for tp in self._partitions:
                 if tp.partition in self._expected:
                     self._consumer.seek(tp, self._expected[tp.partition])
@@ -277,14 +277,14 @@ class ProjectionRunner:
     def _poll(self, timeout_ms: int) -> list[Any]:
         """One batch of messages, partition by partition, each in offset order."""
         assert self._consumer is not None
-        with kafka_errors(self.settings.kafka):
+        with kafka_errors(self.settings):
             polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=self.batch_size)
         return [m for tp in sorted(polled, key=lambda t: t.partition) for m in polled[tp]]
 
     def positions(self) -> dict[int, int]:
         """Where the consumer will read next, per partition."""
         assert self._consumer is not None
-        with kafka_errors(self.settings.kafka):
+        with kafka_errors(self.settings):
             return {tp.partition: self._consumer.position(tp) for tp in self._partitions}
 
     # -- one batch ------------------------------------------------------------------------
@@ -395,7 +395,7 @@ class ProjectionRunner:
         started = time.monotonic()
         self.open()
         assert self._consumer is not None
-        with kafka_errors(self.settings.kafka):
+        with kafka_errors(self.settings):
             ends = {tp.partition: off for tp, off in self._consumer.end_offsets(self._partitions).items()}
         begin = self.positions()
         total = sum(max(0, ends[p] - begin[p]) for p in ends)
@@ -414,7 +414,7 @@ class ProjectionRunner:
                     on_progress(Progress(consumed=max(0, consumed), total=total, outcome=outcome))
             elif time.monotonic() - last_progress > STALL_TIMEOUT_S:
                 behind = {p: ends[p] - now[p] for p in ends if now[p] < ends[p]}
-                raise ServiceUnavailable("kafka", self.settings.kafka, f"no records for {STALL_TIMEOUT_S:.0f}s while behind {behind}")
+                raise ServiceUnavailable("kafka", where(self.settings), f"no records for {STALL_TIMEOUT_S:.0f}s while behind {behind}")
         return CatchUpResult(outcome.applied, outcome.skipped, outcome.dead_lettered, time.monotonic() - started)
 
     def run(self, stop: threading.Event, on_batch: Callable[[BatchOutcome], None] | None = None) -> None:
@@ -442,7 +442,7 @@ class ProjectionRunner:
 
 def projection_lag(settings: Settings, schema: str) -> list[PartitionLag]:
     """How far a projection's schema is behind the events topic, per partition."""
-    ends = end_offsets(settings.kafka, settings.events_topic)
+    ends = end_offsets(settings, settings.events_topic)
     with postgres.connect(settings.database_url, autocommit=True) as conn, conn.cursor() as cur:
         stored = stored_offsets(cur, schema, settings.events_topic) if _has_offsets(cur, schema) else {}
     return [PartitionLag(p, stored.get(p), ends[p]) for p in sorted(ends)]

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
-from events.settings import Settings
+from events.settings import Settings, database_name, with_database
 
 if TYPE_CHECKING:
     from events.store.client import EventStore
@@ -31,9 +32,9 @@ SERVICES = REPO / "platform" / "services.py"
 DIGITS = REPO / "examples" / "digits"  #: the example domain most tests speak
 
 
-def _admin_url(database_url: str) -> str:
-    base, _, _ = database_url.rpartition("/")
-    return f"{base}/postgres"
+def _admin_url(settings: Settings) -> str:
+    """The administrator (EVP_ADMIN_DATABASE_URL) on the server's ``postgres`` database: evp's role creates none."""
+    return settings.admin_url("the tests (they create a database per test)", "postgres")
 
 
 @pytest.fixture(scope="session")
@@ -53,16 +54,17 @@ def services(base_settings: Settings) -> Settings:
 
 
 def create_database(settings: Settings) -> str:
+    """A new database owned by the role of ``settings.database_url`` (made by the administrator); its URL."""
     name = f"evp_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(_admin_url(settings.database_url), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base, _, _ = settings.database_url.rpartition("/")
-    return f"{base}/{name}"
+    owner = conninfo_to_dict(settings.database_url).get("user") or "evp"
+    with psycopg.connect(_admin_url(settings), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" OWNER "{owner}"')
+    return with_database(settings.database_url, name)
 
 
 def drop_database(settings: Settings, url: str) -> None:
-    name = url.rpartition("/")[2]
-    with psycopg.connect(_admin_url(settings.database_url), autocommit=True) as conn:
+    name = database_name(url)
+    with psycopg.connect(_admin_url(settings), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
@@ -79,9 +81,9 @@ def delete_topics(settings: Settings) -> list[str]:
     from events.errors import EvpError
 
     try:
-        client = admin(settings.kafka)
+        client = admin(settings)
         try:
-            with kafka_errors(settings.kafka):
+            with kafka_errors(settings):
                 names = sorted(t for t in client.list_topics() if t.startswith(settings.topic_prefix))
                 if names:
                     client.delete_topics(names, timeout_ms=30_000)

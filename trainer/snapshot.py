@@ -125,7 +125,7 @@ def fold_range(store: EventStore, dataset: Dataset, ranges: Mapping[int, tuple[i
                progress: Progress | None = None) -> Fold:
     """Steps 3 of creation: read, dedupe, open personal fields of handled records, fold."""
     fold, dedupe = Fold(dataset), Deduplicator()
-    for item in read_range(store.settings.kafka, store.settings.events_topic, store.codec, ranges):
+    for item in read_range(store.settings, store.settings.events_topic, store.codec, ranges):
         if progress:
             progress(1)
         if isinstance(item, BadRecord):
@@ -153,7 +153,7 @@ def snapshot_dir(store: EventStore, snapshot_id: str) -> Path:
 def create_snapshot(store: EventStore, dataset: Dataset, progress: Progress | None = None) -> SnapshotManifest:
     """Cut a snapshot of ``dataset`` at the topic's current end; see the module docstring."""
     store.flush()
-    ranges = {p: (0, end) for p, end in end_offsets(store.settings.kafka, store.settings.events_topic).items()}
+    ranges = {p: (0, end) for p, end in end_offsets(store.settings, store.settings.events_topic).items()}
     fold = fold_range(store, dataset, ranges, progress)
     table = fold.table()
     snapshot_id = f"snap-{uuid7().hex[:12]}"

@@ -58,7 +58,7 @@ def _describe(path: str, manifest: Manifest) -> str:
     ranges = ", ".join(f"{p}:[{s}, {e})" for p, (s, e) in sorted(manifest.ranges.items()))
     return (f"backup {path}: {manifest.records} records of {manifest.topic} (partitions {ranges}), "
             f"{manifest.schema_records} schema records, taken {manifest.created_at}\nsha256 {manifest.sha256}"
-            + (f"\nmac {manifest.mac} (key-encryption key {manifest.mac_kek_id})" if manifest.mac else ""))
+            + (f"\nmac {manifest.mac} (backup key {manifest.mac_key_id})" if manifest.mac else ""))
 
 
 def _create(args: argparse.Namespace, settings: Settings) -> int:
@@ -84,7 +84,7 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{_describe(args.path, manifest)}\nverified: counts and hash match (NOT authenticated: "
               "--corruption-only does not detect an edited, re-hashed backup)")
     else:
-        print(f"{_describe(args.path, manifest)}\nverified: authentic (MAC under key-encryption key {manifest.mac_kek_id}), "
+        print(f"{_describe(args.path, manifest)}\nverified: authentic (MAC under backup key {manifest.mac_key_id}), "
               "counts and hash match")
     return 0
 
@@ -163,9 +163,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     create.add_argument("--no-flush", action="store_true", help="do not publish the outbox first (Kafka only)")
     create.set_defaults(func=_create)
 
-    verify = group.add_parser("verify", help="authenticate PATH (MAC under the KEK), re-read it, check counts and sha256")
+    verify = group.add_parser("verify", help="authenticate PATH (MAC under the backup key), re-read it, check counts and sha256")
     verify.add_argument("--corruption-only", action="store_true",
-                        help="without the KEK: check counts and sha256 only (finds corruption, not an edit)")
+                        help="without the backup key: check counts and sha256 only (finds corruption, not an edit)")
     verify.set_defaults(func=_verify)
 
     restore = group.add_parser("restore", help="restore PATH into an empty topic and database (these settings)")

@@ -72,7 +72,7 @@ def rotate_kek(
     files = KeyFiles(write_to or settings.kek_path)
     old_files = KeyFiles(settings.kek_path)
     find = kek_finder(settings, files.pointer)
-    store = PostgresKeyStore(settings.database_url)
+    store = PostgresKeyStore(settings.keyring_url)
     try:
         store.ensure_schema()
         state = store.kek_state()

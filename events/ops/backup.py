@@ -12,9 +12,10 @@ A backup is an Avro object container file (deflate) whose records are, in this o
 The file's header metadata holds the :class:`Manifest`: format version, topics, ranges,
 record counts, creation time, a sha256 over the records in that canonical order (the
 self-check: it finds corruption) and a MAC over the manifest, sha256 included (the
-authentication: it finds an edit). The MAC is HMAC-SHA256 under a key derived from the
-KEK (:class:`BackupKey`), so whoever edits the records and re-hashes them cannot make a
-manifest that verifies without the KEK; verifying needs the KEK for the same reason.
+authentication: it finds an edit). The MAC is HMAC-SHA256 under the deployment's backup
+key (:class:`BackupKey`, kept beside the KEK but never rotated with it), so whoever edits
+the records and re-hashes them cannot make a manifest that verifies without that key;
+verifying needs the key for the same reason.
 The hash is only known once every record was read, and a container writes its header first,
 so the records are spooled to a temporary file next to the target and copied into the final
 container behind the manifest; the file appears under its name only complete (``fsync``,
@@ -33,7 +34,9 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import struct
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -52,7 +55,8 @@ from events.store.log import read_pinned
 from events.settings import Settings
 
 FORMAT = "evp-backup"
-FORMAT_VERSION = 2  #: 2: the manifest carries a MAC under the KEK; 1 had only the sha256 self-check
+FORMAT_VERSION = 2  #: 2: the manifest carries a MAC under the backup key; 1 had only the sha256 self-check
+BACKUP_KEY_FILE = "backup.key"
 READABLE_VERSIONS = (1, 2)
 MAC_ALGORITHM = "hmac-sha256"
 _MAC_DOMAIN = b"evp-backup-mac-v1"
@@ -147,60 +151,54 @@ def _framed(data: bytes | None) -> bytes:
 
 
 class BackupKey:
-    """The key that authenticates backups: HMAC-SHA256 under a key derived from the KEK.
+    """The key that authenticates backups: HMAC-SHA256 under a backup key of its own.
 
-    Derived (HMAC of a fixed label under the KEK's secret), never the KEK itself, so a MAC
-    reveals nothing about the key that wraps the data keys. ``kek_id`` (the KEK's public
-    id) is recorded in the manifest, so a backup checked under another KEK is reported as
+    The key is 32 random bytes in ``backup.key`` beside the KEK file (0600, created with the first
+    backup), apart from the key-encryption key on purpose: ``evp keys rotate`` retires old
+    KEKs, and a backup must stay verifiable after that. ``key_id`` (a fingerprint, not the
+    key) is recorded in the manifest, so a backup checked under another key is reported as
     such, not as tampered with.
     """
 
-    __slots__ = ("_find", "_key", "kek_id")
+    __slots__ = ("_key", "key_id")
 
-    def __init__(self, secret: bytes, kek_id: str, find: Callable[[str], Any] | None = None) -> None:
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) < 32:
+            raise ConfigurationError(f"a backup key needs at least 32 bytes, got {len(secret)}")
         self._key = hmac.new(secret, _MAC_DOMAIN, hashlib.sha256).digest()
-        self.kek_id = kek_id
-        self._find = find  #: finds an older KEK by id (after ``evp keys rotate``), or None
+        self.key_id = "bk-" + hashlib.sha256(b"evp-backup-key-id\0" + secret).hexdigest()[:16]
 
     def __repr__(self) -> str:  # never show the key
-        return f"BackupKey(kek_id={self.kek_id!r})"
+        return f"BackupKey(key_id={self.key_id!r})"
 
     @classmethod
-    def from_kek(cls, kek: Any, find: Callable[[str], Any] | None = None) -> BackupKey:
-        """From a :class:`events.privacy.kek.LocalKek` (a KMS-held KEK cannot export a MAC key).
-
-        ``find`` looks a KEK up by key id: a backup made before a KEK rotation is then
-        checked under the KEK it was made with, if this deployment still keeps it.
-        """
-        export = getattr(kek, "export_base64", None)
-        if export is None:
-            raise ConfigurationError(f"{kek!r} cannot derive a backup key: backups need a local key-encryption key")
-        return cls(base64.b64decode(export()), str(kek.key_id), find)
+    def generate(cls) -> BackupKey:
+        return cls(os.urandom(32))
 
     @classmethod
     def from_settings(cls, settings: Settings, *, create: bool = False) -> BackupKey:
-        """The key of ``settings``' KEK (``EVP_KEK`` or the KEK file).
+        """The deployment's backup key (``backup.key`` beside the KEK file).
 
-        ``create`` lets a missing KEK file be created (taking a backup, as opening the store
-        does); verifying never creates one: without the KEK a backup cannot be authenticated,
-        and a new KEK could only say that it was not made under it.
+        ``create`` makes it when it is missing (taking a backup); verifying never does:
+        without the key a backup cannot be authenticated, and a new key could only say
+        that it was not made under it.
         """
-        from events.privacy import kek as keks
-
-        if not create and not settings.kek and not settings.kek_path.exists():
-            raise ConfigurationError(
-                f"verifying a backup needs the key-encryption key it was made under, and there is none here "
-                f"(EVP_KEK is unset and {settings.kek_path} does not exist): set EVP_KEK or EVP_KEK_FILE to that key"
-            )
-        finder = getattr(keks, "kek_finder", None)  # the deployment's other KEKs, where it keeps them
-        return cls.from_kek(keks.kek_from_settings(settings), finder(settings) if finder is not None else None)
-
-    def for_kek(self, kek_id: str | None) -> BackupKey | None:
-        """The key for the KEK ``kek_id``: this one, an older one this deployment keeps, or None."""
-        if kek_id == self.kek_id:
-            return self
-        found = self._find(kek_id) if self._find is not None and kek_id is not None else None
-        return BackupKey.from_kek(found) if found is not None and hasattr(found, "export_base64") else None
+        path = settings.kek_path.parent / BACKUP_KEY_FILE
+        if not path.exists():
+            if not create:
+                raise ConfigurationError(
+                    f"verifying a backup needs the backup key it was made with, and there is none here ({path} "
+                    "does not exist): copy that file from the deployment that took the backup (mode 0600)"
+                )
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_atomically(path, lambda out: out.write(base64.b64encode(os.urandom(32)) + b"\n"), mode=0o600)
+            print(f"evp: created the backup key {path} (keep it with the key-encryption key)", file=sys.stderr)
+        if path.stat().st_mode & 0o077:
+            raise ConfigurationError(f"backup key {path} is readable by others: chmod 600 {path}")
+        try:
+            return cls(base64.b64decode(path.read_bytes().strip(), validate=True))
+        except ValueError as err:
+            raise ConfigurationError(f"backup key {path} is not base64: {err}") from err
 
     def mac(self, manifest: Manifest) -> str:
         return hmac.new(self._key, manifest.signed_bytes(), hashlib.sha256).hexdigest()
@@ -212,16 +210,15 @@ class BackupKey:
                 f"backup {path} is format version {manifest.format_version}, without a MAC: it cannot be "
                 "authenticated (only checked for corruption, with --corruption-only); take a new backup"
             )
-        key = self.for_kek(manifest.mac_kek_id)
-        if key is None:
+        if manifest.mac_key_id != self.key_id:
             raise IntegrityError(
-                f"backup {path} was authenticated under key-encryption key {manifest.mac_kek_id}, but the key "
-                f"given is {self.kek_id}: verify it with the KEK it was made under"
+                f"backup {path} was authenticated under backup key {manifest.mac_key_id}, but the key "
+                f"given is {self.key_id}: verify it with the backup key it was made under"
             )
-        if not hmac.compare_digest(key.mac(manifest), manifest.mac):
+        if not hmac.compare_digest(self.mac(manifest), manifest.mac):
             raise IntegrityError(
-                f"backup {path} fails authentication: its manifest's MAC does not match under key-encryption key "
-                f"{key.kek_id}, so the manifest or the records it hashes were edited after the backup was made"
+                f"backup {path} fails authentication: its manifest's MAC does not match under backup key "
+                f"{self.key_id}, so the manifest or the records it hashes were edited after the backup was made"
             )
 
 
@@ -239,7 +236,7 @@ class Manifest:
     created_at: str
     format_version: int = FORMAT_VERSION
     mac: str | None = None  #: HMAC-SHA256 of :meth:`signed_bytes` under a :class:`BackupKey` (None in version 1)
-    mac_kek_id: str | None = None  #: the id of the KEK the MAC key was derived from
+    mac_key_id: str | None = None  #: the fingerprint of the backup key that made the MAC
 
     @property
     def partitions(self) -> int:
@@ -257,7 +254,7 @@ class Manifest:
             "schema_range": list(self.schema_range),
             "counts": {str(p): n for p, n in sorted(self.counts.items())},
             "schema_records": self.schema_records,
-            **({"mac": {"algorithm": MAC_ALGORITHM, "kek_id": self.mac_kek_id, "value": self.mac}}
+            **({"mac": {"algorithm": MAC_ALGORITHM, "key_id": self.mac_key_id, "value": self.mac}}
                if self.mac is not None else {}),
         }
 
@@ -265,7 +262,7 @@ class Manifest:
         """What the MAC covers: the whole manifest (its sha256 included) but the MAC itself."""
         body = self.as_dict()
         body.pop("mac", None)
-        body["mac_kek_id"] = self.mac_kek_id
+        body["mac_key_id"] = self.mac_key_id
         return f"{FORMAT}/{self.format_version}/{MAC_ALGORITHM}\n".encode() + json.dumps(body, sort_keys=True).encode()
 
     def to_json(self) -> str:
@@ -290,7 +287,7 @@ class Manifest:
                 counts={int(p): int(n) for p, n in body["counts"].items()},
                 schema_records=int(body["schema_records"]), sha256=str(body["sha256"]),
                 created_at=str(body["created_at"]), format_version=int(body["format_version"]),
-                mac=str(mac["value"]) if mac else None, mac_kek_id=str(mac["kek_id"]) if mac else None,
+                mac=str(mac["value"]) if mac else None, mac_key_id=str(mac["key_id"]) if mac else None,
             )
         except (ValueError, KeyError, TypeError, IndexError) as err:
             raise IntegrityError(f"the backup's manifest is malformed: {err}") from err
@@ -432,14 +429,14 @@ def verify_backup(path: Path | str, key: BackupKey | None, *, on_progress: OnPro
 
 
 # -- creating a backup ---------------------------------------------------------------------
-def _pin(bootstrap: str, topic: str) -> dict[int, tuple[int, int]]:
+def _pin(settings: Settings, topic: str) -> dict[int, tuple[int, int]]:
     """``[beginning, end)`` of every partition right now; NotFound if the topic does not exist."""
-    reader = consumer(bootstrap)
+    reader = consumer(settings)
     try:
-        with kafka_errors(bootstrap):
+        with kafka_errors(settings):
             partitions = reader.partitions_for_topic(topic)
             if not partitions:
-                raise NotFound(f"topic {topic!r} does not exist on {bootstrap}")
+                raise NotFound(f"topic {topic!r} does not exist on {settings.kafka}")
             tps = [TopicPartition(topic, p) for p in sorted(partitions)]
             starts, ends = reader.beginning_offsets(tps), reader.end_offsets(tps)
             return {tp.partition: (starts[tp], ends[tp]) for tp in tps}
@@ -447,9 +444,9 @@ def _pin(bootstrap: str, topic: str) -> dict[int, tuple[int, int]]:
         reader.close()
 
 
-def _read_pinned(bootstrap: str, topic: str, source: str, ranges: Ranges) -> Iterator[BackupRecord]:
+def _read_pinned(settings: Settings, topic: str, source: str, ranges: Ranges) -> Iterator[BackupRecord]:
     """Every record in ``[start, end)`` of each partition, undecoded (see :func:`events.store.log.read_pinned`)."""
-    for message in read_pinned(bootstrap, topic, ranges, max_poll_records=5000):
+    for message in read_pinned(settings, topic, ranges, max_poll_records=5000):
         yield BackupRecord.from_message(source, message)
 
 
@@ -459,24 +456,24 @@ def create_backup(settings: Settings, path: Path | str, *, on_progress: OnProgre
 
     Refuses to overwrite an existing file. Reads Kafka only: publish the outbox first (the
     ``evp backup create`` command does) to include events still waiting there. The manifest
-    is authenticated with ``key``, by default the one derived from ``settings``' KEK.
+    is authenticated with ``key``, by default the deployment's backup key (created if missing).
     """
     path = Path(path)
     key = key if key is not None else BackupKey.from_settings(settings, create=True)
     if path.exists():
         raise EvpError(f"backup {path} already exists; a backup is never overwritten")
     path.parent.mkdir(parents=True, exist_ok=True)
-    ranges = _pin(settings.kafka, settings.events_topic)
+    ranges = _pin(settings, settings.events_topic)
     try:  # pinned after the events: every schema id a pinned event uses is below this end
-        schema_range = _pin(settings.kafka, settings.schemas_topic)[0]
+        schema_range = _pin(settings, settings.schemas_topic)[0]
     except NotFound:
         schema_range = (0, 0)
     created_at = datetime.now(UTC).isoformat()
     tally = _Tally(ranges, schema_range)
 
     def tallied() -> Iterator[dict[str, Any]]:
-        sources = (_read_pinned(settings.kafka, settings.schemas_topic, SCHEMAS, {0: schema_range}),
-                   _read_pinned(settings.kafka, settings.events_topic, EVENTS, ranges))
+        sources = (_read_pinned(settings, settings.schemas_topic, SCHEMAS, {0: schema_range}),
+                   _read_pinned(settings, settings.events_topic, EVENTS, ranges))
         total = schema_range[1] - schema_range[0] + sum(end - start for start, end in ranges.values())
         for record in reporting((r for source in sources for r in source), "read", total, on_progress):
             tally.add(record)
@@ -488,7 +485,7 @@ def create_backup(settings: Settings, path: Path | str, *, on_progress: OnProgre
         manifest = Manifest(
             topic=settings.events_topic, schemas_topic=settings.schemas_topic, ranges=dict(ranges),
             schema_range=schema_range, counts=dict(tally.counts), schema_records=tally.schema_records,
-            sha256=tally.sha256(), created_at=created_at, mac_kek_id=key.kek_id,
+            sha256=tally.sha256(), created_at=created_at, mac_key_id=key.key_id,
         )
         manifest = replace(manifest, mac=key.mac(manifest))
         spooled = (BackupRecord.from_avro(d) for d in fastavro.reader(spool, reader_schema=_PARSED))

@@ -60,14 +60,14 @@ def verify_log(store: EventStore, progress: Callable[[int], None] | None = None)
     """Compare the topic with the ledger; see the module docstring for what is reported."""
     settings = store.settings
     conn = store.ledger.connection
-    ranges = {p: (0, end) for p, end in end_offsets(settings.kafka, settings.events_topic).items()}
+    ranges = {p: (0, end) for p, end in end_offsets(settings, settings.events_topic).items()}
     rows = conn.execute(
         f"SELECT {EVENT_COLUMNS} FROM evp_events WHERE position NOT IN (SELECT position FROM evp_outbox)"
     ).fetchall()
     ledger = {event.event_id: event for event in map(row_to_event, rows)}
     report = IntegrityReport(events_checked=len(ledger))
     seen: set[uuid.UUID] = set()
-    for message in read_pinned(settings.kafka, settings.events_topic, ranges):
+    for message in read_pinned(settings, settings.events_topic, ranges):
         report.records_read += 1
         if progress:
             progress(1)

@@ -3,8 +3,8 @@
 Contract of :func:`restore_backup` (into the *current* settings, typically a new topic
 prefix and a new database):
 
-1. authenticate and verify the whole file first (its MAC under the KEK of ``settings``, or
-   ``backup_key``); refuse unless the target's events topic and ledger are
+1. authenticate and verify the whole file first (its MAC under the backup key of
+   ``settings``, or ``backup_key``); refuse unless the target's events topic and ledger are
    empty and its schema registry holds nothing but (a prefix of) the backup's schemas;
 2. copy wrapped data keys and tombstones from a live key store, when one is given;
 3. append the schema records (same ids; subjects renamed to the target topic);
@@ -123,7 +123,7 @@ def _refuse_non_empty(settings: Settings, conn: psycopg.Connection[Any], manifes
             f"the backup's topic has {manifest.partitions} partitions but EVP_PARTITIONS is {settings.partitions}: "
             f"streams would map to other partitions; set EVP_PARTITIONS={manifest.partitions}"
         )
-    ends = end_offsets(settings.kafka, settings.events_topic)
+    ends = end_offsets(settings, settings.events_topic)
     if any(ends.values()):
         raise EvpError(
             f"topic {settings.events_topic!r} is not empty (end offsets {dict(sorted(ends.items()))}): a restore writes "
@@ -168,11 +168,11 @@ class _Placement:
 
 def _produce(path: Path, settings: Settings, manifest: Manifest, on_progress: OnProgress | None) -> _Placement:
     placement = _Placement({p: array("q") for p in manifest.ranges})
-    sender = producer(settings.kafka, linger_ms=20)
+    sender = producer(settings, linger_ms=20)
     pending: list[tuple[BackupRecord, Any]] = []
 
     def settle() -> None:
-        with kafka_errors(settings.kafka):
+        with kafka_errors(settings):
             sender.flush()
             for record, future in pending:
                 try:
@@ -188,7 +188,7 @@ def _produce(path: Path, settings: Settings, manifest: Manifest, on_progress: On
         with BackupFile(path) as backup:
             events = (r for r in backup.records() if r.source == EVENTS)
             for record in reporting(events, "produce", manifest.records, on_progress):
-                with kafka_errors(settings.kafka):
+                with kafka_errors(settings):
                     future = sender.send(
                         settings.events_topic, key=record.key, value=record.value, partition=record.partition,
                         timestamp_ms=record.timestamp,
@@ -367,15 +367,15 @@ def restore_backup(
     ``keys`` is a live key store to copy wrapped data keys and tombstones from (the restored
     ledger's database holds the target key store); without it, personal fields decrypt only
     where the target's key store already holds their keys. ``backup_key`` authenticates the
-    backup; by default it is derived from the KEK of ``settings`` (which must exist: the
-    restored data keys are wrapped under it anyway).
+    backup; by default it is the backup key of ``settings`` (which must exist: copy
+    ``backup.key`` with the KEK when restoring elsewhere).
     """
     path = Path(path)
     mac_key = backup_key if backup_key is not None else BackupKey.from_settings(settings)
     manifest = verify_backup(path, mac_key, on_progress=on_progress)
     catalog = Catalog.platform()  # events are read with the schemas they were written with
     conn = postgres.connect(settings.database_url, autocommit=True)
-    target_keys = PostgresKeyStore(settings.database_url)
+    target_keys = PostgresKeyStore(settings.keyring_url)
     try:
         postgres.migrate(conn)
         _refuse_non_empty(settings, conn, manifest)

@@ -21,6 +21,8 @@ import contextlib
 import hashlib
 import os
 import secrets
+import stat
+import sys
 from pathlib import Path
 from collections.abc import Callable
 from typing import Protocol
@@ -161,10 +163,36 @@ class LocalKek:
 
 
 def kek_from_settings(settings: Settings) -> LocalKek:
-    """``EVP_KEK`` (base64) if set, else the key file at ``settings.kek_path`` (created if absent)."""
+    """``EVP_KEK`` (base64) if set, else the key file at ``settings.kek_path`` (created if absent).
+
+    A KEK is never created silently: creating one says so once on stderr, with its path
+    (never its value). The default one's folder (``<home>/keyring``) is made 0700 and must
+    stay so; a KEK file named by ``EVP_KEK_FILE`` is the operator's to place.
+    """
     if settings.kek:
         return LocalKek.from_base64(settings.kek, source="EVP_KEK")
-    return LocalKek.load_or_create(settings.kek_path)
+    path = settings.kek_path
+    default = settings.kek_file is None
+    if path.exists():
+        if default:
+            _check_private_dir(path.parent)
+        return LocalKek.load_or_create(path)
+    _make_private_dirs(path.parent)
+    if default:
+        _check_private_dir(path.parent)
+    kek = LocalKek.load_or_create(path)
+    print(f"evp: created a new key-encryption key at {path}: every personal field is wrapped under it; back it up "
+          "apart from the data (or set EVP_KEK / EVP_KEK_FILE to an existing one)", file=sys.stderr)
+    return kek
+
+
+def _check_private_dir(directory: Path) -> None:
+    """ConfigurationError if others may enter or list the KEK's folder."""
+    mode = stat.S_IMODE(directory.stat().st_mode)
+    if mode & 0o077:
+        raise ConfigurationError(
+            f"the key-encryption key's folder {directory} has mode {mode:04o}: it must be private (chmod 700 {directory})"
+        )
 
 
 #: Finds a KEK by key id, or None: how a :class:`~events.privacy.keyring.Keyring` follows a rotation.

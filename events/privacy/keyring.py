@@ -324,6 +324,22 @@ def _check_can_begin(state: KekState, from_kek_id: str, to_kek_id: str) -> None:
         raise CryptoError(f"key-encryption key {to_kek_id} is not new: a rotation needs a key never used before")
 
 
+#: The keyring's tables live in a schema of their own, which only its owner (evp's role) may use:
+#: the projection roles get no privilege on it (projections/roles.py reads tombstones through a view).
+KEYRING_SCHEMA = "evp_keyring"
+#: Runs before :data:`_SCHEMA`, whose unqualified names the connection's search path puts in this schema.
+_KEYRING_SCHEMA_DDL = f"""
+CREATE SCHEMA IF NOT EXISTS {KEYRING_SCHEMA};
+REVOKE ALL ON SCHEMA {KEYRING_SCHEMA} FROM PUBLIC;
+DO $$ BEGIN  -- a keyring made before it had a schema of its own moves into it, once
+  IF to_regclass('{KEYRING_SCHEMA}.evp_data_keys') IS NULL AND to_regclass('public.evp_data_keys') IS NOT NULL THEN
+    ALTER TABLE public.evp_data_keys SET SCHEMA {KEYRING_SCHEMA};
+  END IF;
+  IF to_regclass('{KEYRING_SCHEMA}.evp_kek_state') IS NULL AND to_regclass('public.evp_kek_state') IS NOT NULL THEN
+    ALTER TABLE public.evp_kek_state SET SCHEMA {KEYRING_SCHEMA};
+  END IF;
+END $$;
+"""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS evp_data_keys (
     subject_id  text PRIMARY KEY,
@@ -376,6 +392,7 @@ class PostgresKeyStore:
     def ensure_schema(self) -> None:
         with self._connect() as conn:
             postgres.migration_lock(conn)
+            conn.execute(_KEYRING_SCHEMA_DDL)
             conn.execute(_SCHEMA)
 
     def get(self, subject_id: str) -> StoredKey | None:
@@ -514,6 +531,7 @@ class PostgresKeyStore:
                 try:
                     if self._conn is None or self._conn.closed:
                         self._conn = psycopg.connect(self._conninfo, autocommit=True)
+                        self._conn.execute(f"SET search_path = {KEYRING_SCHEMA}")  # the keyring's own schema
                     with self._conn.transaction():
                         yield self._conn
                 except psycopg.OperationalError:

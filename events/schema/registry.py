@@ -125,14 +125,14 @@ class KafkaSchemaLog:
     """
 
     def __init__(self, settings: Settings, *, timeout_s: float = 15.0) -> None:
-        self.bootstrap, self.topic = settings.kafka, settings.schemas_topic
+        self.settings, self.topic = settings, settings.schemas_topic
         self._timeout_ms = int(timeout_s * 1000)
         self._partition = TopicPartition(self.topic, 0)
         self._lock = threading.Lock()
         self._records: list[tuple[bytes, bytes]] = []
         self._producer: Any = None
         self._consumer: Any = None
-        kafka.ensure_topic(self.bootstrap, self.topic, 1, {"cleanup.policy": "compact"})
+        kafka.ensure_topic(settings, self.topic, 1, {"cleanup.policy": "compact"})
 
     def _timeouts(self) -> dict[str, Any]:
         return {"client_id": "evp-schema-registry", "bootstrap_timeout_ms": self._timeout_ms,
@@ -141,9 +141,9 @@ class KafkaSchemaLog:
     def append(self, key: bytes, value: bytes) -> None:
         with self._lock:
             if self._producer is None:
-                self._producer = kafka.producer(self.bootstrap, linger_ms=0, max_block_ms=self._timeout_ms,
+                self._producer = kafka.producer(self.settings, linger_ms=0, max_block_ms=self._timeout_ms,
                                                 delivery_timeout_ms=max(2 * self._timeout_ms, 30_000), **self._timeouts())
-            with kafka.kafka_errors(self.bootstrap):
+            with kafka.kafka_errors(self.settings):
                 future = self._producer.send(self.topic, key=key, value=value, partition=0)
                 self._producer.flush(timeout=self._timeout_ms / 1000)
                 future.get(timeout=self._timeout_ms / 1000)
@@ -155,16 +155,16 @@ class KafkaSchemaLog:
         """The records from position ``start`` on, after fetching those appended since the last read."""
         with self._lock:
             if self._consumer is None:
-                self._consumer = kafka.consumer(self.bootstrap, group_id=None, **self._timeouts())
-                with kafka.kafka_errors(self.bootstrap):
+                self._consumer = kafka.consumer(self.settings, group_id=None, **self._timeouts())
+                with kafka.kafka_errors(self.settings):
                     self._consumer.assign([self._partition])
                     self._consumer.seek_to_beginning(self._partition)
-            with kafka.kafka_errors(self.bootstrap):
+            with kafka.kafka_errors(self.settings):
                 end = self._consumer.end_offsets([self._partition], timeout_ms=self._timeout_ms)[self._partition]
                 while self._consumer.position(self._partition, timeout_ms=self._timeout_ms) < end:
                     batches = self._consumer.poll(timeout_ms=self._timeout_ms)
                     if not batches:
-                        raise ServiceUnavailable("kafka", self.bootstrap,
+                        raise ServiceUnavailable("kafka", kafka.where(self.settings),
                                                  f"no records from {self.topic!r} before offset {end}")
                     for records in batches.values():
                         self._records.extend((r.key or b"", r.value or b"") for r in records)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from events.errors import KeyErased
+from events.privacy.keyring import KEYRING_SCHEMA
 from events.store.client import EventStore, StoredEvent
 
 State = TypeVar("State")
@@ -35,7 +36,7 @@ class Loaded(Generic[State]):
 
 #: The key rows of every subject a stream's events concern, locked against an erasure.
 _SUBJECT_KEYS = (
-    "SELECT k.subject_id, k.wrapped_key IS NULL FROM evp_data_keys k WHERE k.subject_id IN ("
+    f"SELECT k.subject_id, k.wrapped_key IS NULL FROM {KEYRING_SCHEMA}.evp_data_keys k WHERE k.subject_id IN ("
     " SELECT unnest(e.subject_ids) FROM evp_events e WHERE e.stream_id = %s"
     " UNION SELECT e.subject_id FROM evp_events e WHERE e.stream_id = %s AND e.subject_id IS NOT NULL)"
     " ORDER BY k.subject_id FOR SHARE OF k"

@@ -21,7 +21,7 @@ from events.schema.codec import Codec
 from events.errors import InvalidEvent
 from events.event import ANY, AppendResult, EncodedEvent, Event, ExpectedVersion, RecordedEvent, Reservation
 from events.adapters.kafka import ensure_event_topics
-from events.privacy.kek import kek_from_settings
+from events.privacy.kek import kek_finder, kek_from_settings
 from events.privacy.keyring import Keyring, PostgresKeyStore
 from events.store.log import LogRecord
 from events.store.ledger import Ledger
@@ -84,9 +84,10 @@ class EventStore:
         if registration is None:
             registration = "auto" if project is None else project.registration
         schema_log = KafkaSchemaLog(settings)
-        keys = PostgresKeyStore(settings.database_url)
+        keys = PostgresKeyStore(settings.keyring_url)
         keys.ensure_schema()
-        keyring = Keyring(keys, kek_from_settings(settings))
+        # find_kek: a process started before `evp keys rotate` follows it to the new KEK.
+        keyring = Keyring(keys, kek_from_settings(settings), find_kek=kek_finder(settings))
         codec = Codec(SchemaRegistry(schema_log), catalog, settings.events_topic, registration=registration)
         return cls(settings, conn, codec, catalog, keyring, resources=(schema_log, keys))
 

@@ -18,7 +18,8 @@ from kafka import TopicPartition
 from events.schema.codec import Codec
 from events.errors import DecodeError, ServiceUnavailable
 from events.event import HEADER_ACTOR, HEADER_EVENT_ID, HEADER_OCCURRED_AT, HEADER_STREAM_VERSION
-from events.adapters.kafka import consumer, kafka_errors
+from events.adapters.kafka import consumer, kafka_errors, where
+from events.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -92,11 +93,11 @@ class Deduplicator:
         return True
 
 
-def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
     """The current end offset of every partition (what a snapshot pins)."""
-    reader = consumer(bootstrap)
+    reader = consumer(settings)
     try:
-        with kafka_errors(bootstrap):
+        with kafka_errors(settings):
             partitions = reader.partitions_for_topic(topic) or set()
             tps = [TopicPartition(topic, p) for p in sorted(partitions)]
             return {tp.partition: off for tp, off in reader.end_offsets(tps).items()}
@@ -109,7 +110,7 @@ READ_IDLE_TIMEOUT_S = 30.0
 
 
 def read_pinned(
-    bootstrap: str, topic: str, ranges: Mapping[int, tuple[int, int]], *, max_poll_records: int = 2000
+    settings: Settings, topic: str, ranges: Mapping[int, tuple[int, int]], *, max_poll_records: int = 2000
 ) -> Iterator[Any]:
     """Every raw record in ``[start, end)`` of each partition, partition by partition, in offset order.
 
@@ -118,9 +119,9 @@ def read_pinned(
     partition that yields nothing for :data:`READ_IDLE_TIMEOUT_S` raises ServiceUnavailable
     rather than waiting forever.
     """
-    reader = consumer(bootstrap, max_poll_records=max_poll_records)
+    reader = consumer(settings, max_poll_records=max_poll_records)
     try:
-        with kafka_errors(bootstrap):
+        with kafka_errors(settings):
             for partition, (start, end) in sorted(ranges.items()):
                 if end <= start:
                     continue
@@ -137,15 +138,15 @@ def read_pinned(
                     if batch:
                         deadline = time.monotonic() + READ_IDLE_TIMEOUT_S
                     elif time.monotonic() > deadline:
-                        raise ServiceUnavailable("kafka", bootstrap, f"no records from {topic!r} partition {partition} "
+                        raise ServiceUnavailable("kafka", where(settings), f"no records from {topic!r} partition {partition} "
                                                  f"before offset {end} within {READ_IDLE_TIMEOUT_S:.0f}s")
     finally:
         reader.close()
 
 
 def read_range(
-    bootstrap: str, topic: str, codec: Codec, ranges: Mapping[int, tuple[int, int]]
+    settings: Settings, topic: str, codec: Codec, ranges: Mapping[int, tuple[int, int]]
 ) -> Iterator[LogRecord | BadRecord]:
     """Every record in ``[start, end)`` of each partition, decoded (bad ones as :class:`BadRecord`)."""
-    for message in read_pinned(bootstrap, topic, ranges):
+    for message in read_pinned(settings, topic, ranges):
         yield decode_record(codec, message)

@@ -73,9 +73,10 @@ class Relay:
         poll_interval: float = 0.5,
         producer_factory: Callable[[], KafkaProducer] | None = None,
     ) -> None:
+        self.settings = settings
         self.database_url, self.bootstrap, self.topic = settings.database_url, settings.kafka, settings.events_topic
         self.partitions, self.batch_size, self.poll_interval = settings.partitions, batch_size, poll_interval
-        self._producer_factory = producer_factory or (lambda: make_producer(settings.kafka))
+        self._producer_factory = producer_factory or (lambda: make_producer(settings))
         self._producer: KafkaProducer | None = None
         self._conn: psycopg.Connection | None = None
         self._held: set[int] = set()
@@ -138,7 +139,7 @@ class Relay:
         events = [row_to_event(r) for r in rows]
         producer = self._ensure_producer()
         try:
-            with kafka_errors(self.bootstrap):
+            with kafka_errors(self.settings):
                 futures = [
                     producer.send(self.topic, value=e.value, key=e.stream_id.encode(), headers=kafka_headers(e),
                                   partition=partition)

@@ -40,7 +40,7 @@ from events.project import Project
 from events.schema.catalog import Catalog
 from events.schema.check import check_schemas, register_schemas
 from events.schema.registry import KafkaSchemaLog, SchemaRegistry
-from events.settings import Settings
+from events.settings import Settings, database_name
 from events.store.client import EventStore
 from events.adapters import postgres
 from projections.declarations import catch_up_views, load_view
@@ -86,7 +86,7 @@ def run(settings: Settings, epochs: int | None) -> int:
     """The demo in the services of ``settings`` (which :func:`main` points at a fresh sandbox)."""
     step = Steps()
     settings = settings.with_(project=HERE)
-    print(f"clinic demo: database {settings.database_url.rsplit('/', 1)[-1]}, topics {settings.topic_prefix}.*")
+    print(f"clinic demo: database {database_name(settings.database_url)}, topics {settings.topic_prefix}.*")
     project = Project.read(HERE)
     scans = load_breast_cancer()
     rng = np.random.default_rng(11)

@@ -34,7 +34,7 @@ from events.ops.integrity import verify_log
 from events.ops.sandbox import fresh_sandbox
 from events.privacy.personal import REDACTED
 from events.project import Project
-from events.settings import Settings
+from events.settings import Settings, database_name
 from events.store.client import EventStore
 from projections.declarations import catch_up_views
 from trainer.progress import bar, step_bar
@@ -64,7 +64,7 @@ def run(settings: Settings, epochs: int | None) -> int:
     """The demo in the services of ``settings`` (which :func:`main` points at a fresh sandbox)."""
     step = Steps()
     settings = settings.with_(project=HERE)
-    print(f"digits demo: database {settings.database_url.rsplit('/', 1)[-1]}, topics {settings.topic_prefix}.*")
+    print(f"digits demo: database {database_name(settings.database_url)}, topics {settings.topic_prefix}.*")
     project = Project.read(HERE)
     digits = load_digits()
     features, labels = digits.data.astype(np.float32), digits.target.astype(int)

@@ -55,7 +55,7 @@ def read_topic(settings: Settings, *, timeout: float = 60.0) -> StreamLog:
     depending on the codec. One stream maps to one partition, so offset order within the
     partition is the stream's order on the topic.
     """
-    reader = consumer(settings.kafka)
+    reader = consumer(settings)
     try:
         partitions = reader.partitions_for_topic(settings.events_topic) or set()
         tps = [TopicPartition(settings.events_topic, p) for p in sorted(partitions)]

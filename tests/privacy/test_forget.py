@@ -80,7 +80,7 @@ def seed(store: EventStore, settings: Settings) -> Seeded:
 def durable_state(conn: psycopg.Connection[Any]) -> tuple[object, ...]:
     """Everything a dry run must leave alone: keys, reservations, the ledger's end, the streams."""
     return (
-        conn.execute("SELECT subject_id, kek_id, wrapped_key, erased_at FROM evp_data_keys ORDER BY subject_id").fetchall(),
+        conn.execute("SELECT subject_id, kek_id, wrapped_key, erased_at FROM evp_keyring.evp_data_keys ORDER BY subject_id").fetchall(),
         conn.execute("SELECT scope, value, stream_id FROM evp_reservations ORDER BY value").fetchall(),
         conn.execute("SELECT max(position) FROM evp_events").fetchone(),
         conn.execute("SELECT stream_id, version FROM evp_streams ORDER BY stream_id").fetchall(),

@@ -16,7 +16,7 @@ import pytest
 from events.store.client import EventStore
 from events.errors import CryptoError, KeyErased
 from events.ops.forget import forget_subject
-from events.privacy.kek import LocalKek
+from events.privacy.kek import LocalKek, kek_from_settings
 from events.privacy.kek import KeyFiles, kek_finder
 from events.privacy.keyring import KekRetired, Keyring, PostgresKeyStore
 from events.privacy.personal import REDACTED, blind_index
@@ -33,7 +33,7 @@ def test_rotation_rewraps_every_key_and_retires_the_old_kek(store: EventStore, s
         register(store, person)
         submit(store, person, [f"{person.annotator_id}-1"], "digits")
     forgotten, *kept = people
-    keys = PostgresKeyStore(settings.database_url)
+    keys = PostgresKeyStore(settings.keyring_url)
     dumped = keys.get(forgotten.annotator_id)  # what a dump (or a dead tuple) keeps after the erasure
     forget_subject(store, forgotten.annotator_id, reason="request")
     store.flush()
@@ -80,22 +80,32 @@ def test_rotation_rewraps_every_key_and_retires_the_old_kek(store: EventStore, s
         assert {blind_index(fresh.keyring, "email", p.email) for p in kept} <= indexes
 
 
-def test_a_process_still_holding_the_old_kek_is_refused_naming_both_ids(store: EventStore, settings: Settings) -> None:
+def test_a_keyring_still_holding_the_old_kek_is_refused_naming_both_ids(store: EventStore, settings: Settings) -> None:
     first, second = make_people(random.Random(), 2)
     register(store, first)
-    old_id = store.keyring.kek_id
+    keys = PostgresKeyStore(settings.keyring_url)
+    stale = Keyring(keys, kek_from_settings(settings))  # a keyring that cannot find other KEKs
+    old_id = stale.kek_id
 
     done = rotate_cli(settings)  # another process rotates while this one runs with the old KEK
 
     assert done.returncode == 0, done.stderr
     new_id = LocalKek.load_or_create(settings.kek_path).key_id
     with pytest.raises(KekRetired) as caught:
-        store.append(second.stream_id, registered(second))
+        stale.data_key(second.annotator_id, create=True)
     assert old_id in str(caught.value) and new_id in str(caught.value)
-    keys = PostgresKeyStore(settings.database_url)
     assert keys.get(second.annotator_id) is None  # nothing was wrapped under the retired KEK
     assert {k.kek_id for k in keys.all() if k.wrapped is not None} == {new_id}
-    with EventStore.open(settings) as restarted:  # restarted, it loads the new key and goes on
-        restarted.append(second.stream_id, registered(second))
-        assert restarted.read_stream(second.stream_id)[0].data["email"] == second.email
+    keys.close()
+
+
+def test_a_running_store_follows_the_rotation_to_the_new_kek(store: EventStore, settings: Settings) -> None:
+    first, second = make_people(random.Random(), 2)
+    register(store, first)
+    assert rotate_cli(settings).returncode == 0
+    new_id = LocalKek.load_or_create(settings.kek_path).key_id
+    store.append(second.stream_id, registered(second))  # the store's keyring finds the new KEK by id
+    assert store.read_stream(second.stream_id)[0].data["email"] == second.email
+    keys = PostgresKeyStore(settings.keyring_url)
+    assert keys.get(second.annotator_id).kek_id == new_id  # type: ignore[union-attr]
     keys.close()

@@ -301,7 +301,7 @@ def test_database_dump_holds_no_plaintext(world: World, tmp_path: Path) -> None:
 
 @services
 def test_database_files_and_wal_hold_no_plaintext(world: World) -> None:
-    files = postgres_files(world.settings.database_url)
+    files = postgres_files(world.settings.admin_url("a checkpoint before reading the table files"))
     if not files:
         pytest.skip("the PostgreSQL data directory is not readable here")
     tables = [p for p in files if not is_wal(p)]

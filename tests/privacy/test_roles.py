@@ -53,7 +53,7 @@ def prefix(settings: Settings) -> Iterator[str]:
     """A role prefix private to this test; the roles are dropped afterwards."""
     name = f"{settings.topic_prefix.lower()}_"
     yield name
-    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+    with psycopg.connect(admin_url(settings), autocommit=True) as conn:
         drop_roles(conn, name)
 
 
@@ -71,12 +71,17 @@ def people(store: EventStore, settings: Settings) -> list[Person]:
 
 @pytest.fixture
 def roles(settings: Settings, people: list[Person], prefix: str) -> Roles:
-    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+    with psycopg.connect(admin_url(settings), autocommit=True) as conn:
         return setup_roles(conn, [v.layout() for v in VIEWS], prefix=prefix)
 
 
+def admin_url(settings: Settings) -> str:
+    """The administrator on the test's database: setting up roles, and ``SET ROLE`` to any of them."""
+    return settings.admin_url("the role tests")
+
+
 def as_role(settings: Settings, role: str) -> psycopg.Connection[Any]:
-    return psycopg.connect(with_role(settings.database_url, role), autocommit=True)
+    return psycopg.connect(with_role(admin_url(settings), role), autocommit=True)
 
 
 def readable_columns(conn: psycopg.Connection[Any], role: str) -> set[str]:
@@ -115,7 +120,8 @@ def test_analyst_reads_only_the_masked_views(settings: Settings, roles: Roles, p
             f"SELECT annotator_id FROM {A}.annotators",
             f"SELECT * FROM {S}.samples",
             f"SELECT * FROM {A}.evp_forgotten_subjects",
-            "SELECT * FROM evp_data_keys",
+            "SELECT * FROM evp_keyring.evp_data_keys",
+            "SELECT subject_id FROM evp_keyring.evp_data_keys",
             "SELECT value FROM evp_events",
             "SELECT position FROM evp_events",
             f"SELECT * FROM {AUDIT}.ledger",
@@ -135,7 +141,7 @@ def test_analyst_reads_only_the_masked_views(settings: Settings, roles: Roles, p
         erased = dict(conn.execute(f"SELECT annotator_id, erased FROM {A}.annotators_masked").fetchall())
     assert erased == {people[0].annotator_id: True, people[1].annotator_id: False}
     _catch_up(settings, (ANNOTATORS,))
-    with psycopg.connect(settings.database_url) as admin:
+    with psycopg.connect(admin_url(settings)) as admin:
         redacted = admin.execute(f"SELECT erased, name IS NULL, email IS NULL FROM {A}.annotators WHERE annotator_id = %s",
                                  (people[0].annotator_id,)).fetchone()
         assert redacted == (True, True, True)
@@ -152,13 +158,14 @@ def test_auditor_reads_the_ledger_but_not_values_keys_or_views(settings: Setting
         for query in (
             "SELECT value FROM evp_events",
             "SELECT * FROM evp_events",
-            "SELECT wrapped_key FROM evp_data_keys",
-            "SELECT subject_id FROM evp_data_keys",
+            "SELECT wrapped_key FROM evp_keyring.evp_data_keys",
+            "SELECT subject_id FROM evp_keyring.evp_data_keys",
+            "SELECT * FROM evp_erasures.tombstones",
             f"SELECT * FROM {S}.samples_masked",
             f"SELECT * FROM {A}.annotators_masked",
         ):
             assert_denied(conn, query)
-    with psycopg.connect(settings.database_url) as admin:
+    with psycopg.connect(admin_url(settings)) as admin:
         expected = {f"{AUDIT}.ledger.{c}" for c in AUDIT_COLUMNS} | {f"public.evp_events.{c}" for c in AUDIT_COLUMNS}
         assert readable_columns(admin, roles.auditor) == expected
 
@@ -168,26 +175,27 @@ def test_projector_runs_the_views_but_reads_no_ledger_or_keys(
 ) -> None:
     submit(store, people[1], ["late-sample"], "digits:late")
     store.flush()
-    as_projector = settings.with_(database_url=with_role(settings.database_url, roles.projector))
+    as_projector = settings.with_(database_url=with_role(admin_url(settings), roles.projector))
     for view in VIEWS:
         with ProjectionRunner(as_projector, view) as runner:
             assert runner.catch_up().applied == 1
     with as_role(settings, roles.projector) as conn:
         assert conn.execute(f"SELECT count(*) FROM {S}.samples WHERE sample_id = 'late-sample'").fetchone() == (1,)
-        for query in ("SELECT value FROM evp_events", "SELECT wrapped_key FROM evp_data_keys", f"SELECT * FROM {AUDIT}.ledger"):
+        for query in ("SELECT value FROM evp_events", "SELECT wrapped_key FROM evp_keyring.evp_data_keys",
+                      "SELECT subject_id, erased_at FROM evp_keyring.evp_data_keys", f"SELECT * FROM {AUDIT}.ledger"):
             assert_denied(conn, query)
-        assert conn.execute("SELECT count(*) FROM evp_data_keys WHERE erased_at IS NOT NULL").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM evp_erasures.tombstones").fetchone() == (0,)
         readable = readable_columns(conn, roles.projector)
     outside = {c for c in readable if not c.startswith((f"{S}.", f"{A}."))}
-    assert outside == {"public.evp_data_keys.subject_id", "public.evp_data_keys.erased_at"}
+    assert outside == {"evp_erasures.tombstones.subject_id", "evp_erasures.tombstones.erased_at"}
 
 
 def test_setup_is_idempotent_and_removes_stale_grants(settings: Settings, roles: Roles) -> None:
-    with psycopg.connect(settings.database_url, autocommit=True) as admin:
+    with psycopg.connect(admin_url(settings), autocommit=True) as admin:
         before = {r: readable_columns(admin, r) for r in roles.all()}
         admin.execute(f"GRANT SELECT ON {A}.annotators TO {roles.analyst}")
         admin.execute(f"GRANT SELECT ON {S}.samples TO PUBLIC")
-        admin.execute("GRANT SELECT ON evp_data_keys TO PUBLIC")
+        admin.execute("GRANT SELECT ON evp_keyring.evp_data_keys TO PUBLIC")
         admin.execute(f"ALTER ROLE {roles.auditor} BYPASSRLS CREATEDB")
         assert f"{A}.annotators.name" in readable_columns(admin, roles.analyst)  # the stale grant took
 
@@ -199,7 +207,7 @@ def test_setup_is_idempotent_and_removes_stale_grants(settings: Settings, roles:
 
 
 def test_grants_survive_a_rebuild_when_set_up_before_the_swap(settings: Settings, roles: Roles, people: list[Person]) -> None:
-    with psycopg.connect(settings.database_url, autocommit=True) as admin:
+    with psycopg.connect(admin_url(settings), autocommit=True) as admin:
         prefix = roles.analyst.removesuffix("analyst")
         shadow = [ANNOTATORS.layout(shadow_name(A))]
 
@@ -216,7 +224,7 @@ def test_grants_survive_a_rebuild_when_set_up_before_the_swap(settings: Settings
 
 def test_setup_before_the_projection_names_the_missing_view(settings: Settings, store: EventStore, prefix: str) -> None:
     store.append("sample-x", Event("SampleSubmitted", {"sample_id": "x", "annotator_id": "a", "features": [0.0] * 64, "label": 1}))
-    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+    with psycopg.connect(admin_url(settings), autocommit=True) as conn:
         with pytest.raises(ConfigurationError, match=f"{S}.samples does not exist: run the view 'samples'"):
             setup_roles(conn, [SAMPLES.layout()], prefix=prefix)
         with pytest.raises(ConfigurationError, match="at least one view"):
@@ -242,20 +250,20 @@ def test_grant_and_rebuild_commands_keep_the_analyst_on_masked_views_only(
         assert conn.execute(f"SELECT count(*) FROM {S}.samples_masked").fetchone() == (6,)
         assert_denied(conn, f"SELECT * FROM {S}.samples")
         assert_denied(conn, f"SELECT name FROM {A}.annotators")
-    with psycopg.connect(settings.database_url) as admin:
+    with psycopg.connect(admin_url(settings)) as admin:
         assert readable_columns(admin, analyst) == masked_columns()
 
 
 def test_grant_refuses_public_and_the_ledgers_or_keyrings_schema(settings: Settings, store: EventStore, prefix: str) -> None:
     """The projector owns its views' schemas: never one holding the ledger, the keyring or anyone's tables."""
-    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+    with psycopg.connect(admin_url(settings), autocommit=True) as conn:
         owner_before = conn.execute("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'public'").fetchone()
-        for schema in ("public", AUDIT, "pg_catalog"):
+        for schema in ("public", AUDIT, "pg_catalog", "evp_keyring", "evp_erasures"):
             with pytest.raises(ConfigurationError, match=rf"schema '{schema}' cannot hold a view that has roles"):
                 setup_roles(conn, [SAMPLES.layout(schema)], prefix=prefix)
         # a schema holding a copy of the keyring (or the ledger) is refused by what it holds
         conn.execute("CREATE SCHEMA keys_copy")
-        conn.execute("CREATE TABLE keys_copy.evp_data_keys (LIKE evp_data_keys)")
+        conn.execute("CREATE TABLE keys_copy.evp_data_keys (LIKE evp_keyring.evp_data_keys)")
         with pytest.raises(ConfigurationError, match=r"schema 'keys_copy' holds evp_data_keys"):
             setup_roles(conn, [SAMPLES.layout("keys_copy")], prefix=prefix)
         ledger_schema = conn.execute("SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"

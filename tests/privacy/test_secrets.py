@@ -10,6 +10,7 @@ The same promises against real services are in ``tests/events/ops/test_backup.py
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import io
 import os
@@ -24,7 +25,6 @@ from hypothesis import given, strategies as st
 from events.cli import backup as backup_cli
 from events.errors import ConfigurationError
 from events.ops.backup import BackupKey
-from events.privacy.kek import LocalKek
 from projections.roles import check_views_schema
 from trainer.snapshot import check_snapshot_id
 
@@ -95,13 +95,15 @@ def test_the_keyring_url_file_must_be_private(tmp_path: Path) -> None:
             backup_cli.keys_url_from_file(path)
 
 
-def test_a_backup_key_shows_its_kek_id_only() -> None:
-    kek = LocalKek.generate()
-    key = BackupKey.from_kek(kek)
-    assert repr(key) == f"BackupKey(kek_id={kek.key_id!r})"
-    assert kek.export_base64() not in repr(key)
-    assert BackupKey.from_kek(kek)._key == key._key != BackupKey.from_kek(LocalKek.generate())._key
-    assert key._key != kek._secret  # derived, never the KEK itself
+def test_a_backup_key_shows_its_fingerprint_only() -> None:
+    secret = os.urandom(32)
+    key = BackupKey(secret)
+    assert repr(key) == f"BackupKey(key_id={key.key_id!r})" and key.key_id.startswith("bk-")
+    assert secret.hex() not in repr(key) and base64.b64encode(secret).decode() not in repr(key)
+    assert BackupKey(secret)._key == key._key != BackupKey.generate()._key
+    assert key._key != secret  # derived, never the stored secret itself
+    with pytest.raises(ConfigurationError, match="32 bytes"):
+        BackupKey(b"short")
 
 
 @pytest.mark.parametrize("bad", ["../../etc", "snap-../x", "snap-ABC", "snap-", "snap-a/b", "/abs", "snap-a.b",
@@ -153,11 +155,16 @@ def test_grant_accepts_a_views_own_schema() -> None:
     check_views_schema("digits_samples")
 
 
-def test_a_backup_key_finds_an_older_kek_by_id_and_only_a_kept_one() -> None:
-    old, new = LocalKek.generate(), LocalKek.generate()
-    kept = {old.key_id: old}
-    current = BackupKey.from_kek(new, kept.get)
-    assert current.for_kek(new.key_id) is current
-    older = current.for_kek(old.key_id)
-    assert older is not None and older.kek_id == old.key_id and older._key == BackupKey.from_kek(old)._key
-    assert current.for_kek("0123456789abcdef") is None and current.for_kek(None) is None
+def test_the_backup_key_lives_beside_the_kek_is_private_and_is_never_created_to_verify(tmp_path: Path) -> None:
+    from events.settings import Settings
+
+    settings = Settings(home=tmp_path, kek_file=tmp_path / "keys" / "kek")
+    with pytest.raises(ConfigurationError, match="needs the backup key"):
+        BackupKey.from_settings(settings)
+    made = BackupKey.from_settings(settings, create=True)
+    path = tmp_path / "keys" / "backup.key"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert BackupKey.from_settings(settings).key_id == made.key_id  # created once, then reused
+    path.chmod(0o644)
+    with pytest.raises(ConfigurationError, match="readable by others"):
+        BackupKey.from_settings(settings)

@@ -161,7 +161,7 @@ def test_undecodable_and_poison_records_are_dead_lettered_and_the_rest_applied(s
         b"sample-no-annotator": (framed("na", "", annotator=""), headers(), STAGE_APPLY, "annotator_id"),
         b"sample-nul": (framed("nul", "a\x00b"), headers(), STAGE_APPLY, "DataError"),
     }
-    kafka = producer(settings.kafka)
+    kafka = producer(settings)
     sent = {key: kafka.send(settings.events_topic, key=key, value=value, headers=h).get(timeout=30)
             for key, (value, h, _, _) in bad.items()}
     kafka.send(settings.events_topic, key=None, value=framed("nokey", ""), headers=headers()).get(timeout=30)
@@ -175,7 +175,7 @@ def test_undecodable_and_poison_records_are_dead_lettered_and_the_rest_applied(s
     with psycopg.connect(settings.database_url) as conn:
         assert_samples(conn, expected.rows)
 
-    letters = {letter.key: letter for letter in read_dead_letters(settings.kafka, settings.dead_letter_topic)}
+    letters = {letter.key: letter for letter in read_dead_letters(settings, settings.dead_letter_topic)}
     assert len(letters) == len(bad) + 1 and None in letters
     for key, (value, _, stage, words) in bad.items():
         letter = letters[key]

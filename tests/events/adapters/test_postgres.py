@@ -31,8 +31,10 @@ def test_four_processes_opening_a_store_on_a_fresh_database_all_succeed(settings
         assert proc.returncode == 0, err
         assert out.strip() == "True"
     with postgres.connect(settings.database_url) as conn:
-        tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
-    assert {"evp_events", "evp_outbox", "evp_streams", "evp_reservations", "evp_data_keys"} <= tables
+        tables = {r[0] for r in conn.execute("SELECT schemaname || '.' || tablename FROM pg_tables")}
+    ledger = {f"public.{t}" for t in ("evp_events", "evp_outbox", "evp_streams", "evp_reservations")}
+    assert ledger | {"evp_keyring.evp_data_keys", "evp_keyring.evp_kek_state"} <= tables
+    assert not {"public.evp_data_keys", "public.evp_kek_state"} & tables  # the keyring has a schema of its own
 
 
 def test_migrating_twice_changes_nothing(settings: Settings) -> None:

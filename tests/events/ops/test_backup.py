@@ -45,7 +45,6 @@ from events.store.client import EventStore
 from events.errors import ConcurrencyError, ConfigurationError, EvpError, IntegrityError
 from events.event import Event
 from events.ops.forget import forget_subject
-from events.privacy.kek import LocalKek
 from events.privacy.keyring import MemoryKeyStore, PostgresKeyStore
 from events.store.log import end_offsets
 from events.privacy.personal import REDACTED
@@ -220,7 +219,7 @@ def test_every_stream_comes_back_with_the_same_events_and_personal_data(source: 
     assert ledger_subjects(target) == ledger_subjects(source.settings)
     assert report.offsets_preserved and report.foreign == 0 and not report.incomplete_streams
     assert report.streams == len(streams)
-    assert end_offsets(target.kafka, target.events_topic) == end_offsets(source.settings.kafka, source.settings.events_topic)
+    assert end_offsets(target, target.events_topic) == end_offsets(source.settings, source.settings.events_topic)
     assert ledger_state(target)[1] == (0,)  # nothing waits in the restored outbox
 
 
@@ -330,14 +329,14 @@ def rehashed(manifest: Manifest, records: list[BackupRecord]) -> Manifest:
     return Manifest(
         topic=manifest.topic, schemas_topic=manifest.schemas_topic, ranges=manifest.ranges,
         schema_range=manifest.schema_range, counts=dict(tally.counts), schema_records=tally.schema_records,
-        sha256=tally.sha256(), created_at=manifest.created_at, mac=manifest.mac, mac_kek_id=manifest.mac_kek_id,
+        sha256=tally.sha256(), created_at=manifest.created_at, mac=manifest.mac, mac_key_id=manifest.mac_key_id,
     )
 
 
 def test_an_edited_and_re_hashed_backup_fails_authentication(source: Source, tmp_path: Path) -> None:
     with BackupFile(source.backup) as backup:
         manifest, records = backup.manifest, list(backup.records())
-    assert manifest.mac is not None and manifest.mac_kek_id == source.key.kek_id
+    assert manifest.mac is not None and manifest.mac_key_id == source.key.key_id
     last = records[-1]
     value = last.value or b"\x00"
     edited = records[:-1] + [BackupRecord(last.source, last.partition, last.offset, last.timestamp, last.key,
@@ -360,32 +359,34 @@ def test_an_edited_and_re_hashed_backup_fails_authentication(source: Source, tmp
     dropped = rehashed(manifest, records[:-1])
     with pytest.raises(IntegrityError, match="fails authentication"):
         verify_backup(write("dropped.evpbak", records[:-1], dropped), source.key)
-    # Re-MACed under the forger's own KEK, claiming the right KEK id: still refused.
-    own = BackupKey.from_kek(LocalKek.generate())
+    # Re-MACed under the forger's own key, claiming the right key id: still refused.
+    own = BackupKey.generate()
     claimed = replace(forged, mac=own.mac(forged))
     with pytest.raises(IntegrityError, match="fails authentication"):
         verify_backup(write("own-key.evpbak", edited, claimed), source.key)
-    # …and under its own KEK id: named as another key, not verified either.
-    theirs = replace(forged, mac_kek_id=own.kek_id)
+    # …and under its own key id: named as another key, not verified either.
+    theirs = replace(forged, mac_key_id=own.key_id)
     theirs = replace(theirs, mac=own.mac(theirs))
-    with pytest.raises(IntegrityError, match=rf"authenticated under key-encryption key {own.kek_id}.*{source.key.kek_id}"):
+    with pytest.raises(IntegrityError, match=rf"authenticated under backup key {own.key_id}.*{source.key.key_id}"):
         verify_backup(write("their-key.evpbak", edited, theirs), source.key)
     # The original still verifies; the MAC is not derivable from what the file shows.
     assert verify_backup(source.backup, source.key) == manifest
-    assert source.key.mac(manifest) == manifest.mac and source.settings.kek is None
-    assert source.settings.kek_path.read_text().strip() not in source.backup.read_bytes().decode("latin-1")
-    assert "kek_id" in repr(source.key) and manifest.mac not in repr(source.key)
+    assert source.key.mac(manifest) == manifest.mac
+    key_file = source.settings.kek_path.parent / "backup.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert key_file.read_text().strip() not in source.backup.read_bytes().decode("latin-1")
+    assert "key_id" in repr(source.key) and manifest.mac not in repr(source.key)
 
 
-def test_verifying_needs_the_kek_and_says_so(source: Source, tmp_path: Path) -> None:
-    keyless = source.settings.with_(kek_file=tmp_path / "absent" / "kek", kek=None)
-    with pytest.raises(ConfigurationError, match=r"needs the key-encryption key.*EVP_KEK.*EVP_KEK_FILE"):
+def test_verifying_needs_the_backup_key_and_says_so(source: Source, tmp_path: Path) -> None:
+    keyless = source.settings.with_(home=tmp_path / "elsewhere", kek_file=tmp_path / "elsewhere" / "kek", kek=None)
+    with pytest.raises(ConfigurationError, match=r"needs the backup key.*backup.key does not exist"):
         BackupKey.from_settings(keyless)
-    assert not (tmp_path / "absent").exists()  # verifying never creates a KEK
-    with pytest.raises(ConfigurationError, match="needs the key-encryption key"):
+    assert not (tmp_path / "elsewhere").exists()  # verifying never creates a key
+    with pytest.raises(ConfigurationError, match="needs the backup key"):
         restore_backup(source.backup, keyless)
     refused = run_cli(keyless, "backup", "verify", str(source.backup))
-    assert refused.returncode == 1 and "needs the key-encryption key" in refused.stderr, refused.stderr
+    assert refused.returncode == 1 and "needs the backup key" in refused.stderr, refused.stderr
     unauthenticated = run_cli(keyless, "backup", "verify", "--corruption-only", str(source.backup))
     assert unauthenticated.returncode == 0, unauthenticated.stderr
     assert "NOT authenticated" in unauthenticated.stdout
@@ -394,17 +395,17 @@ def test_verifying_needs_the_kek_and_says_so(source: Source, tmp_path: Path) -> 
 def test_restore_refuses_a_non_empty_target_and_writes_nothing(services: Settings, source: Source,
                                                                restored: tuple[Settings, RestoreReport]) -> None:
     target, _ = restored
-    before = (end_offsets(target.kafka, target.events_topic), ledger_state(target))
+    before = (end_offsets(target, target.events_topic), ledger_state(target))
     with pytest.raises(EvpError, match=rf"topic '{target.events_topic}' is not empty.*new EVP_TOPIC_PREFIX"):
         restore_backup(source.backup, target)
-    assert (end_offsets(target.kafka, target.events_topic), ledger_state(target)) == before
+    assert (end_offsets(target, target.events_topic), ledger_state(target)) == before
 
     # an empty topic over a ledger that holds events is refused too, before any topic is created
     other = target.with_(topic_prefix=new_topic_prefix())
     try:
         with pytest.raises(EvpError, match="already holds .* events"):
             restore_backup(source.backup, other)
-        assert end_offsets(other.kafka, other.events_topic) == {}
+        assert end_offsets(other, other.events_topic) == {}
         with pytest.raises(ConfigurationError, match="EVP_PARTITIONS=3"):
             restore_backup(source.backup, other.with_(partitions=5))
     finally:
@@ -468,7 +469,7 @@ def test_cli_creates_and_verifies_a_backup_and_reports_tampering(source: Source,
 
     verified = run_cli(source.settings, "backup", "verify", str(path))
     assert verified.returncode == 0, verified.stderr
-    assert f"verified: authentic (MAC under key-encryption key {source.key.kek_id})" in verified.stdout
+    assert f"verified: authentic (MAC under backup key {source.key.key_id})" in verified.stdout
 
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -515,3 +516,18 @@ def run_cli_env(settings: Settings, extra: dict[str, str], *args: str) -> subpro
     env.update(extra)
     return subprocess.run([sys.executable, "-m", "events.cli", *args], capture_output=True, text=True, env=env,
                           cwd=tempfile.gettempdir(), timeout=120)
+
+
+def test_a_backup_still_authenticates_after_the_kek_is_rotated(settings: Settings, tmp_path: Path) -> None:
+    """The backup key is the deployment's own, not derived from the KEK that rotation retires."""
+    with EventStore.open(settings) as store:
+        store.append("sample-r", Event("SampleSubmitted", {"sample_id": "r", "annotator_id": "a",
+                                                           "features": [0.0] * 64, "label": 1}))
+        store.flush()
+    path = tmp_path / "before-rotation.evpbak"
+    manifest = create_backup(settings, path)
+    old_kek = settings.kek_path.read_bytes()
+    rotated = run_cli(settings, "keys", "rotate")
+    assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+    assert settings.kek_path.read_bytes() != old_kek  # a new KEK is current
+    assert verify_backup(path, BackupKey.from_settings(settings)) == manifest

@@ -54,7 +54,7 @@ def test_a_forged_record_on_the_topic_is_named(store: EventStore, settings: Sett
     seed(store)
     forged = uuid.uuid4()
     value = store.read_stream("sample-1", decrypt=False)[0].record.value
-    client = producer(settings.kafka)
+    client = producer(settings)
     client.send(settings.events_topic, key=b"sample-1", value=value, headers=[(HEADER_EVENT_ID, str(forged).encode())])
     client.flush()
     client.close()

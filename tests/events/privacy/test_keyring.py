@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from events.privacy import cipher
 from events.errors import ConfigurationError, CryptoError, KeyErased, NotFound, ServiceUnavailable
@@ -131,12 +131,13 @@ def test_kek_from_settings_prefers_evp_kek_over_the_file(tmp_path: Path) -> None
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
     """A fresh database for this module on the configured server, dropped afterwards."""
-    admin = make_conninfo(Settings.from_env().database_url, dbname="postgres")
+    settings = Settings.from_env()
+    admin = settings.admin_url("the key store tests (they create a database)", "postgres")
     name = f"evp_test_{uuid.uuid4().hex}"
     with _connect_when_up(admin) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}" OWNER "{conninfo_to_dict(settings.database_url).get("user") or "evp"}"')
     try:
-        yield make_conninfo(admin, dbname=name)
+        yield make_conninfo(settings.database_url, dbname=name)
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -162,8 +163,8 @@ def store(request: pytest.FixtureRequest) -> KeyStore:
     postgres.ensure_schema()
     postgres.ensure_schema()  # idempotent
     with psycopg.connect(url) as conn:
-        conn.execute("TRUNCATE evp_data_keys, evp_kek_state")
-        conn.execute("INSERT INTO evp_kek_state (id) VALUES (1)")
+        conn.execute("TRUNCATE evp_keyring.evp_data_keys, evp_keyring.evp_kek_state")
+        conn.execute("INSERT INTO evp_keyring.evp_kek_state (id) VALUES (1)")
     return postgres
 
 

@@ -15,6 +15,7 @@ from hypothesis import given, settings as hypothesis_settings, strategies as st
 from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource
 
+from events.adapters.kafka import admin as kafka_admin
 from tests.support.examples import catalog as examples_catalog
 from events.schema.codec import Codec
 from events.errors import IncompatibleSchema, SchemaError, ServiceUnavailable
@@ -481,7 +482,7 @@ def test_every_reader_folds_any_log_to_the_same_ids(records: list[tuple[str, Any
 
 @pytest.fixture
 def admin() -> Iterator[KafkaAdminClient]:
-    client = KafkaAdminClient(bootstrap_servers=Settings.from_env().kafka, bootstrap_timeout_ms=10_000)
+    client = kafka_admin(Settings.from_env())
     yield client
     client.close()
 

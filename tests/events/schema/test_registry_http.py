@@ -28,8 +28,9 @@ from urllib.parse import quote
 import pytest
 from fastavro import parse_schema, schemaless_reader
 from hypothesis import given, settings as hypothesis_settings, strategies as st
-from kafka import KafkaConsumer, TopicPartition
+from kafka import TopicPartition
 
+from events.adapters.kafka import consumer as kafka_consumer
 from events.store.client import EventStore
 from events.errors import ServiceUnavailable
 from events.event import NO_STREAM, Event
@@ -87,8 +88,8 @@ def served(services: Settings) -> Iterator[str]:
 
 
 def read_one_record(settings: Settings) -> bytes:
-    """The first record on the events topic, read by a plain consumer that knows nothing of evp."""
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka, group_id=None, enable_auto_commit=False)
+    """The first record on the events topic, read by a consumer that decodes nothing (only connects the evp way)."""
+    consumer = kafka_consumer(settings, group_id=None)
     try:
         partitions = [TopicPartition(settings.events_topic, p) for p in consumer.partitions_for_topic(settings.events_topic)]
         consumer.assign(partitions)

@@ -189,7 +189,7 @@ def test_a_sigkilled_relay_process_loses_its_leases_to_a_waiting_relay(store: Ev
 @pytest.mark.services
 def test_notify_wakes_an_idle_relay_long_before_its_poll_interval(store: EventStore, settings: Settings) -> None:
     relay = new_relay(settings, poll_interval=30.0)  # polling alone would take up to 30 s
-    reader = consumer(settings.kafka)
+    reader = consumer(settings)
     tps = [TopicPartition(settings.events_topic, p) for p in sorted(ALL)]
     reader.assign(tps)
     reader.seek_to_end(*tps)
