@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
@@ -100,3 +101,18 @@ def test_the_example_runs_end_to_end_and_leaks_no_personal_data(
     assert_no_plaintext(folder_files(settings.snapshots_dir), needles, controls=[example.shard_control])
     assert_no_plaintext(folder_files(backup), needles, controls=[example.wire_control])
     assert_no_plaintext([output, *service_log_files()], needles, controls=["demo finished"])
+    # Nor a secret: the KEK, the backup key, the database and broker passwords.
+    assert_no_plaintext([output, *service_log_files()], secrets_of(settings), controls=["demo finished"])
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    """Every secret value these settings lead to: what a log, an argv or an output must never show."""
+    found = [settings.kek_path.read_text().strip(), (settings.kek_path.parent / "backup.key").read_text().strip()]
+    for url in (settings.database_url, settings.admin_database_url or ""):
+        passfile = parse_qs(urlsplit(url).query).get("passfile", [""])[0]
+        if passfile:
+            found += [line.rsplit(":", 1)[1] for line in Path(passfile).read_text().splitlines() if ":" in line]
+    if settings.kafka_security.sasl_password_file is not None:
+        found.append(settings.kafka_security.sasl_password_file.read_text().strip())
+    assert len(found) >= 2 and all(len(secret) >= 16 for secret in found), "the secrets scan must have secrets to find"
+    return found
