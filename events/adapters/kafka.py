@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from kafka.admin import ConfigResource
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import (
     IllegalSaslStateError,
@@ -183,6 +184,19 @@ def ensure_topic(settings: Settings, name: str, partitions: int, configs: Mappin
                 )
             except TopicAlreadyExistsError:
                 pass
+    finally:
+        client.close()
+
+
+def align_topic_configs(settings: Settings, name: str, configs: Mapping[str, str]) -> None:
+    """Set ``configs`` on an existing topic where they differ (a topic created by an older evp)."""
+    client = admin(settings)
+    try:
+        with kafka_errors(settings):
+            described = client.describe_configs([ConfigResource("topic", name, list(configs))])
+            current = {k: v.get("value") for k, v in described.get("topic", {}).get(name, {}).items()}
+            if any(current.get(key) != value for key, value in configs.items()):
+                client.alter_configs([ConfigResource("topic", name, configs=dict(configs))], incremental=True)
     finally:
         client.close()
 

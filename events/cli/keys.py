@@ -68,6 +68,13 @@ def rotate_kek(
     """Rotate the KEK, or finish the rotation an earlier run started; see the module docstring."""
     if batch < 1:
         raise ConfigurationError(f"--batch-size must be at least 1, got {batch}")
+    if write_to is not None and Path(write_to).absolute() != settings.kek_path.absolute():
+        # A pointer elsewhere would leave the configured key file stranded (retired, or still
+        # naming the old key): every process reads the KEK from settings.kek_path.
+        raise ConfigurationError(
+            f"--write-to {write_to} is not the configured key file {settings.kek_path}: point EVP_KEK_FILE at "
+            f"{write_to} and run the rotation again without --write-to"
+        )
     step = checkpoint or (lambda name: None)
     files = KeyFiles(write_to or settings.kek_path)
     old_files = KeyFiles(settings.kek_path)

@@ -107,6 +107,12 @@ def _policy(schema_json: str) -> Policy:
     indexes: list[tuple[str, str]] = []
     for field in schema.get("fields", []):
         fname = field["name"]
+        nested = _nested_tag(field.get(PLAIN_TYPE_PROPERTY, field["type"]), fname)
+        if nested is not None:
+            # Only a top-level field is sealed: a tag deeper down would be silently ignored
+            # and its value sent in plaintext, so it is refused.
+            raise SchemaError(f"{name}: {nested} is tagged PII inside field {fname!r}; only top-level fields are "
+                              f"sealed: tag the whole field {fname!r} instead")
         subject = field.get(SUBJECT_PROPERTY, record_subject)
         if PII_TAG in field.get(TAGS_PROPERTY, ()):
             if subject is None:
@@ -171,6 +177,29 @@ def to_declared(wire: Mapping[str, Any]) -> dict[str, Any]:
         if PLAIN_TYPE_PROPERTY in field:
             field["type"] = field.pop(PLAIN_TYPE_PROPERTY)
     return declared
+
+
+def _nested_tag(avro_type: Any, path: str) -> str | None:
+    """The path of a PII-tagged field nested anywhere inside ``avro_type``, or None."""
+    if isinstance(avro_type, list):
+        return next((found for branch in avro_type if (found := _nested_tag(branch, path)) is not None), None)
+    if not isinstance(avro_type, dict):
+        return None
+    if avro_type.get("type") == "record":
+        for inner in avro_type.get("fields", []):
+            here = f"{path}.{inner.get('name')}"
+            if PII_TAG in inner.get(TAGS_PROPERTY, ()):
+                return here
+            found = _nested_tag(inner.get("type"), here)
+            if found is not None:
+                return found
+        return None
+    for key, suffix in (("items", "[]"), ("values", "{}"), ("type", "")):
+        if key in avro_type and isinstance(avro_type[key], (dict, list)):
+            found = _nested_tag(avro_type[key], path + suffix)
+            if found is not None:
+                return found
+    return None
 
 
 def _check_subject(name: str, fields: Mapping[str, Any], subject: str, *, where: str) -> None:

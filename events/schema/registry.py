@@ -1,7 +1,7 @@
 """The schema registry: every schema version ever written, with a global id, kept in a log.
 
 It stores what Confluent's Schema Registry stores — subject, version, global id and
-schema text — in a compacted Kafka topic, so that the wire format's schema id always
+schema text — in a Kafka topic that keeps every record forever, so that the wire format's schema id always
 resolves, in this process or any other, now or in ten years. Only the part serializers
 need is here (register, look up by id, latest of a subject); :mod:`events.schema.registry_http`
 serves the same registry over the Confluent REST API (``evp registry serve``), so
@@ -116,8 +116,16 @@ class MemorySchemaLog:
             return self._records[start:]
 
 
+#: Nothing in the schema log may ever be removed (see :class:`KafkaSchemaLog`).
+SCHEMA_TOPIC_CONFIGS = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
+
+
 class KafkaSchemaLog:
-    """The log as a single-partition compacted Kafka topic (created if missing).
+    """The log as a single-partition Kafka topic that keeps every record forever (created if missing).
+
+    Not compacted: every claim has a key of its own, so compaction would save nothing, and a
+    tombstone (or any record reusing a winning claim's key) would let compaction remove a
+    winner that readers folded before it, after which readers disagree on ids.
 
     One partition gives the total order the id arbitration needs. Reads are incremental:
     records already read are kept, and each ``read_all`` fetches only up to the current
@@ -132,7 +140,8 @@ class KafkaSchemaLog:
         self._records: list[tuple[bytes, bytes]] = []
         self._producer: Any = None
         self._consumer: Any = None
-        kafka.ensure_topic(settings, self.topic, 1, {"cleanup.policy": "compact"})
+        kafka.ensure_topic(settings, self.topic, 1, SCHEMA_TOPIC_CONFIGS)
+        kafka.align_topic_configs(settings, self.topic, SCHEMA_TOPIC_CONFIGS)
 
     def _timeouts(self) -> dict[str, Any]:
         return {"client_id": "evp-schema-registry", "bootstrap_timeout_ms": self._timeout_ms,

@@ -9,6 +9,7 @@ erased; a process still holding the old KEK is refused, naming both key ids.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -22,7 +23,7 @@ from events.privacy.keyring import KekRetired, Keyring, PostgresKeyStore
 from events.privacy.personal import REDACTED, blind_index
 from events.settings import Settings
 from tests.faults.test_key_rotation_kills import rotate_cli
-from tests.support.plaintext import make_people, register, registered, submit
+from tests.support.plaintext import make_people, register, registered, run_cli, submit
 
 pytestmark = pytest.mark.services
 
@@ -109,3 +110,12 @@ def test_a_running_store_follows_the_rotation_to_the_new_kek(store: EventStore, 
     keys = PostgresKeyStore(settings.keyring_url)
     assert keys.get(second.annotator_id).kek_id == new_id  # type: ignore[union-attr]
     keys.close()
+
+
+def test_a_rotation_writing_elsewhere_than_the_configured_key_file_is_refused(settings: Settings, tmp_path: Path) -> None:
+    with EventStore.open(settings) as store:
+        register(store, make_people(random.Random(), 1)[0])
+    before = settings.kek_path.read_bytes()
+    refused = run_cli(settings, "keys", "rotate", "--write-to", str(tmp_path / "other" / "kek"))
+    assert refused.returncode == 1 and "is not the configured key file" in refused.stderr, refused.stderr
+    assert settings.kek_path.read_bytes() == before and not (tmp_path / "other").exists()

@@ -189,3 +189,14 @@ def test_a_blind_index_of_a_field_that_is_not_unique_is_refused() -> None:
         policy_of({**TICKET, "fields": fields})
     indexed = [*TICKET["fields"], {"name": "email_index", "type": "string", "evp.blind_index_of": "customer_email"}]
     assert policy_of({**TICKET, "fields": indexed}).blind_indexes == (("email_index", "customer_email"),)
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda r: r, lambda r: ["null", r], lambda r: {"type": "array", "items": r}, lambda r: {"type": "map", "values": r},
+])
+def test_a_pii_tag_nested_inside_a_field_is_refused_not_ignored(wrap: Any) -> None:
+    contact = {"type": "record", "name": "Contact", "fields": [
+        {"name": "email", "type": "string", "confluent:tags": ["PII"]}]}
+    fields = [*TICKET["fields"], {"name": "contact", "type": wrap(contact)}]
+    with pytest.raises(SchemaError, match=r"contact.*email.*tag the whole field 'contact'"):
+        policy_of({**TICKET, "fields": fields})

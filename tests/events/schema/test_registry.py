@@ -20,6 +20,7 @@ from tests.support.examples import catalog as examples_catalog
 from events.schema.codec import Codec
 from events.errors import IncompatibleSchema, SchemaError, ServiceUnavailable
 from events.schema import registry as registry_module
+from events.adapters import kafka as kafka_adapter
 from events.schema.registry import (
     MAX_RECORD_BYTES, MAX_SCHEMA_BYTES, MAX_SCHEMA_DEPTH, MAX_SCHEMA_ID, KafkaSchemaLog, MemorySchemaLog, SchemaLog,
     SchemaRegistry, json_depth,
@@ -498,7 +499,7 @@ def kafka_topic(admin: KafkaAdminClient) -> Iterator[tuple[Settings, str]]:
 
 
 @pytest.mark.services
-def test_kafka_log_creates_a_compacted_single_partition_topic(
+def test_kafka_log_creates_a_single_partition_topic_that_keeps_every_record(
     kafka_topic: tuple[Settings, str], admin: KafkaAdminClient
 ) -> None:
     own, topic = kafka_topic
@@ -506,8 +507,22 @@ def test_kafka_log_creates_a_compacted_single_partition_topic(
     KafkaSchemaLog(own).close()  # exists already: fine
     (described,) = admin.describe_topics([topic])
     assert len(described["partitions"]) == 1
-    configs = admin.describe_configs([ConfigResource("topic", topic, ["cleanup.policy"])])
-    assert configs["topic"][topic]["cleanup.policy"]["value"] == "compact"
+    wanted = ["cleanup.policy", "retention.ms", "retention.bytes"]
+    configs = admin.describe_configs([ConfigResource("topic", topic, wanted)])["topic"][topic]
+    assert {k: configs[k]["value"] for k in wanted} == {"cleanup.policy": "delete", "retention.ms": "-1",
+                                                       "retention.bytes": "-1"}
+
+
+@pytest.mark.services
+def test_a_schema_topic_an_older_evp_compacted_is_set_to_keep_every_record(
+    kafka_topic: tuple[Settings, str], admin: KafkaAdminClient
+) -> None:
+    own, topic = kafka_topic
+    kafka_adapter.ensure_topic(own, topic, 1, {"cleanup.policy": "compact"})
+    KafkaSchemaLog(own).close()
+    configs = admin.describe_configs([ConfigResource("topic", topic, ["cleanup.policy", "retention.ms"])])
+    assert configs["topic"][topic]["cleanup.policy"]["value"] == "delete"
+    assert configs["topic"][topic]["retention.ms"]["value"] == "-1"
 
 
 @pytest.mark.services

@@ -303,3 +303,14 @@ def test_forgetting_a_subject_releases_only_that_subjects_reservations(store: Ev
     with pytest.raises(UniquenessViolation):  # b's email is still taken, on the same stream
         store.append(new_stream(), register("ann-c", "b@example.org"), NO_STREAM)
     store.append(new_stream(), register("ann-d", "a@example.org"), NO_STREAM)  # a's is free again
+
+
+def test_an_invalid_personal_value_is_refused_without_repeating_it(store: EventStore) -> None:
+    secret = "Ada-" + uuid.uuid4().hex
+    bad = Event("AnnotatorRegistered", {"annotator_id": "a-1", "name": 12345, "email": secret})
+    with pytest.raises(InvalidEvent) as caught:
+        store.append(new_stream(), bad)
+    assert caught.value.field == "name" and "12345" not in str(caught.value)
+    non_personal = Event("SampleSubmitted", {"sample_id": "s", "annotator_id": "a", "features": [0.0], "label": "x"})
+    with pytest.raises(InvalidEvent, match="label"):  # a non-personal field keeps its full reason
+        store.append(new_stream(), non_personal)
