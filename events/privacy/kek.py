@@ -298,14 +298,19 @@ class KeyFiles:
         _fsync_directory(self.pointer.parent)
 
     def retire(self, key_id: str) -> list[Path]:
-        """Delete every file holding ``key_id`` here (its own file, the pointer if it still is one); returns them.
+        """Delete every file holding ``key_id`` here (its own file, the pointer if it still is one, and any
+        temporary copy a killed writer left); returns them.
 
         Refuses while the pointer links to that key: the current key is never retired.
         """
         if self.pointer.is_symlink() and os.readlink(self.pointer) == self.path_of(key_id).name:
             raise CryptoError(f"{self.pointer} still links to key-encryption key {key_id}: it cannot be retired")
         removed: list[Path] = []
-        for path in (self.path_of(key_id), self.pointer):
+        own = self.path_of(key_id)
+        # A process killed between writing a key file's temporary copy and unlinking it
+        # leaves `.kek.<id>.<random>.tmp` behind: a second copy of the key to retire.
+        leftovers = sorted(own.parent.glob(f".{own.name}.*.tmp")) + sorted(own.parent.glob(f".{self.pointer.name}.*.tmp"))
+        for path in (own, self.pointer, *leftovers):
             try:
                 holds = LocalKek._load(path).key_id == key_id
             except (FileNotFoundError, ConfigurationError):

@@ -516,7 +516,18 @@ class PostgresKeyStore:
             )
 
     def abort_rotation(self, from_kek_id: str, to_kek_id: str) -> None:
+        """Undo the rotation in one transaction, refusing when a key was wrapped by the new KEK.
+
+        The state row is locked first (``FOR UPDATE`` conflicts with the ``FOR SHARE`` every
+        key insert takes), so no process can wrap a key under ``to`` between the check and
+        the undo: that key would be stranded under a KEK whose file is gone.
+        """
         with self._connect() as conn:
+            conn.execute("SELECT 1 FROM evp_kek_state WHERE id = 1 FOR UPDATE")
+            if conn.execute("SELECT 1 FROM evp_data_keys WHERE kek_id = %s AND wrapped_key IS NOT NULL LIMIT 1",
+                            (to_kek_id,)).fetchone() is not None:
+                raise CryptoError(f"cannot undo the rotation from key-encryption key {from_kek_id} to {to_kek_id}: "
+                                  f"keys are already wrapped by {to_kek_id}; restore its key file and run it again")
             conn.execute(
                 "UPDATE evp_kek_state SET current_kek_id = %s, rotating_from = NULL, rotating_to = NULL, "
                 "rotation_step = NULL, updated_at = now() WHERE id = 1 AND rotating_to = %s",

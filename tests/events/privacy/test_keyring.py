@@ -499,3 +499,16 @@ def test_a_blind_index_key_from_before_versions_gets_its_version_recorded(store:
     assert Keyring(store, kek).index_key() == index_key  # the same key: existing indexes stay valid
     stored = store.get(INDEX_KEY_SUBJECT)
     assert stored is not None and stored.key_id == index_key_id(index_key)
+
+
+def test_retiring_a_key_also_deletes_a_temporary_copy_a_killed_writer_left(tmp_path: Path) -> None:
+    files = KeyFiles(tmp_path / "kek")
+    old, new = LocalKek.generate(), LocalKek.generate()
+    files.write(old)
+    leftover = tmp_path / f".{files.path_of(old.key_id).name}.a1b2c3.tmp"
+    leftover.write_text((files.path_of(old.key_id)).read_text())
+    files.write(new)
+    files.point_to(new.key_id)
+    removed = files.retire(old.key_id)
+    assert leftover in removed and not leftover.exists() and not files.path_of(old.key_id).exists()
+    assert files.path_of(new.key_id).exists()
