@@ -150,6 +150,17 @@ def checked_row(layout: Layout, target: Target, out: object) -> Row:
             )
     row = {c.name: out.get(c.name) for c in layout.columns}
     row[key] = target.key
+    for column in layout.personal:
+        value, holder = row.get(column.name), column.subject or ""
+        # Redaction clears a column when the subject in its subject column is forgotten: that
+        # must be the subject the value was sealed for, or an erasure would miss it.
+        if isinstance(value, Sealed) and value.subject is not None and row.get(holder) != value.subject:
+            raise ViewDefinitionError(
+                layout.view, where,
+                f"personal column {column.name!r} is redacted with subject column {holder!r} "
+                f"({row.get(holder)!r}), but its value was sealed for another subject "
+                f"(field {value.field!r} of {value.event_type})",
+            )
     return row
 
 

@@ -52,6 +52,7 @@ also for rows that arrive after the erasure. No view writes that by hand.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import uuid
@@ -120,6 +121,8 @@ class Sealed:
     event_id: uuid.UUID
     event_type: str  #: full name, as sealed
     field: str
+    #: whom it was sealed for, when the writer's policy was at hand (not stored: the row's subject column is)
+    subject: str | None = dataclasses.field(default=None, compare=False)
 
     def open(self, subject: str, keyring: Keyring, policy: Policy | None = None) -> Any:
         """The plaintext, for ``subject`` (the subject it was sealed for).
@@ -157,7 +160,9 @@ def sealed(record: LogRecord, field: str) -> Sealed | None:
         return None
     if not isinstance(value, str) or not cipher.is_sealed(value):
         raise InvalidEvent(record.event_type, field, "personal data arrived unencrypted; a view stores only ciphertext")
-    return Sealed(value, record.event_id, record.event_type, field)
+    spec = next((f for f in record.policy.personal if f.name == field), None) if record.policy is not None else None
+    subject = record.data.get(spec.subject_field) if spec is not None else None
+    return Sealed(value, record.event_id, record.event_type, field, subject if isinstance(subject, str) else None)
 
 
 def occurred_at(record: LogRecord) -> datetime | None:

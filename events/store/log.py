@@ -10,12 +10,13 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kafka import TopicPartition
 
 from events.schema.codec import Codec
+from events.privacy.policy import Policy
 from events.errors import DecodeError, ServiceUnavailable
 from events.event import HEADER_ACTOR, HEADER_EVENT_ID, HEADER_OCCURRED_AT, HEADER_STREAM_VERSION
 from events.adapters.kafka import consumer, kafka_errors, where
@@ -36,6 +37,8 @@ class LogRecord:
     actor: str
     occurred_at: str
     data: Mapping[str, Any]
+    #: the privacy policy of the schema the record was written with (None when built by hand)
+    policy: Policy | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ def decode_record(codec: Codec, message: Any) -> LogRecord | BadRecord:
             actor=headers.get(HEADER_ACTOR, b"").decode("utf-8", errors="replace"),
             occurred_at=headers.get(HEADER_OCCURRED_AT, b"").decode("utf-8", errors="replace"),
             data=decoded.datum,
+            policy=decoded.policy,
         )
     except (DecodeError, UnicodeDecodeError) as err:
         return BadRecord(message.partition, message.offset, message.key, message.value, tuple(headers.items()), str(err))

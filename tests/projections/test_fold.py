@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import random
 import uuid
 from typing import Any
@@ -15,8 +17,8 @@ from events.privacy.keyring import Keyring, MemoryKeyStore
 from events.schema.catalog import Catalog
 from events.store.log import LogRecord
 from projections.fold import Changes, Stored, fold, redact, route
-from projections.view import Row, Sealed, View, ViewDefinitionError, on, personal
-from tests.support.views import AnnotatorsView, ExpectedSamples, Records, SamplesView, random_op
+from projections.view import Row, Sealed, View, ViewDefinitionError, on, personal, sealed
+from tests.support.views import AnnotatorsView, DiagnosesView, ExpectedSamples, Records, SamplesView, clinic_catalog, random_op
 
 KEYRING = Keyring(MemoryKeyStore(), LocalKek.generate())
 
@@ -138,3 +140,26 @@ def test_a_handler_returning_a_bad_row_stops_the_view_naming_it(digits_catalog: 
     with pytest.raises(ViewDefinitionError, match=f"view 'bad': handler .*{words}"):
         fold(view.layout(), route(view, view.layout(), [record]), {})
 
+
+class _WrongSubject(View):
+    """Declares the agent-like signature under the record's patient: an erasure of the clinician would miss it."""
+
+    name = "wrong_subject"
+    key = "scan_id"
+    columns = {"scan_id": "text", "patient_id": "text", "signed_by": personal(subject="patient_id")}
+
+    @on("ScanRecorded")
+    def recorded(self, row: Row | None, record: LogRecord) -> Row:
+        return {"patient_id": record.data["patient_id"], "signed_by": sealed(record, "signed_by")}
+
+
+def test_a_personal_column_redacted_by_another_subject_than_it_was_sealed_for_is_refused(keyring: Keyring) -> None:
+    catalog = clinic_catalog()
+    made = Records(keyring, catalog).make("scan-1", "ScanRecorded", {
+        "scan_id": "scan-1", "patient_id": "pt-1", "clinician_id": "cl-1", "features": [1.0], "signed_by": "Dr Q"})
+    record = dataclasses.replace(made, policy=catalog.policy("ScanRecorded"))  # as the runner decodes it
+    view = _WrongSubject()
+    with pytest.raises(ViewDefinitionError, match=r"'signed_by' is redacted with subject column 'patient_id'.*another subject"):
+        fold(view.layout(), route(view, view.layout(), [record]), {})
+    good = DiagnosesView()  # the example's own view seals the signature under the clinician: accepted
+    assert fold(good.layout(), route(good, good.layout(), [record]), {}).puts
