@@ -120,6 +120,10 @@ class Project:
         """The project's schemas as parsed JSON (validated by :class:`events.schema.catalog.Catalog`)."""
         return [read_schema_file(path) for path in self.schema_files()]
 
+    def catalog(self) -> Catalog:
+        """The platform's event types plus the project's (a name defined twice is refused)."""
+        return Catalog.with_platform(self.schemas())
+
     # -- declarations --------------------------------------------------------------------
     def names(self, kind: str) -> tuple[str, ...]:
         return tuple(sorted(self.declarations.get(kind, {})))
@@ -144,7 +148,7 @@ class Project:
 def catalog_for(settings: Settings) -> Catalog:
     """The platform's event types plus the project's, when there is a project."""
     project = find_project(settings)
-    return Catalog.platform() if project is None else Catalog.with_platform(project.schemas())
+    return Catalog.platform() if project is None else project.catalog()
 
 
 def find_project(settings: Settings) -> Project | None:

@@ -171,32 +171,30 @@ def admin(settings: Settings, **overrides: Any) -> KafkaAdminClient:
         return KafkaAdminClient(**config)
 
 
-def ensure_topic(settings: Settings, name: str, partitions: int, configs: Mapping[str, str] | None = None) -> None:
-    """Create a topic unless it exists. Topics are created deliberately (auto-create is off)."""
+def ensure_topic(
+    settings: Settings, name: str, partitions: int, configs: Mapping[str, str] | None = None, *, enforce: bool = False,
+) -> None:
+    """Create a topic unless it exists. Topics are created deliberately (auto-create is off).
+
+    ``enforce`` also sets ``configs`` on a topic that exists with other values (one made by
+    an older evp), through the same admin connection.
+    """
     client = admin(settings)
     try:
         with kafka_errors(settings):
-            if name in client.list_topics():
-                return
-            try:
-                client.create_topics(
-                    {name: {"num_partitions": partitions, "replication_factor": 1, "configs": dict(configs or {})}}
-                )
-            except TopicAlreadyExistsError:
-                pass
-    finally:
-        client.close()
-
-
-def align_topic_configs(settings: Settings, name: str, configs: Mapping[str, str]) -> None:
-    """Set ``configs`` on an existing topic where they differ (a topic created by an older evp)."""
-    client = admin(settings)
-    try:
-        with kafka_errors(settings):
-            described = client.describe_configs([ConfigResource("topic", name, list(configs))])
-            current = {k: v.get("value") for k, v in described.get("topic", {}).get(name, {}).items()}
-            if any(current.get(key) != value for key, value in configs.items()):
-                client.alter_configs([ConfigResource("topic", name, configs=dict(configs))], incremental=True)
+            if name not in client.list_topics():
+                try:
+                    client.create_topics(
+                        {name: {"num_partitions": partitions, "replication_factor": 1, "configs": dict(configs or {})}}
+                    )
+                    return
+                except TopicAlreadyExistsError:
+                    pass
+            if enforce and configs:
+                described = client.describe_configs([ConfigResource("topic", name, list(configs))])
+                current = {k: v.get("value") for k, v in described.get("topic", {}).get(name, {}).items()}
+                if any(current.get(key) != value for key, value in configs.items()):
+                    client.alter_configs([ConfigResource("topic", name, configs=dict(configs))], incremental=True)
     finally:
         client.close()
 

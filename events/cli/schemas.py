@@ -8,7 +8,6 @@ from typing import Any
 
 from events.cli.common import print_json, print_table
 from events.project import KINDS, Project, require_project
-from events.schema.catalog import Catalog
 from events.schema.check import check_schemas, register_schemas
 from events.schema.registry import KafkaSchemaLog, SchemaRegistry
 from events.settings import Settings
@@ -35,7 +34,7 @@ def _import_declarations(project: Project) -> list[dict[str, str]]:
 def _check(args: argparse.Namespace, settings: Settings) -> int:
     """1. read evp.toml, 2. validate every schema, 3. import every declaration, 4. compare with the registry."""
     project = require_project(settings, "evp check")
-    catalog = Catalog.with_platform(project.schemas())
+    catalog = project.catalog()
     declarations = _import_declarations(project)
 
     def run(registry: SchemaRegistry) -> int:
@@ -59,7 +58,7 @@ def _check(args: argparse.Namespace, settings: Settings) -> int:
 
 def _register(args: argparse.Namespace, settings: Settings) -> int:
     project = require_project(settings, "evp schemas register")
-    catalog = Catalog.with_platform(project.schemas())
+    catalog = project.catalog()
 
     def run(registry: SchemaRegistry) -> int:
         ids = register_schemas(catalog, registry, settings.events_topic)
@@ -76,7 +75,7 @@ def _register(args: argparse.Namespace, settings: Settings) -> int:
 
 def _list(args: argparse.Namespace, settings: Settings) -> int:
     project = require_project(settings, "evp schemas list")
-    catalog = Catalog.with_platform(project.schemas())
+    catalog = project.catalog()
     rows = [{"event_type": name, "personal": ",".join(f.name for f in catalog.policy(name).personal),
              "unique": ",".join(u.name for u in catalog.policy(name).unique)} for name in catalog.names()]
     if args.json:

@@ -140,8 +140,7 @@ class KafkaSchemaLog:
         self._records: list[tuple[bytes, bytes]] = []
         self._producer: Any = None
         self._consumer: Any = None
-        kafka.ensure_topic(settings, self.topic, 1, SCHEMA_TOPIC_CONFIGS)
-        kafka.align_topic_configs(settings, self.topic, SCHEMA_TOPIC_CONFIGS)
+        kafka.ensure_topic(settings, self.topic, 1, SCHEMA_TOPIC_CONFIGS, enforce=True)
 
     def _timeouts(self) -> dict[str, Any]:
         return {"client_id": "evp-schema-registry", "bootstrap_timeout_ms": self._timeout_ms,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 import uuid
 from collections.abc import Callable, Mapping
@@ -23,6 +24,9 @@ from typing import Any
 
 from events.schema.catalog import ROOT_PATH, Normalized, normalize
 from events.errors import InvalidEvent, SchemaError
+from events.privacy.policy import PII_TAG, TAGS_PROPERTY
+
+_TOP_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 Check = Callable[[Any], None]
 
@@ -304,12 +308,23 @@ class Validator:
         self.event_type = event_type
         normalized = normalize(schema)
         self._check = _Compiler(normalized).compile(normalized.root)
+        fields = schema.get("fields", []) if isinstance(schema, Mapping) else []
+        self._personal = frozenset(f["name"] for f in fields if PII_TAG in f.get(TAGS_PROPERTY, ()))
 
     def validate(self, datum: Mapping[str, Any]) -> None:
-        """Raise InvalidEvent naming the first field that does not fit the schema."""
+        """Raise InvalidEvent naming the first field that does not fit the schema.
+
+        For a personal field the reason is withheld: it would quote the value (``'HIV-positive'
+        is not one of [...]``), and a map's keys sit in the path; errors end up in logs and
+        dead letters. Only the top-level field is named then.
+        """
         try:
             self._check(datum)
         except _Mismatch as err:
+            top = _TOP_FIELD.match(err.path or "")
+            if top is not None and top.group(0) in self._personal:
+                raise InvalidEvent(self.event_type, top.group(0), "does not match its declared type "
+                                   "(personal data: the value is not repeated here)") from None
             raise InvalidEvent(self.event_type, err.path or ROOT_PATH, err.reason) from None
 
 

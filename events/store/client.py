@@ -8,7 +8,6 @@ service runs ``evp relay run`` instead and uses ``flush`` only to wait.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -51,21 +50,6 @@ class StoredEvent:
         return self.record.event_type
 
 
-def _without_personal_values(policy: Policy, err: InvalidEvent) -> InvalidEvent:
-    """The same error, its reason withheld when it is about a personal field.
-
-    A validation message quotes the bad value (``'HIV-positive' is not one of [...]``) and
-    a map's keys sit in the field path; for a personal field both are personal data, and
-    errors end up in logs and dead letters. The top-level field name is kept.
-    """
-    top = re.match(r"[A-Za-z_][A-Za-z0-9_]*", err.field)
-    personal = {f.name for f in policy.personal}
-    if top is None or top.group(0) not in personal:
-        return err
-    return InvalidEvent(err.event_type, top.group(0),
-                        "does not match its declared type (personal data: the value is not repeated here)")
-
-
 class EventStore:
     """One producer: a ledger connection, a schema registry, a keyring and a relay."""
 
@@ -96,7 +80,7 @@ class EventStore:
         postgres.migrate(conn)
         ensure_event_topics(settings)
         if catalog is None:
-            catalog = Catalog.platform() if project is None else Catalog.with_platform(project.schemas())
+            catalog = Catalog.platform() if project is None else project.catalog()
         if registration is None:
             registration = "auto" if project is None else project.registration
         schema_log = KafkaSchemaLog(settings)
@@ -123,10 +107,7 @@ class EventStore:
         full_name = self.catalog.full_name(event.type)
         policy, validator = self._plan(full_name)
         data = self._with_blind_indexes(policy, event.data)
-        try:
-            validator.validate(data)
-        except InvalidEvent as err:
-            raise _without_personal_values(policy, err) from None
+        validator.validate(data)
         reservations = tuple(
             Reservation(unique.scope, blind_index(self.keyring, unique.scope, data[unique.name]),
                         None if unique.subject_field is None else data.get(unique.subject_field))

@@ -37,7 +37,6 @@ from events.ops.forget import forget_subject
 from events.ops.integrity import verify_log
 from events.ops.sandbox import fresh_sandbox
 from events.project import Project
-from events.schema.catalog import Catalog
 from events.schema.check import check_schemas, register_schemas
 from events.schema.registry import KafkaSchemaLog, SchemaRegistry
 from events.settings import Settings, database_name
@@ -99,7 +98,7 @@ def run(settings: Settings, epochs: int | None) -> int:
     with step("checking and registering the schemas (registration is explicit for this project)"):
         log = KafkaSchemaLog(settings)
         try:
-            catalog = Catalog.with_platform(project.schemas())
+            catalog = project.catalog()
             report = check_schemas(catalog, SchemaRegistry(log), settings.events_topic)
             if not report.ok:
                 raise EvpError("; ".join(report.problems))
