@@ -17,6 +17,12 @@ a directory with an ``evp.toml``::
     [recipes]
     spend = "shop.recipes:Spend"
 
+    [sagas]
+    fulfilment = "shop.sagas:Fulfilment"
+
+    [participants]
+    warehouse = "shop.sagas:Warehouse"
+
 Declarations are named ``module:attribute`` and imported with the project's directory on
 ``sys.path``, so a project needs no installation. Service addresses never live here: they
 stay in ``EVP_*`` variables (:class:`events.settings.Settings`).
@@ -48,7 +54,7 @@ from events.settings import Settings
 PROJECT_FILE = "evp.toml"
 Registration = Literal["auto", "explicit"]
 #: The declaration kinds a project may name, each a table of ``name = "module:attribute"``.
-KINDS = ("views", "datasets", "recipes", "sagas")
+KINDS = ("views", "datasets", "recipes", "sagas", "participants")
 _PROJECT_KEYS = {"name", "schemas", "registration"}
 
 

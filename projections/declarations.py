@@ -8,6 +8,7 @@ view the same way.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from events.errors import ConfigurationError
 from events.project import Project
@@ -16,18 +17,27 @@ from projections.runner import CatchUpResult, Progress, ProjectionRunner
 from projections.view import View
 
 
-def load_view(project: Project, name: str) -> View:
-    """The view ``name`` of ``project`` (a ``[views]`` name or a ``module:Class`` spec), instantiated.
+T = TypeVar("T")
 
-    Raises :class:`ConfigurationError` naming the view when it is not declared, does not
-    import, or is not a :class:`projections.view.View` subclass.
+
+def instantiate(project: Project, kind: str, name: str, base: type[T]) -> T:
+    """The declaration ``kind.name`` of ``project`` (a name or a ``module:Class`` spec), instantiated.
+
+    Raises :class:`ConfigurationError` naming the declaration when it is not declared, does
+    not import, or is neither a subclass of ``base`` nor an instance of one.
     """
-    declared = project.load("views", name)
-    if isinstance(declared, type) and issubclass(declared, View) and "_layout" in vars(declared):
+    declared = project.load(kind, name)
+    if isinstance(declared, type) and issubclass(declared, base) and declared is not base:
         return declared()
-    if isinstance(declared, View):
+    if isinstance(declared, base):
         return declared
-    raise ConfigurationError(f"{project.file}: view {name!r} is {declared!r}, not a projections.view.View subclass")
+    raise ConfigurationError(
+        f"{project.file}: {kind[:-1]} {name!r} is {declared!r}, not a {base.__module__}.{base.__name__} subclass")
+
+
+def load_view(project: Project, name: str) -> View:
+    """The view ``name`` of ``project``, instantiated (see :func:`instantiate`)."""
+    return instantiate(project, "views", name, View)
 
 
 def catch_up_views(

@@ -1,24 +1,27 @@
-"""The projection runner: folds the events topic into PostgreSQL with exactly-once effects.
+"""The exactly-once consumer loop, and the projection runner built on it.
 
-Contract of one batch (one ``poll``):
+:class:`LogConsumer` is the loop every consumer of the log shares (views, the saga
+coordinator, saga participants): it owns a schema of its own, and its positions live in
+that schema. Contract of one batch (one ``poll``):
 
-1. in ONE PostgreSQL transaction, under an advisory lock on the view's schema, the runner
+1. in ONE PostgreSQL transaction, under an advisory lock on the consumer's schema, it
    checks that the stored positions are the ones it started the batch from (another runner
    or a rebuild swap may have moved them: then it re-seeks and polls again);
 2. records that do not decode go to the dead-letter topic; records whose stream version is
    at or below the version already applied to that stream are skipped (a relay re-publishes
    after a crash, so the same (stream, version) can appear twice);
-3. the rest are folded into the view, the whole batch at once (:func:`projections.tables.apply`):
-   records the view's handlers refuse are dead-lettered; if the database refuses a value
-   (a poison record, see :data:`projections.deadletter.POISON_ERRORS`), the batch is
-   re-applied record by record, each in a savepoint, and the refused ones are dead-lettered;
-4. dead letters are flushed to Kafka, then the view rows, the applied stream versions
+3. the rest are applied, the whole batch at once (:meth:`LogConsumer.apply` — for a view,
+   :func:`projections.tables.apply`): records the consumer refuses are dead-lettered; if
+   the database refuses a value (a poison record, see
+   :data:`projections.deadletter.POISON_ERRORS`), the batch is re-applied record by
+   record, each in a savepoint, and the refused ones are dead-lettered;
+4. dead letters are flushed to Kafka, then the effects, the applied stream versions
    (``evp_stream_versions``) and the next offsets (``evp_offsets``) commit together.
 
-A crash anywhere before the commit leaves the view and its positions as they were, so the
+A crash anywhere before the commit leaves the effects and the positions as they were, so the
 batch is simply read again: effects are applied exactly once. Positions live only in
 PostgreSQL (partitions are assigned by hand, no consumer-group commits), so the view and
-its position can never disagree.
+its position can never disagree. :class:`ProjectionRunner` is the loop for one declared view.
 """
 
 from __future__ import annotations
@@ -134,13 +137,13 @@ def view_lock(schema: str) -> sql.Composed:
     return sql.SQL("SELECT pg_advisory_xact_lock(hashtext({}))").format(sql.Literal(f"evp.projection:{schema}"))
 
 
-def ensure_schema(conn: psycopg.Connection[Any], layout: Layout) -> None:
-    """Create the schema, the runner's tables and the view's tables (idempotent).
+def ensure_schema(conn: psycopg.Connection[Any], schema: str, owner: str,
+                  create: Callable[[psycopg.Cursor[Any]], None]) -> None:
+    """Create the schema, the loop's bookkeeping tables and the consumer's own (``create``), idempotently.
 
-    Raises :class:`ConfigurationError` when the schema holds another view, or the view's
-    table has another shape than its declaration.
+    ``owner`` names the consumer the schema belongs to (a view's name, a saga
+    coordinator's); ConfigurationError when the schema already belongs to another.
     """
-    schema = layout.schema
     s = sql.Identifier(schema)
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(view_lock(schema))
@@ -157,10 +160,15 @@ def ensure_schema(conn: psycopg.Connection[Any], layout: Layout) -> None:
         ).format(s))
         owners = [r[0] for r in cur.execute(sql.SQL("SELECT name FROM {}.evp_projection").format(s))]
         if not owners:
-            cur.execute(sql.SQL("INSERT INTO {}.evp_projection (name) VALUES (%s)").format(s), (layout.view,))
-        elif owners != [layout.view]:
-            raise ConfigurationError(f"schema {schema!r} holds view {owners[0]!r}, not {layout.view!r}")
-        tables.create(cur, layout)
+            cur.execute(sql.SQL("INSERT INTO {}.evp_projection (name) VALUES (%s)").format(s), (owner,))
+        elif owners != [owner]:
+            raise ConfigurationError(f"schema {schema!r} holds {owners[0]!r}, not {owner!r}")
+        create(cur)
+
+
+def ensure_view_schema(conn: psycopg.Connection[Any], layout: Layout) -> None:
+    """:func:`ensure_schema` for a view's layout (its bookkeeping and its tables)."""
+    ensure_schema(conn, layout.schema, layout.view, lambda cur: tables.create(cur, layout))
 
 
 def stored_offsets(cur: psycopg.Cursor[Any], schema: str, topic: str) -> dict[int, int]:
@@ -177,33 +185,30 @@ class _PositionsMoved(Exception):
 
 
 # -- the runner ----------------------------------------------------------------------------
-class ProjectionRunner:
-    """Keeps one declared view's schema up to date with the events topic.
+class LogConsumer:
+    """The exactly-once loop over the events topic (the contract in the module docstring).
 
-    ``view`` is a :class:`projections.view.View` instance; ``schema`` overrides its declared
-    schema (a rebuild's shadow, a second copy); ``catalog`` (default: the project's, see
-    :func:`events.project.catalog_for`) decides which current schemas old records are read
-    with. Raises :class:`ConfigurationError` for anything but a declared view.
+    A subclass names its ``owner`` and ``schema`` and implements :meth:`create_tables` and
+    :meth:`apply`; the loop does the positions, the locking, the dedupe by stream version,
+    the dead letters and the retries. ``catalog`` (default: the project's, see
+    :func:`events.project.catalog_for`) decides which current schemas old records are
+    read with.
 
-    Not thread-safe: one thread drives a runner. Several runners (or processes) may serve
-    the same schema; the advisory lock and the position check keep their effects single.
+    Not thread-safe: one thread drives a consumer. Several consumers (or processes) may
+    serve the same schema; the advisory lock and the position check keep effects single.
     """
 
     def __init__(
         self,
         settings: Settings,
-        view: View,
+        owner: str,
+        schema: str,
         *,
-        schema: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         codec: Codec | None = None,
         catalog: Catalog | None = None,
     ) -> None:
-        if not isinstance(view, View):
-            raise ConfigurationError(f"{view!r} is not a projections.view.View (declare the view as a View subclass)")
-        self.settings, self.view = settings, view
-        self.layout = view.layout(schema)
-        self.schema = self.layout.schema
+        self.settings, self.owner, self.schema = settings, owner, schema
         self._catalog = catalog
         self.topic = settings.events_topic
         self.batch_size = batch_size
@@ -212,7 +217,20 @@ class ProjectionRunner:
         self._consumer: KafkaConsumer | None = None
         self._partitions: list[TopicPartition] = []
         self._expected: dict[int, int] = {}
-        self._dead_letters = DeadLetterQueue(settings, view.name)
+        self._dead_letters = DeadLetterQueue(settings, owner)
+
+    # -- what a consumer does -------------------------------------------------------------
+    def create_tables(self, cur: psycopg.Cursor[Any]) -> None:
+        """Create the consumer's own tables in :attr:`schema` (idempotent; runs under the schema's lock)."""
+        raise NotImplementedError
+
+    def apply(self, cur: psycopg.Cursor[Any], records: Sequence[LogRecord]) -> list[Refusal]:
+        """Apply new records (duplicates already dropped) inside the batch's transaction.
+
+        Returns the records refused as bad input (they are dead-lettered); raising one of
+        :data:`~projections.deadletter.POISON_ERRORS` makes the loop retry record by record.
+        """
+        raise NotImplementedError
 
     # -- connections ----------------------------------------------------------------------
     def open(self) -> None:
@@ -220,7 +238,7 @@ class ProjectionRunner:
         if self._conn is None or self._conn.closed:
             self._reset()  # positions come from the database: a new connection means a new seek
             self._conn = postgres.connect(self.settings.database_url, autocommit=True)
-            ensure_schema(self._conn, self.layout)
+            ensure_schema(self._conn, self.schema, self.owner, self.create_tables)
         if self._codec is None:
             self._codec = open_codec(self.settings, self._catalog)
         if self._consumer is None:
@@ -267,7 +285,7 @@ class ProjectionRunner:
         self._consumer = None
         self._conn = None
 
-    def __enter__(self) -> ProjectionRunner:
+    def __enter__(self) -> LogConsumer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -301,7 +319,7 @@ class ProjectionRunner:
                 self._dead_letters.flush()
                 nexts = self._save_offsets(cur, messages)
         except _PositionsMoved:
-            log.info("projection %s: positions in %s moved under this runner; re-seeking", self.view.name, self.schema)
+            log.info("%s: positions in %s moved under this consumer; re-seeking", self.owner, self.schema)
             self._seek_to_stored()
             return BatchOutcome()
         except BaseException:
@@ -336,20 +354,17 @@ class ProjectionRunner:
         conn = cur.connection
         try:
             with conn.transaction():
-                return list(self._apply_many(cur, records))
+                return list(self.apply(cur, records))
         except POISON_ERRORS:
             pass
         refused: list[tuple[LogRecord, BaseException]] = []
         for record in records:
             try:
                 with conn.transaction():
-                    refused += self._apply_many(cur, [record])
+                    refused += self.apply(cur, [record])
             except POISON_ERRORS as err:
                 refused.append((record, err))
         return refused
-
-    def _apply_many(self, cur: psycopg.Cursor[Any], records: Sequence[LogRecord]) -> list[Refusal]:
-        return tables.apply(cur, self.view, self.layout, records)
 
     def _applied_versions(self, cur: psycopg.Cursor[Any], streams: set[str]) -> dict[str, int]:
         if not streams:
@@ -433,11 +448,45 @@ class ProjectionRunner:
                 if on_batch is not None:
                     on_batch(outcome)
 
-        run_until_stopped(stop, step, recover=self._reset, log=log, name=f"projection {self.view.name}")
+        run_until_stopped(stop, step, recover=self._reset, log=log, name=self.owner)
 
     def lag(self) -> list[PartitionLag]:
         """Per partition: stored next offset, end offset and the difference."""
         return projection_lag(self.settings, self.schema)
+
+
+class ProjectionRunner(LogConsumer):
+    """Keeps one declared view's schema up to date with the events topic.
+
+    ``view`` is a :class:`projections.view.View` instance; ``schema`` overrides its declared
+    schema (a rebuild's shadow, a second copy). Raises :class:`ConfigurationError` for
+    anything but a declared view.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        view: View,
+        *,
+        schema: str | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        codec: Codec | None = None,
+        catalog: Catalog | None = None,
+    ) -> None:
+        if not isinstance(view, View):
+            raise ConfigurationError(f"{view!r} is not a projections.view.View (declare the view as a View subclass)")
+        self.view = view
+        self.layout = view.layout(schema)
+        super().__init__(settings, view.name, self.layout.schema, batch_size=batch_size, codec=codec, catalog=catalog)
+
+    def create_tables(self, cur: psycopg.Cursor[Any]) -> None:
+        tables.create(cur, self.layout)
+
+    def apply(self, cur: psycopg.Cursor[Any], records: Sequence[LogRecord]) -> list[Refusal]:
+        return tables.apply(cur, self.view, self.layout, records)
+
+    def __enter__(self) -> ProjectionRunner:
+        return self
 
 
 def projection_lag(settings: Settings, schema: str) -> list[PartitionLag]:

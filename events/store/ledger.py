@@ -14,7 +14,8 @@ Contract of :meth:`Ledger.append`:
    ``evp_events`` and ``evp_outbox``, and ``NOTIFY evp_outbox`` wakes relays at commit.
 
 All of it runs server-side in ``evp_append`` (``sql/002_append.sql``): one round trip
-per append, whatever the batch size.
+per append, whatever the batch size. Called inside a transaction the caller opened, the
+append joins it (in a savepoint) and commits or rolls back with the caller's other work.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import psycopg
 
@@ -104,10 +106,14 @@ class Ledger:
             [e.occurred_at for e in events], [r.scope for r in claims], [r.value for r in claims],
             [r.subject_id for r in claims],
         )
+        # Inside a caller's transaction (a saga coordinator's batch) the statement runs in a
+        # savepoint, so the retry below does not abort the caller's work.
+        joined = self._conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
         for attempt in (1, 2):
             try:
-                # One statement on an autocommit connection: one round trip, one transaction.
-                row = self._conn.execute(_APPEND, arguments).fetchone()
+                with self._conn.transaction() if joined else nullcontext():
+                    # One statement on an autocommit connection: one round trip, one transaction.
+                    row = self._conn.execute(_APPEND, arguments).fetchone()
                 assert row is not None
                 duplicate, first, last, positions = row
                 return AppendResult(stream_id, first, last, tuple(positions), duplicate=duplicate)

@@ -16,7 +16,7 @@ from events.privacy.keyring import Keyring
 from events.schema.catalog import Catalog
 from events.store.log import LogRecord
 from projections import tables
-from projections.runner import ensure_schema
+from projections.runner import ensure_view_schema
 from projections.view import ERASED, View
 from tests.support.views import (
     AnnotatorsView, DiagnosesView, ExpectedSamples, PatientsView, Records, SamplesView, clinic_catalog, random_op,
@@ -40,7 +40,7 @@ def test_random_histories_in_random_batches_equal_the_independent_fold(
     conn: psycopg.Connection[Any], keyring: Keyring, digits_catalog: Catalog
 ) -> None:
     view = SamplesView()
-    ensure_schema(conn, view.layout())
+    ensure_view_schema(conn, view.layout())
     records = Records(keyring, digits_catalog)
     expected = ExpectedSamples()
 
@@ -63,23 +63,23 @@ def test_random_histories_in_random_batches_equal_the_independent_fold(
 
 
 def test_creating_is_idempotent_and_a_changed_declaration_is_refused(conn: psycopg.Connection[Any]) -> None:
-    ensure_schema(conn, SamplesView().layout())
-    ensure_schema(conn, SamplesView().layout())
+    ensure_view_schema(conn, SamplesView().layout())
+    ensure_view_schema(conn, SamplesView().layout())
 
     class Grown(SamplesView):
         columns = {**SamplesView.columns, "extra": "text"}
 
     with pytest.raises(ConfigurationError, match="view 'samples': table samples_view.samples has columns .*rebuild"):
-        ensure_schema(conn, Grown().layout())
-    with pytest.raises(ConfigurationError, match="holds view 'samples', not 'annotators'"):
-        ensure_schema(conn, AnnotatorsView().layout("samples_view"))
+        ensure_view_schema(conn, Grown().layout())
+    with pytest.raises(ConfigurationError, match="holds 'samples', not 'annotators'"):
+        ensure_view_schema(conn, AnnotatorsView().layout("samples_view"))
 
 
 def test_erasures_redact_rows_before_in_and_after_their_batch(
     conn: psycopg.Connection[Any], keyring: Keyring, digits_catalog: Catalog
 ) -> None:
     view = AnnotatorsView()
-    ensure_schema(conn, view.layout())
+    ensure_view_schema(conn, view.layout())
     records = Records(keyring, digits_catalog)
 
     def reg(a: str) -> LogRecord:
@@ -110,7 +110,7 @@ def test_one_event_two_subjects_each_redacted_on_their_own_erasure(conn: psycopg
     records = Records(keyring, catalog)
     patients, diagnoses = PatientsView(), DiagnosesView()
     for view in (patients, diagnoses):
-        ensure_schema(conn, view.layout())
+        ensure_view_schema(conn, view.layout())
     admitted = records.make("patient-p1", "PatientAdmitted", {
         "patient_id": "p1", "name": "Pat", "mrn": "M-1", "birth_date": date(1980, 2, 3), "admitted_by": "c1"})
     scan = records.make("scan-s1", "ScanRecorded", {
@@ -144,7 +144,7 @@ def test_a_value_the_database_refuses_propagates_for_the_runner_to_isolate(
     conn: psycopg.Connection[Any], keyring: Keyring, digits_catalog: Catalog
 ) -> None:
     view = SamplesView()
-    ensure_schema(conn, view.layout())
+    ensure_view_schema(conn, view.layout())
     records = Records(keyring, digits_catalog)
     nul = records.make("sample-n", "SampleSubmitted", {"sample_id": "n", "annotator_id": "a", "features": [1.0], "label": 1, "source": "a\x00b"})
     with pytest.raises(psycopg.DataError):
