@@ -14,6 +14,8 @@ from events.errors import ConfigurationError
 from events.project import Project
 from events.settings import Settings
 from projections.runner import CatchUpResult, Progress, ProjectionRunner
+from projections.sagas.declaration import Saga
+from projections.sagas.participant import Participant
 from projections.view import View
 
 
@@ -59,3 +61,16 @@ def catch_up_views(
         with ProjectionRunner(settings, view) as runner:
             results[name] = runner.catch_up(report)
     return results
+
+
+def load_sagas(project: Project, names: Sequence[str] | None = None) -> list[Saga]:
+    """The project's declared sagas (or those named), instantiated and checked."""
+    sagas = [instantiate(project, "sagas", name, Saga) for name in (names if names is not None else project.names("sagas"))]
+    for saga in sagas:
+        saga.check()
+    return sagas
+
+
+def load_participant(project: Project, name: str) -> Participant:
+    """The participant ``name`` of ``project`` (``[participants]``), instantiated."""
+    return instantiate(project, "participants", name, Participant)

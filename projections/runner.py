@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import psycopg
 from kafka import KafkaConsumer, TopicPartition
@@ -285,7 +285,7 @@ class LogConsumer:
         self._consumer = None
         self._conn = None
 
-    def __enter__(self) -> LogConsumer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -484,9 +484,6 @@ class ProjectionRunner(LogConsumer):
 
     def apply(self, cur: psycopg.Cursor[Any], records: Sequence[LogRecord]) -> list[Refusal]:
         return tables.apply(cur, self.view, self.layout, records)
-
-    def __enter__(self) -> ProjectionRunner:
-        return self
 
 
 def projection_lag(settings: Settings, schema: str) -> list[PartitionLag]:

@@ -10,8 +10,10 @@ own database, topics and home), then:
 4. publishes the outbox and folds the project's views;
 5. cuts a snapshot of the ``digits`` dataset and verifies it against Kafka;
 6. trains the ``mlp`` recipe, then replays the run and compares the weights;
-7. answers audit queries, forgets one annotator and shows the redacted view;
-8. checks that the log was not tampered with.
+7. runs two model releases as sagas (one misses its bar and is compensated) and prints the
+   compensated one's timeline;
+8. answers audit queries, forgets one annotator and shows the redacted view;
+9. checks that the log was not tampered with.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.datasets import load_digits
 
-from events.cli.common import Steps, print_table
+from events.cli.common import Steps, format_table, print_table
 from events.errors import EvpError
 from events.event import NO_STREAM, Event
 from events.ops.audit import subject_history, summarize
@@ -36,7 +38,9 @@ from events.privacy.personal import REDACTED
 from events.project import Project
 from events.settings import Settings, database_name
 from events.store.client import EventStore
-from projections.declarations import catch_up_views
+from projections.declarations import catch_up_views, load_participant, load_sagas
+from projections.sagas.settle import settle
+from projections.sagas.store import TIMELINE_COLUMNS, timeline as saga_timeline
 from trainer.progress import bar, step_bar
 from trainer.recipe import load_recipe
 from trainer.runs import replay_run, runs_of_snapshot, train_snapshot
@@ -134,6 +138,20 @@ def run(settings: Settings, epochs: int | None) -> int:
             for difference in outcome.differences():
                 print(f"    {difference}")
 
+        with step("two model releases as sagas: snapshot, train, promote, evaluate against a bar"):
+            releases = {"release-1": 0.90, "release-2": 0.999}  # the second bar is out of reach: it compensates
+            for release_id, release_bar in releases.items():
+                store.append(release_id, Event("ReleaseRequested", {
+                    "release_id": release_id, "bar": release_bar, "epochs": config.epochs},
+                    event_id=event_id("release", release_id)), NO_STREAM)
+            sagas = load_sagas(project)
+            settled = settle(settings, sagas, [load_participant(project, "releaser")], store)
+            print_table([s.to_json() for s in settled], ("saga_id", "status", "step", "reason"))
+            compensated = next(s for s in settled if s.status == "compensated")
+            print(f"    the timeline of {compensated.saga_id}, from the ledger (`evp sagas show {compensated.saga_id}`):")
+            print(textwrap.indent(format_table(saga_timeline(store, compensated.saga_id), TIMELINE_COLUMNS), "    "))
+            released = [s.status for s in settled] == ["completed", "compensated"]
+
         with step(f"audit: what did {FORGOTTEN} do, and which models saw it"):
             entries = subject_history(store, FORGOTTEN)  # personal fields stay sealed here
             print(f"    {len(entries)} events; the first five:")
@@ -156,7 +174,7 @@ def run(settings: Settings, epochs: int | None) -> int:
         with step("audit: was the log tampered with? (the topic against the ledger)"):
             integrity = verify_log(store)
             print(textwrap.indent(str(integrity), "    "))
-    ok = accuracy >= 0.90 and outcome.identical and integrity.intact
+    ok = accuracy >= 0.90 and outcome.identical and integrity.intact and released
     print(f"\ndigits demo {'finished' if ok else 'FAILED'}: accuracy {accuracy:.4f}, replay {verdict}, "
           f"log {integrity.verdict}")
     return 0 if ok else 1

@@ -135,6 +135,9 @@ class Step:
     #: When transient failures exhaust ``retry``: "compensate" (the default) or "park" — for a
     #: step after which undoing is not allowed (an erasure must not be rolled back).
     exhausted: str = "compensate"
+    #: The step cannot be undone (an erasure): compensating past it parks the saga for an
+    #: operator instead of pretending it was compensated.
+    irreversible: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -145,6 +148,8 @@ class Step:
             raise ConfigurationError(f"step {self.name!r}: compensation replies declared without a compensation")
         if self.compensation is not None and not self.compensated_on:
             raise ConfigurationError(f"step {self.name!r}: compensated_on must name the reply to its compensation")
+        if self.irreversible and self.compensation is not None:
+            raise ConfigurationError(f"step {self.name!r}: an irreversible step has no compensation")
         if self.exhausted not in ("compensate", "park"):
             raise ConfigurationError(f"step {self.name!r}: exhausted must be 'compensate' or 'park', got {self.exhausted!r}")
         if self.deadline is not None and self.deadline <= timedelta(0):

@@ -18,7 +18,7 @@ Contract of :func:`decide` (one input for one instance):
    exhausted retry parks instead when the step is declared ``exhausted="park"``);
 5. compensation undoes the applied steps in reverse order of completion — a step whose
    deadline expired counts as applied, its outcome being unknown — and a step without a
-   compensation is done at once (a no-op);
+   compensation is done at once (a no-op); reaching an ``irreversible`` step parks the saga;
 6. a failed or timed-out compensation is retried with the saga's ``compensation_retry``,
    then the saga is **parked** with the reason; parked is never reported as compensated;
 7. operator actions (resume, retry-step, mark-compensated) are recorded with their actor and
@@ -317,6 +317,11 @@ class _Decider:
         assert state is not None
         step = self.saga.step(step_name)
         builder = step.action if phase == ACTION else step.compensation
+        if phase == COMPENSATION and step.irreversible:
+            self.record(SAGA_PARKED, step=step_name, attempt=attempt, phase=phase,
+                        reason=f"step {step_name!r} cannot be undone; compensation stopped there after "
+                               f"{state.reason or 'a failure'}")
+            return
         if builder is None:  # nothing to undo: compensating it is a no-op
             self.record(COMPENSATION_DONE, step=step_name, attempt=attempt, reply_event_id=None, noop=True)
             self.compensate_next()

@@ -55,6 +55,7 @@ class Received:
     stream_id: str
     data: Mapping[str, Any]
     cursor: psycopg.Cursor[Any]  #: the batch's transaction: effects written here commit with the answers
+    store: EventStore  #: the runner's store, for work that reads or appends elsewhere (a snapshot, a run)
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,6 @@ class Answer:
     expected_version: ExpectedVersion = ANY
 
 
-Handler = Callable[["Participant", Received], Sequence[Answer] | Answer | None]
 H = TypeVar("H", bound=Callable[..., Any])
 
 
@@ -143,7 +143,7 @@ class ParticipantRunner(LogConsumer):
             if handler is None:
                 continue
             received = Received(str(record.event_id), record.event_type, record.stream_id,
-                                self._store.decrypt(record), cur)
+                                self._store.decrypt(record), cur, self._store)
             produced = handler(received)
             given = [] if produced is None else [produced] if isinstance(produced, Answer) else list(produced)
             for index, answer in enumerate(given):

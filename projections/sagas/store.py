@@ -34,7 +34,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from events.errors import ConcurrencyError, Retryable
+from events.errors import ConcurrencyError, NotFound, Retryable
 from events.event import NO_STREAM, Event
 from events.store.client import EventStore
 from events.store.ledger import EVENT_COLUMNS, Ledger, row_to_event
@@ -106,6 +106,12 @@ def due(cur: psycopg.Cursor[Any], schema: str, now: datetime, limit: int = 500) 
         " ORDER BY t.due_at, t.saga_id LIMIT %s FOR UPDATE OF g, t SKIP LOCKED"
     ).format(s, s), (now, limit)).fetchall()
     return list(load(cur, schema, [r[0] for r in rows]).values())
+
+
+def next_due(cur: psycopg.Cursor[Any], schema: str) -> datetime | None:
+    """When the earliest timer comes due, or None without timers."""
+    row = cur.execute(sql.SQL("SELECT min(due_at) FROM {}.evp_saga_timers").format(sql.Identifier(schema))).fetchone()
+    return None if row is None or row[0] is None else row[0]
 
 
 def events_of(decision: Decision, before: SagaState | None, actor: str, now: datetime) -> list[Event]:
@@ -249,3 +255,30 @@ def fold_stream(store: EventStore, saga_id: str) -> SagaState | None:
 
 def dumps(state: SagaState) -> str:
     return json.dumps(state.to_json(), sort_keys=True)
+
+
+TIMELINE_COLUMNS = ("version", "at", "event", "step", "attempt", "actor", "detail")
+
+
+def timeline(events: EventStore, saga_id: str) -> list[dict[str, Any]]:
+    """An instance's timeline from the ledger: one row per transition (step, attempt, reason, actor) or command.
+
+    Commands show by type only: their data may hold personal fields, and stays sealed here.
+    """
+    try:
+        stream = events.read_stream(saga_id, decrypt=False)
+    except NotFound:
+        raise NotFound(f"no saga {saga_id!r} in the ledger (see `evp sagas list`)") from None
+    rows = []
+    for event in stream:
+        record, data = event.record, event.data
+        if is_transition(record.event_type):
+            detail = (data.get("reason") or data.get("action") or data.get("command_type") or data.get("reply_type")
+                      or ", ".join(data.get("steps") or []))
+            row = {"event": record.event_type.rsplit(".", 1)[-1], "step": data.get("step") or "",
+                   "attempt": data.get("attempt") or "", "detail": str(detail or "")}
+        else:
+            row = {"event": f"  -> {record.event_type}", "step": "", "attempt": "", "detail": "command"}
+        rows.append({"version": record.version, "at": record.occurred_at.isoformat(timespec="seconds"),
+                     "actor": record.actor, "event_id": str(record.event_id), **row})
+    return rows
