@@ -12,8 +12,11 @@ them carelessly, so a colleague revises those. Each run gets a fresh sandbox, th
    clinician's: one event, two people's keys) and its diagnosis, then the revisions;
 4. publishes the outbox and folds the project's views;
 5. cuts a snapshot of the ``scans`` dataset, trains the ``logistic`` recipe, replays it;
-6. one patient withdraws consent and is forgotten: their view row is redacted, the next
-   snapshot no longer holds their scan, the audit says which model saw it;
+6. two patients withdraw consent, each through the consent-withdrawal saga (forget, cut a
+   snapshot without them, retrain every model that saw them, retire the old ones): the
+   first completes; the second's retraining keeps failing, so the saga compensates back to
+   the erasure and parks for an operator; their view rows are redacted, the next snapshot
+   no longer holds their scans;
 7. checks that the log was not tampered with.
 """
 
@@ -29,11 +32,10 @@ from pathlib import Path
 import numpy as np
 from sklearn.datasets import load_breast_cancer
 
-from events.cli.common import Steps, print_table
+from events.cli.common import Steps, format_table, print_table
 from events.errors import EvpError
 from events.event import NO_STREAM, Event
 from events.ops.audit import subject_history
-from events.ops.forget import forget_subject
 from events.ops.integrity import verify_log
 from events.ops.sandbox import fresh_sandbox
 from events.project import Project
@@ -42,7 +44,9 @@ from events.schema.registry import KafkaSchemaLog, SchemaRegistry
 from events.settings import Settings, database_name
 from events.store.client import EventStore
 from events.adapters import postgres
-from projections.declarations import catch_up_views, load_view
+from projections.declarations import catch_up_views, load_participant, load_sagas, load_view
+from projections.sagas.settle import settle
+from projections.sagas.store import TIMELINE_COLUMNS, timeline as saga_timeline
 from projections.tables import read_rows
 from trainer.progress import bar, step_bar
 from trainer.recipe import load_recipe
@@ -59,6 +63,7 @@ CLINICIANS = (
 CARELESS = "cl-tove"
 REVIEWER = "cl-ines"
 WITHDRAWS = "pt-0042"  #: the patient who withdraws consent and is forgotten
+STUCK = "pt-0043"  #: withdraws too; the retraining for them is misconfigured and keeps failing
 NAMESPACE = uuid.UUID("0b8e3c52-77a4-4d0e-9b61-5f2f1c7d9a43")
 _FIRST = ("Alva", "Bertil", "Cosima", "Dario", "Elin", "Fenna", "Goran", "Hedda", "Ivo", "Jora")
 _LAST = ("Quennell", "Rasmark", "Sollberg", "Tamberlain", "Udvardy", "Vexholm", "Wintergreen", "Yarrowby")
@@ -177,8 +182,27 @@ def run(settings: Settings, epochs: int | None) -> int:
             print(f"    models trained on a snapshot holding them: "
                   f"{', '.join(r.run_id for r in runs_of_snapshot(store, manifest.snapshot_id))}")
 
-        with step(f"forgetting {WITHDRAWS} (crypto-shredding)"):
-            print(f"    {forget_subject(store, WITHDRAWS, reason='consent withdrawn')}")
+        with step(f"{WITHDRAWS} and {STUCK} withdraw consent: one saga each (forget, snapshot, retrain, retire)"):
+            # The second withdrawal's retraining is misconfigured: it fails, is retried, then
+            # compensated back to the erasure, which cannot be undone: the saga parks.
+            for patient_id, overrides in ((WITHDRAWS, []), (STUCK, ["learning_rate=-1"])):
+                store.append(f"consent-{patient_id}", Event("ConsentWithdrawn", {
+                    "withdrawal_id": f"wd-{patient_id}", "patient_id": patient_id, "retrain_config": overrides},
+                    event_id=event_id("withdraw", patient_id), actor=patient_id), NO_STREAM)
+            settled = settle(settings, load_sagas(project), [load_participant(project, "consent")], store)
+            parked = [s for s in settled if s.status == "parked"]
+            print_table([s.to_json() for s in settled], ("saga_id", "status", "step", "attempt"))
+            print("    evp sagas list --state parked:")
+            for summary in parked:
+                print(f"      {summary.saga_id}: parked at {summary.step!r}: {summary.reason}")
+            print(f"    the timeline of {parked[0].saga_id} (`evp sagas show {parked[0].saga_id}`):" if parked else "")
+            if parked:
+                print(textwrap.indent(format_table(saga_timeline(store, parked[0].saga_id), TIMELINE_COLUMNS), "    "))
+            withdrawn = sorted(s.status for s in settled) == ["completed", "parked"]
+            # The participant forgot them in its own process; this one's cached data keys would
+            # expire within the keyring's cache time: drop them now.
+            for patient_id in (WITHDRAWS, STUCK):
+                store.keyring.evict(patient_id)
             catch_up_views(settings, project)
             patients_view = load_view(project, "patients")
             with postgres.connect(settings.database_url) as conn, conn.cursor() as cur:
@@ -196,7 +220,8 @@ def run(settings: Settings, epochs: int | None) -> int:
             integrity = verify_log(store)
             print(textwrap.indent(str(integrity), "    "))
     accuracy = trained.metrics["accuracy"]
-    ok = accuracy >= 0.9 and outcome.identical and integrity.intact and after.row_count == manifest.row_count - 1
+    ok = (accuracy >= 0.9 and outcome.identical and integrity.intact and withdrawn
+          and after.row_count == manifest.row_count - 2)
     print(f"\nclinic demo {'finished' if ok else 'FAILED'}: accuracy {accuracy:.4f}, replay {verdict}, "
           f"log {integrity.verdict}")
     return 0 if ok else 1

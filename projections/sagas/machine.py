@@ -236,7 +236,7 @@ def evolve(state: SagaState | None, transition: Transition, at: str) -> SagaStat
             commands[step] = str(data["command_id"])
         return replace(
             moved, status=RUNNING if phase == ACTION else COMPENSATING, step=step, phase=phase, attempt=attempt,
-            awaiting=True, command_id=str(data["command_id"]), action_commands=commands, reason=None,
+            awaiting=True, command_id=str(data["command_id"]), action_commands=commands,
             timer=None if deadline is None else Timer(DEADLINE, step, phase, attempt, str(deadline)),
         )
     if kind == STEP_SUCCEEDED:
@@ -319,8 +319,8 @@ class _Decider:
         builder = step.action if phase == ACTION else step.compensation
         if phase == COMPENSATION and step.irreversible:
             self.record(SAGA_PARKED, step=step_name, attempt=attempt, phase=phase,
-                        reason=f"step {step_name!r} cannot be undone; compensation stopped there after "
-                               f"{state.reason or 'a failure'}")
+                        reason=f"step {step_name!r} cannot be undone; compensation stopped there "
+                               f"(it began after: {state.reason or 'an operator action'})")
             return
         if builder is None:  # nothing to undo: compensating it is a no-op
             self.record(COMPENSATION_DONE, step=step_name, attempt=attempt, reply_event_id=None, noop=True)
