@@ -11,6 +11,7 @@ value that travelled the same path and must be found, so a scan of the wrong byt
 from __future__ import annotations
 
 import datetime as dt
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -35,6 +36,7 @@ class Example:
     personal: tuple[str, ...]  #: what the demo fed in as personal data
     wire_control: str  #: non-personal text that travels in the same events (log, ledger, backup)
     shard_control: str  #: a row id, written into every snapshot's shards
+    sagas: dict[str, list[str]]  #: the saga ids `evp sagas list --state S` finds after the demo, by state
 
 
 def _digits() -> Example:
@@ -44,7 +46,8 @@ def _digits() -> Example:
     sys.path.remove(str(DIGITS))
     sys.modules.pop("demo")
     people = tuple(value for _, name, email in digits_demo.ANNOTATORS for value in (name, email))
-    return Example(DIGITS, people, "sklearn.load_digits", "digit-0001")
+    return Example(DIGITS, people, "sklearn.load_digits", "digit-0001",
+                   {"compensated": ["saga-release-release-2"], "parked": []})
 
 
 def _clinic() -> Example:
@@ -58,7 +61,8 @@ def _clinic() -> Example:
     values = [str(p[field]) for p in patients[:60] for field in ("name", "mrn")]
     values += [p["birth_date"].isoformat() for p in patients[:20] if isinstance(p["birth_date"], dt.date)]
     values += [value for _, name, licence in clinic_demo.CLINICIANS for value in (name, licence)]
-    return Example(CLINIC, tuple(values), "second reading", "scan-0001")
+    return Example(CLINIC, tuple(values), "second reading", "scan-0001",
+                   {"compensated": [], "parked": ["saga-consent-withdrawal-wd-pt-0043"]})
 
 
 def run_demo(example: Example, settings: Settings, output: Path) -> str:
@@ -85,6 +89,9 @@ def test_the_example_runs_end_to_end_and_leaks_no_personal_data(
     assert "demo finished" in summary and "replay identical" in summary and "log intact" in summary, summary
     accuracy = float(summary.split("accuracy ")[1].split(",")[0])
     assert accuracy >= 0.9
+    # The demo's sagas, as an operator finds them afterwards with the command line.
+    sagas = {state: saga_ids(settings.with_(project=example.folder), state) for state in ("compensated", "parked")}
+    assert sagas == example.sagas, sagas
 
     backup = tmp_path / "backup"
     backup.mkdir()
@@ -103,6 +110,14 @@ def test_the_example_runs_end_to_end_and_leaks_no_personal_data(
     assert_no_plaintext([output, *service_log_files()], needles, controls=["demo finished"])
     # Nor a secret: the KEK, the backup key, the database and broker passwords.
     assert_no_plaintext([output, *service_log_files()], secrets_of(settings), controls=["demo finished"])
+
+
+def saga_ids(settings: Settings, state: str) -> list[str]:
+    """``evp sagas list --state STATE --json``, run as an operator would, in ``settings``' services."""
+    result = subprocess.run([sys.executable, "-m", "events.cli.main", "sagas", "list", "--state", state, "--json"],
+                            env=settings.to_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return [row["saga_id"] for row in json.loads(result.stdout)]
 
 
 def secrets_of(settings: Settings) -> list[str]:
