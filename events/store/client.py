@@ -121,6 +121,11 @@ class EventStore:
             event.occurred_at, subject if isinstance(subject, str) else None, policy.subjects(data), reservations,
         )
 
+    def check(self, event: Event) -> None:
+        """Validate ``event`` as :meth:`prepare` would, without sealing or encoding it; InvalidEvent names the field."""
+        policy, validator = self._plan(self.catalog.full_name(event.type))
+        validator.validate(self._with_blind_indexes(policy, event.data))
+
     def _plan(self, full_name: str) -> tuple[Policy, Validator]:
         plan = self._plans.get(full_name)
         if plan is None:

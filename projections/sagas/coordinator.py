@@ -38,7 +38,8 @@ from projections.fold import Refusal
 from events.adapters.retry import run_until_stopped
 from projections.runner import DEFAULT_BATCH_SIZE, BatchOutcome, LogConsumer, view_lock
 from projections.sagas import store
-from projections.sagas.declaration import Definitions, Saga
+from events.event import Event
+from projections.sagas.declaration import Command, Definitions, Saga
 from projections.sagas.machine import Decision, Fired, Input, Operator, Trigger, decide, input_for
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ class SagaCoordinator(LogConsumer):
             before = stored.get(saga_id)
             definition = saga if before is None else self._definition(saga.name, before.state.definition_version)
             decision: Decision = decide(definition, None if before is None else before.state, received, now, context,
-                                        saga_id=saga_id)
+                                        saga_id=saga_id, check=self._check)
             if decision.empty:
                 continue
             after = store.write(cur, self.schema, ledger, self._store, before, decision, self.actor, now)
@@ -143,6 +144,10 @@ class SagaCoordinator(LogConsumer):
                 stored[saga_id] = after
                 decided += 1
         return decided
+
+    def _check(self, command: Command) -> None:
+        assert self._store is not None
+        self._store.check(Event(command.type, command.data))
 
     def _definition(self, name: str, version: int) -> Saga:
         found = self.definitions[name].version(version)
@@ -238,7 +243,8 @@ def act(settings: Settings, sagas: Sequence[Saga], saga_id: str, action: Operato
             if definition is None:
                 raise ConfigurationError(f"saga {name!r} v{before.state.definition_version} is not declared")
             now = clock()
-            decision = decide(definition, before.state, action, now, store.ContextLoader(cur, events))
+            decision = decide(definition, before.state, action, now, store.ContextLoader(cur, events),
+                              check=lambda command: events.check(Event(command.type, command.data)))
             store.write(cur, schema, Ledger(conn, settings.partitions), events, before, decision, action.actor, now)
         events.flush()
     return decision

@@ -21,6 +21,8 @@ Contract of :func:`decide` (one input for one instance):
    compensation is done at once (a no-op); reaching an ``irreversible`` step parks the saga;
 6. a failed or timed-out compensation is retried with the saga's ``compensation_retry``,
    then the saga is **parked** with the reason; parked is never reported as compensated;
+   A step's builder that raises, or a command its schema refuses, parks the saga naming the
+   error, for an operator to fix and ``resume``;
 7. operator actions (resume, retry-step, mark-compensated) are recorded with their actor and
    reason before what they cause; an action that does not apply to the state is refused
    with :class:`SagaRefused` naming why;
@@ -285,8 +287,9 @@ def to_compensate(saga: Saga, state: SagaState) -> list[str]:
 class _Decider:
     """Accumulates transitions, evolving the state as it goes, so each rule sees the state so far."""
 
-    def __init__(self, saga: Saga, state: SagaState | None, now: datetime, context_for: ContextFor) -> None:
-        self.saga, self.state, self.now, self.context_for = saga, state, now, context_for
+    def __init__(self, saga: Saga, state: SagaState | None, now: datetime, context_for: ContextFor,
+                 check: Callable[[Command], None] | None = None) -> None:
+        self.saga, self.state, self.now, self.context_for, self.check = saga, state, now, context_for, check
         self.at = now.isoformat()
         self.transitions: list[Transition] = []
         self.commands: list[IssuedCommand] = []
@@ -331,6 +334,8 @@ class _Decider:
             command = builder(self.context_for(state, step_name, attempt, action_command))
             if not isinstance(command, Command):
                 raise TypeError(f"returned {command!r}, not a Command")
+            if self.check is not None:
+                self.check(command)  # a command its schema refuses parks the saga too
         except Exception as err:  # noqa: BLE001 - a bug in the project's builder parks the saga, visibly
             self.record(SAGA_PARKED, step=step_name, attempt=attempt, phase=phase,
                         reason=f"the {phase} of step {step_name!r} raised {type(err).__name__}: {err}")
@@ -412,9 +417,13 @@ def input_for(saga: Saga, event_type: str, event_id: str, data: Mapping[str, Any
 
 
 def decide(saga: Saga, state: SagaState | None, received: Input, now: datetime, context_for: ContextFor,
-           saga_id: str | None = None) -> Decision:
-    """The transitions and commands one input causes (the contract in the module docstring)."""
-    d = _Decider(saga, state, now, context_for)
+           saga_id: str | None = None, check: Callable[[Command], None] | None = None) -> Decision:
+    """The transitions and commands one input causes (the contract in the module docstring).
+
+    ``check`` validates each command before it is issued (the coordinator checks it against
+    its schema); what it raises parks the saga, like a builder that raises.
+    """
+    d = _Decider(saga, state, now, context_for, check)
     if isinstance(received, Trigger):
         if state is None:
             d.start(saga_id or saga.saga_id(received.key), received)
