@@ -61,7 +61,7 @@ ID_NAMESPACE = uuid.UUID("6f1c1d0e-4a53-5a8e-9b61-0e7f0b5a9a11")
 
 @dataclass(frozen=True)
 class Retry:
-    """Attempts and backoff: ``min(cap, base * 2**(attempt-1))``, less up to ``jitter`` of it.
+    """Attempts and backoff: before attempt n (n >= 2), ``min(cap, base * 2**(n-2))``, less up to ``jitter`` of it.
 
     ``attempts`` counts the first try. The jitter is derived from the saga id, the step and
     the attempt, so a replay of the same saga schedules the same delays.
@@ -82,8 +82,12 @@ class Retry:
 
     def delay(self, saga_id: str, step: str, attempt: int) -> timedelta:
         """The wait before ``attempt`` (2, 3, ...): exponential, capped, with deterministic jitter."""
-        doublings: int = max(0, attempt - 2)
-        full: timedelta = min(self.cap, self.base * (1 << doublings))
+        full = self.base
+        for _ in range(max(0, attempt - 2)):  # doubling stops at the cap: no overflow for many attempts
+            if full >= self.cap:
+                break
+            full = full * 2
+        full = min(self.cap, full)
         digest = hashlib.sha256(f"{saga_id}/{step}/{attempt}".encode()).digest()
         fraction = int.from_bytes(digest[:8], "big") / 2**64
         return full * (1.0 - self.jitter * fraction)
@@ -213,11 +217,11 @@ class Saga:
                 raise ConfigurationError(f"{where}: {attribute} must be set")
         if not isinstance(self.version, int) or self.version < 1:
             raise ConfigurationError(f"{where}: version must be an integer >= 1")
+        if not all(isinstance(s, Step) for s in self.steps):
+            raise ConfigurationError(f"{where}: steps must be Step instances")
         names = [s.name for s in self.steps]
         if len(set(names)) != len(names):
             raise ConfigurationError(f"{where}: step names must be unique, got {names}")
-        if not all(isinstance(s, Step) for s in self.steps):
-            raise ConfigurationError(f"{where}: steps must be Step instances")
 
 
 def derived_id(*parts: object) -> uuid.UUID:
