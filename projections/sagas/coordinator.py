@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from functools import partial
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -128,7 +129,7 @@ class SagaCoordinator(LogConsumer):
         stored = store.load(cur, self.schema, [saga_id for _, saga_id, _ in inputs])
         context = store.ContextLoader(cur, self._store)
         for event_id, record in (records or {}).items():
-            context.remember(event_id, _Lazy(self._store, record))
+            context.remember(event_id, store.Deferred(partial(self._store.decrypt, record)))
         ledger = Ledger(cur.connection, self.settings.partitions)
         now = self.clock()
         decided = 0
@@ -184,28 +185,6 @@ class SagaCoordinator(LogConsumer):
             self.tick()
 
         run_until_stopped(stop, step, recover=self._reset, log=log, name=self.owner)
-
-
-class _Lazy(Mapping[str, Any]):
-    """A record's data, decrypted on first use (most replies never feed a later command)."""
-
-    def __init__(self, events: EventStore, record: LogRecord) -> None:
-        self._events, self._record = events, record
-        self._opened: Mapping[str, Any] | None = None
-
-    def _data(self) -> Mapping[str, Any]:
-        if self._opened is None:
-            self._opened = self._events.decrypt(self._record)
-        return self._opened
-
-    def __getitem__(self, key: str) -> Any:
-        return self._data()[key]
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(self._data())
-
-    def __len__(self) -> int:
-        return len(self._data())
 
 
 def check_versions(cur: psycopg.Cursor[Any], schema: str, definitions: Mapping[str, Definitions]) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -154,7 +154,8 @@ def write(cur: psycopg.Cursor[Any], schema: str, ledger: Ledger, store: EventSto
                   state.attempt, state.reason, state.subject, result.last_version, Jsonb(state.to_json()),
                   state.started_at, state.updated_at))
     if state.timer is None:
-        cur.execute(sql.SQL("DELETE FROM {}.evp_saga_timers WHERE saga_id = %s").format(s), (state.saga_id,))
+        if before is not None and before.state.timer is not None:
+            cur.execute(sql.SQL("DELETE FROM {}.evp_saga_timers WHERE saga_id = %s").format(s), (state.saga_id,))
     else:
         t = state.timer
         cur.execute(sql.SQL(
@@ -165,10 +166,33 @@ def write(cur: psycopg.Cursor[Any], schema: str, ledger: Ledger, store: EventSto
     return Stored(state, result.last_version)
 
 
-class ContextLoader:
-    """Builds a step's :class:`SagaContext` from the ledger: the start event and the replies, decrypted.
+class Deferred(Mapping[str, Any]):
+    """An event's data, read (and decrypted) on first use: most builders never look at most of it."""
 
-    Events are read by id on the caller's cursor and kept for the loader's life (one batch).
+    def __init__(self, load: Callable[[], Mapping[str, Any]]) -> None:
+        self._load = load
+        self._data: Mapping[str, Any] | None = None
+
+    def _opened(self) -> Mapping[str, Any]:
+        if self._data is None:
+            self._data = self._load()
+        return self._data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._opened()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._opened())
+
+    def __len__(self) -> int:
+        return len(self._opened())
+
+
+class ContextLoader:
+    """Builds a step's :class:`SagaContext`: the start event and the replies, from the ledger, decrypted.
+
+    Each event is read by id on the caller's cursor the first time a builder looks into it,
+    and kept for the loader's life (one batch).
     """
 
     def __init__(self, cur: psycopg.Cursor[Any], store: EventStore) -> None:
@@ -178,16 +202,20 @@ class ContextLoader:
     def remember(self, event_id: str, data: Mapping[str, Any]) -> None:
         self._data[event_id] = data
 
+    def _event(self, event_id: str) -> Mapping[str, Any]:
+        found = self._data.get(event_id)
+        if found is None:
+            found = self._data[event_id] = Deferred(lambda: self._read(event_id))
+        return found
+
+    def _read(self, event_id: str) -> Mapping[str, Any]:
+        row = self._cur.execute(f"SELECT {EVENT_COLUMNS} FROM evp_events WHERE event_id = %s",
+                                (uuid.UUID(event_id),)).fetchone()
+        return {} if row is None else self._store.decode(row_to_event(row)).data
+
     def __call__(self, state: SagaState, step: str, attempt: int, command_id: str | None) -> SagaContext:
-        wanted = [state.trigger_event_id, *state.replies.values()]
-        missing = [uuid.UUID(i) for i in wanted if i not in self._data]
-        if missing:
-            rows = self._cur.execute(f"SELECT {EVENT_COLUMNS} FROM evp_events WHERE event_id = ANY(%s)", (missing,))
-            for row in rows.fetchall():
-                recorded = row_to_event(row)
-                self._data[str(recorded.event_id)] = self._store.decode(recorded).data
-        replies = {name: self._data.get(i, {}) for name, i in state.replies.items()}
-        return SagaContext(state.saga_id, state.key, self._data.get(state.trigger_event_id, {}), replies, step, attempt,
+        replies = {name: self._event(i) for name, i in state.replies.items()}
+        return SagaContext(state.saga_id, state.key, self._event(state.trigger_event_id), replies, step, attempt,
                            command_id)
 
 
