@@ -85,17 +85,25 @@ class SagaCoordinator(LogConsumer):
         self.clock = clock
         self.actor = actor
         self._store: EventStore | None = None
+        self._versions_checked = False
 
     # -- LogConsumer ----------------------------------------------------------------------
     def open(self) -> None:
-        fresh = self._conn is None or self._conn.closed
+        """Connect (see :meth:`LogConsumer.open`); refuse while open instances need a version this one lacks.
+
+        The check runs on every new connection until it passes, so a coordinator called
+        again after a refusal refuses again.
+        """
+        fresh = self._conn is None or self._conn.closed or not self._versions_checked
         super().open()
         if self._store is None:
             self._store = EventStore.open(self.settings)
         if fresh:
             assert self._conn is not None
+            self._versions_checked = False
             with self._conn.cursor() as cur:
                 check_versions(cur, self.schema, self.definitions)
+            self._versions_checked = True
 
     def close(self) -> None:
         if self._store is not None:

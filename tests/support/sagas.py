@@ -20,6 +20,7 @@ from psycopg import sql
 
 from events.adapters import postgres
 from events.event import Event
+from events.ids import uuid7
 from events.settings import Settings
 from events.store.client import EventStore
 from events.store.log import LogRecord, end_offsets, read_range
@@ -73,7 +74,7 @@ class Jobs:
     def start(self, job_id: str, steps: int, plan: Mapping[str, Sequence[str]] | None = None,
               event_id: uuid.UUID | None = None) -> None:
         data = {"job_id": job_id, "steps": steps, "plan": json.dumps(dict(plan or {}))}
-        self.store.append(f"job-{job_id}", Event("JobRequested", data, **({"event_id": event_id} if event_id else {})))
+        self.store.append(f"job-{job_id}", Event("JobRequested", data, event_id or uuid7()))
 
     def round(self, *, timers_after: timedelta = timedelta(seconds=5)) -> None:
         """One round: publish, coordinate, work, publish, coordinate; then let time pass and fire timers."""
