@@ -8,6 +8,7 @@ from fastavro import parse_schema
 from tests.support.examples import catalog as examples_catalog
 from events.schema.catalog import Catalog, canonical_json
 from events.errors import SchemaError
+from projections.sagas.machine import TRANSITIONS
 
 CATALOG = examples_catalog()
 
@@ -21,6 +22,13 @@ EXPECTED = {
     "evp.platform.SubjectForgotten",
     "evp.platform.AuditQueried",
     "evp.platform.ProjectionRebuilt",
+    # the digits release saga's commands and answers
+    *(f"digits.{name}" for name in (
+        "ReleaseRequested", "CutReleaseSnapshot", "ReleaseSnapshotCut", "UnreleaseSnapshot", "SnapshotUnreleased",
+        "TrainCandidate", "CandidateTrained", "RetireModel", "ModelRetired", "PromoteModel", "ModelPromoted",
+        "WithdrawPromotion", "PromotionWithdrawn", "EvaluateModel", "EvaluationPassed", "EvaluationFailed")),
+    # every saga transition the machine records has its platform schema
+    *(f"evp.platform.{name}" for name in TRANSITIONS),
 }
 
 
