@@ -6,8 +6,8 @@
 --    committed version is used);
 -- 3. the expected version is checked: 'any', 'no_stream' or 'exact' p_expected;
 -- 4. unique reservations are claimed;
--- 5. events and outbox rows are written in version order, the stream's version moves on,
---    and relays are woken at commit.
+-- 5. events and outbox rows are written in version order (one INSERT each, set-based), the
+--    stream's version moves on, and relays are woken at commit.
 -- Failures raise and so roll everything back: EV409 wrong expected version (DETAIL: the
 -- actual version, empty for no stream), EV423 reservation held (DETAIL: the holder),
 -- EV422 ids partly appended before or to another stream (DETAIL: that stream).
@@ -28,7 +28,6 @@ DECLARE
     v_found integer;
     v_other text;
     v_holder text;
-    v_position bigint;
     v_positions bigint[] := '{}';
 BEGIN
     SELECT count(*), min(e.stream_id) FILTER (WHERE e.stream_id <> p_stream) INTO v_found, v_other
@@ -68,16 +67,22 @@ BEGIN
     END LOOP;
 
     v_current := coalesce(v_current, 0);
-    FOR i IN 1 .. n LOOP
+    -- Set-based: one INSERT for the events and one for their outbox rows, whatever the
+    -- batch size. Positions are drawn in version order (ORDER BY ord), so per stream the
+    -- global order and the version order agree.
+    WITH inserted AS (
         INSERT INTO evp_events (stream_id, version, event_id, event_type, schema_id, value, actor, subject_id,
                                 subject_ids, occurred_at, partition)
-        VALUES (p_stream, v_current + i, p_ids[i], p_types[i], p_schema_ids[i], p_values[i], p_actors[i],
-                p_subjects[i], ARRAY(SELECT json_array_elements_text(p_subject_sets[i]::json)), p_occurred[i],
-                p_partition)
-        RETURNING position INTO v_position;
-        INSERT INTO evp_outbox (position, partition) VALUES (v_position, p_partition);
-        v_positions := v_positions || v_position;
-    END LOOP;
+        SELECT p_stream, v_current + u.ord, u.id, u.typ, u.sid, u.val, u.act, u.subj,
+               ARRAY(SELECT json_array_elements_text(u.subjects::json)), u.occ, p_partition
+          FROM unnest(p_ids, p_types, p_schema_ids, p_values, p_actors, p_subjects, p_subject_sets, p_occurred)
+               WITH ORDINALITY AS u (id, typ, sid, val, act, subj, subjects, occ, ord)
+         ORDER BY u.ord
+        RETURNING position, version
+    ), boxed AS (
+        INSERT INTO evp_outbox (position, partition) SELECT i.position, p_partition FROM inserted i
+    )
+    SELECT array_agg(i.position ORDER BY i.version) INTO v_positions FROM inserted i;
     UPDATE evp_streams SET version = v_current + n, updated_at = now() WHERE stream_id = p_stream;
     PERFORM pg_notify('evp_outbox', p_partition::text);
     RETURN QUERY SELECT false, v_current + 1, v_current + n, v_positions;
