@@ -72,8 +72,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
                   f"{totals.dead_lettered} dead-lettered", flush=True)
 
     with ProjectionRunner(settings, projection, schema=args.schema, batch_size=args.batch_size,
-                          catalog=catalog_for(settings)) as runner:
-        print(f"projection {projection.name}: folding {settings.events_topic} into schema {runner.schema}", flush=True)
+                          catalog=catalog_for(settings), scale_out=args.scale_out) as runner:
+        shared = " (sharing the partitions with the view's other runners)" if args.scale_out else ""
+        print(f"projection {projection.name}: folding {settings.events_topic} into schema {runner.schema}{shared}",
+              flush=True)
         runner.run(stop, on_batch)
     print(f"projection {projection.name}: stopped after {totals.applied} applied, {totals.skipped} skipped, "
           f"{totals.dead_lettered} dead-lettered", flush=True)
@@ -175,6 +177,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         sub.set_defaults(func=func)
 
     add("run", "apply new events continuously until SIGTERM/SIGINT", _run, batch=True, json=False)
+    group.choices["run"].add_argument("--scale-out", action="store_true",
+                                      help="share the topic's partitions with the view's other runners (leases)")
     add("catch-up", "apply everything up to the current end of the log, then exit", _catch_up, batch=True)
     add("rebuild", "replay the log into a shadow schema and swap it in atomically", _rebuild)
     add("status", "per-partition lag of the view behind the events topic", _status)

@@ -44,17 +44,21 @@ from events.schema.catalog import Catalog
 from events.schema.codec import Codec
 from events.errors import ConfigurationError, ServiceUnavailable
 from events.adapters.kafka import consumer as make_consumer, ensure_event_topics, kafka_errors, where
+from events.event import HEADER_EVENT_TYPE
 from events.store.log import BadRecord, LogRecord, decode_record, end_offsets
 from events.schema.registry import KafkaSchemaLog, SchemaRegistry
 from events.settings import Settings
 from projections import tables
 from projections.deadletter import POISON_ERRORS, STAGE_APPLY, STAGE_DECODE, DeadLetterQueue, describe_error
 from projections.fold import Refusal
-from projections.view import Layout, View
+from projections.leases import PartitionLeases, lease_class
+from projections.view import FORGOTTEN, Layout, View
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 5000
+#: How often a scaled-out consumer looks at its leases again (between batches).
+REBALANCE_EVERY_S = 1.0
 #: How long a catch-up waits for records it knows exist before calling the broker unavailable.
 STALL_TIMEOUT_S = 30.0
 
@@ -132,9 +136,15 @@ def open_codec(settings: Settings, catalog: Catalog | None = None) -> Codec:
 
 
 # -- bookkeeping tables --------------------------------------------------------------------
-def view_lock(schema: str) -> sql.Composed:
-    """Serialises batches, schema creation and swaps of one view across processes."""
-    return sql.SQL("SELECT pg_advisory_xact_lock(hashtext({}))").format(sql.Literal(f"evp.projection:{schema}"))
+def view_lock(schema: str, *, shared: bool = False) -> sql.Composed:
+    """Serialises batches, schema creation and swaps of one view across processes (shared: scaled-out batches)."""
+    function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+    return sql.SQL("SELECT {}(hashtext({}))").format(sql.SQL(function), sql.Literal(f"evp.projection:{schema}"))
+
+
+def batch_class(schema: str) -> int:
+    """The advisory-lock class of a scaled-out batch's partition locks (apart from the leases' class)."""
+    return lease_class(schema) ^ 1
 
 
 def ensure_schema(conn: psycopg.Connection[Any], schema: str, owner: str,
@@ -207,8 +217,12 @@ class LogConsumer:
         batch_size: int = DEFAULT_BATCH_SIZE,
         codec: Codec | None = None,
         catalog: Catalog | None = None,
+        scale_out: bool = False,
     ) -> None:
         self.settings, self.owner, self.schema = settings, owner, schema
+        #: With scale_out, consumers of one schema share the partitions (:mod:`projections.leases`).
+        self.leases = PartitionLeases(settings, schema) if scale_out else None
+        self._rebalanced_at = 0.0
         self._catalog = catalog
         self.topic = settings.events_topic
         self.batch_size = batch_size
@@ -216,6 +230,7 @@ class LogConsumer:
         self._conn: psycopg.Connection[Any] | None = None
         self._consumer: KafkaConsumer | None = None
         self._partitions: list[TopicPartition] = []
+        self._topic_partitions: list[int] = []
         self._expected: dict[int, int] = {}
         self._dead_letters = DeadLetterQueue(settings, owner)
 
@@ -248,14 +263,39 @@ class LogConsumer:
                 found = self._consumer.partitions_for_topic(self.topic)
                 if not found:
                     raise ServiceUnavailable("kafka", where(self.settings), f"topic {self.topic!r} has no partitions")
-                self._partitions = [TopicPartition(self.topic, p) for p in sorted(found)]
+                self._topic_partitions = sorted(found)
+                self._partitions = [TopicPartition(self.topic, p) for p in self._held(force=True)]
+                self._consumer.assign(self._partitions)
+            self._seek_to_stored()
+
+    def _held(self, *, force: bool = False) -> list[int]:
+        """The partitions this consumer reads: all of them, or (scaling out) those it leases now."""
+        if self.leases is None:
+            return list(self._topic_partitions)
+        if force or time.monotonic() - self._rebalanced_at >= REBALANCE_EVERY_S:
+            self._rebalanced_at = time.monotonic()
+            return sorted(self.leases.rebalance(self._topic_partitions))
+        return sorted(self.leases.held)
+
+    def rebalance(self, *, force: bool = False) -> None:
+        """Between batches: follow the leases (at most every REBALANCE_EVERY_S unless ``force``).
+
+        A partition taken over starts at the offset its last holder committed.
+        """
+        if self.leases is None or self._consumer is None:
+            return
+        mine = self._held(force=force)
+        if mine != [tp.partition for tp in self._partitions]:
+            log.info("%s: now reading partitions %s of %s", self.owner, mine, self.topic)
+            self._partitions = [TopicPartition(self.topic, p) for p in mine]
+            with kafka_errors(self.settings):
                 self._consumer.assign(self._partitions)
             self._seek_to_stored()
 
     def _seek_to_stored(self) -> None:
         assert self._conn is not None and self._consumer is not None
         with self._conn.cursor() as cur:
-            self._expected = stored_offsets(cur, self.schema, self.topic)
+            self._expected = self._own(stored_offsets(cur, self.schema, self.topic))
         with kafka_errors(self.settings):
             for tp in self._partitions:
                 if tp.partition in self._expected:
@@ -263,8 +303,14 @@ class LogConsumer:
                 else:
                     self._consumer.seek_to_beginning(tp)
 
+    def _own(self, offsets: Mapping[int, int]) -> dict[int, int]:
+        mine = {tp.partition for tp in self._partitions}
+        return {p: o for p, o in offsets.items() if p in mine}
+
     def close(self) -> None:
-        """Release the consumer, the producer and the connection; the position is in the view."""
+        """Release the consumer, the producer, the leases and the connection; the position is in the view."""
+        if self.leases is not None:
+            self.leases.close()
         self._dead_letters.close()
         if self._consumer is not None:
             self._consumer.close()
@@ -276,7 +322,7 @@ class LogConsumer:
     def _reset(self) -> None:
         """Drop connections after a failure; the next :meth:`open` re-seeks from the view."""
         self._dead_letters.discard()
-        for closer in (self._consumer, self._conn):
+        for closer in (self._consumer, self._conn, self.leases):
             try:
                 if closer is not None:
                     closer.close()
@@ -295,6 +341,9 @@ class LogConsumer:
     def _poll(self, timeout_ms: int) -> list[Any]:
         """One batch of messages, partition by partition, each in offset order."""
         assert self._consumer is not None
+        if not self._partitions:  # scaling out, and every partition is leased by another consumer
+            time.sleep(timeout_ms / 1000)
+            return []
         with kafka_errors(self.settings):
             polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=self.batch_size)
         return [m for tp in sorted(polled, key=lambda t: t.partition) for m in polled[tp]]
@@ -312,8 +361,8 @@ class LogConsumer:
         assert conn is not None
         try:
             with conn.transaction(), conn.cursor() as cur:
-                cur.execute(view_lock(self.schema))
-                if stored_offsets(cur, self.schema, self.topic) != self._expected:
+                self._lock(cur, messages)
+                if self._own(stored_offsets(cur, self.schema, self.topic)) != self._expected:
                     raise _PositionsMoved()
                 outcome = self._apply_messages(cur, messages)
                 self._dead_letters.flush()
@@ -327,6 +376,25 @@ class LogConsumer:
             raise
         self._expected.update(nexts)
         return outcome
+
+    def _lock(self, cur: psycopg.Cursor[Any], messages: Sequence[Any]) -> None:
+        """Serialise with whoever else writes the schema.
+
+        One consumer: the schema's lock, exclusive. Scaling out: the schema's lock shared
+        (exclusive when :meth:`exclusive` says the batch needs it), then this consumer's
+        partitions, sorted, so two holders of one partition (a lease that just changed
+        hands) never apply the same batch: the second sees the moved positions.
+        """
+        if self.leases is None or self.exclusive(messages):
+            cur.execute(view_lock(self.schema))
+            return
+        cur.execute(view_lock(self.schema, shared=True))
+        cur.execute("SELECT count(pg_advisory_xact_lock(%s, p)) FROM (SELECT unnest(%s::int[]) AS p ORDER BY 1) s",
+                    (batch_class(self.schema), sorted(tp.partition for tp in self._partitions)))
+
+    def exclusive(self, messages: Sequence[Any]) -> bool:
+        """Whether a scaled-out batch must hold the schema alone (for a view: it carries an erasure)."""
+        return False
 
     def _apply_messages(self, cur: psycopg.Cursor[Any], messages: Sequence[Any]) -> BatchOutcome:
         assert self._codec is not None
@@ -442,6 +510,7 @@ class LogConsumer:
 
         def step() -> None:
             self.open()
+            self.rebalance()
             messages = self._poll(500)
             if messages:
                 outcome = self.process(messages)
@@ -472,18 +541,26 @@ class ProjectionRunner(LogConsumer):
         batch_size: int = DEFAULT_BATCH_SIZE,
         codec: Codec | None = None,
         catalog: Catalog | None = None,
+        scale_out: bool = False,
     ) -> None:
         if not isinstance(view, View):
             raise ConfigurationError(f"{view!r} is not a projections.view.View (declare the view as a View subclass)")
         self.view = view
         self.layout = view.layout(schema)
-        super().__init__(settings, view.name, self.layout.schema, batch_size=batch_size, codec=codec, catalog=catalog)
+        super().__init__(settings, view.name, self.layout.schema, batch_size=batch_size, codec=codec, catalog=catalog,
+                         scale_out=scale_out)
 
     def create_tables(self, cur: psycopg.Cursor[Any]) -> None:
         tables.create(cur, self.layout)
 
     def apply(self, cur: psycopg.Cursor[Any], records: Sequence[LogRecord]) -> list[Refusal]:
-        return tables.apply(cur, self.view, self.layout, records)
+        # Scaled out, a row's key may be folded from streams of several partitions: lock the keys.
+        return tables.apply(cur, self.view, self.layout, records, lock_keys=self.leases is not None)
+
+    def exclusive(self, messages: Sequence[Any]) -> bool:
+        """An erasure redacts rows of any key: its batch holds the view alone."""
+        forgotten = FORGOTTEN.encode()
+        return any(key == HEADER_EVENT_TYPE and value == forgotten for m in messages for key, value in (m.headers or []))
 
 
 def projection_lag(settings: Settings, schema: str) -> list[PartitionLag]:

@@ -22,6 +22,7 @@ the runner then re-applies the batch record by record to find the poison one.
 from __future__ import annotations
 
 import hashlib
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -37,6 +38,8 @@ from projections.fold import Changes, Refusal, Stored, fold, redact, route, subj
 from projections.view import ERASED, PROVENANCE, Layout, Row, Sealed, View, provenance
 
 FORGOTTEN_TABLE = "evp_forgotten_subjects"
+#: The advisory-lock class of a view row's key lock (scaled-out runners), a stable 31-bit value.
+KEY_LOCK_CLASS = zlib.crc32(b"evp-view-key") & 0x7FFFFFFF
 _NUMERIC_ARRAYS = ("real[]", "double precision[]", "float4[]", "float8[]", "integer[]", "int[]", "int4[]",
                    "bigint[]", "int8[]", "smallint[]", "int2[]", "numeric[]")
 
@@ -141,10 +144,19 @@ def create(cur: psycopg.Cursor[Any], layout: Layout) -> None:
 
 
 # -- one batch -----------------------------------------------------------------------------
-def apply(cur: psycopg.Cursor[Any], view: View, layout: Layout, records: Sequence[LogRecord]) -> list[Refusal]:
-    """Fold ``records`` into the view's tables (the contract in the module docstring)."""
+def apply(cur: psycopg.Cursor[Any], view: View, layout: Layout, records: Sequence[LogRecord], *,
+          lock_keys: bool = False) -> list[Refusal]:
+    """Fold ``records`` into the view's tables (the contract in the module docstring).
+
+    ``lock_keys``: first take a transaction lock per touched key, in one sorted order, so
+    runners that share the view's partitions never fold one row from two stale copies.
+    """
     st = statements(layout)
     routed = route(view, layout, records)
+    if lock_keys and routed.keys:
+        hashes = sorted({zlib.crc32(f"{layout.schema}/{key}".encode()) - 2**31 for key in routed.keys})
+        cur.execute("SELECT count(pg_advisory_xact_lock(%s, h)) FROM (SELECT unnest(%s::int[]) AS h ORDER BY 1) s",
+                    (KEY_LOCK_CLASS, hashes))
     loaded = load(cur, layout, routed.keys)
     changes = fold(layout, routed, loaded)
     subjects = subjects_of(layout, changes.puts)
@@ -225,14 +237,33 @@ def _from_table(layout: Layout, values: Iterable[Any]) -> Stored:
     return Stored(row, erased)
 
 
+def _numeric_literal(values: list[Any] | tuple[Any, ...]) -> str | None:
+    """``{1.5,2.0}`` for a list of floats (or of ints), None for anything else (bools, strings, mixed).
+
+    ``float.__repr__`` and ``int.__repr__`` refuse other types in C, so a homogeneous list is
+    formatted without a per-element check in Python; only a mixed one falls back to it.
+    """
+    for render in (float.__repr__, int.__repr__):
+        try:
+            literal = ",".join(map(render, values))
+        except TypeError:
+            continue
+        if render is int.__repr__ and any(type(v) is bool for v in values):
+            return None
+        return "{" + literal + "}"
+    if all(type(v) in (int, float) for v in values):
+        return "{" + ",".join(map(repr, values)) + "}"
+    return None
+
+
 def _copy_value(sql_type: str, value: Any) -> Any:
     """A value ready for COPY; numeric arrays as literals (much faster than adapting each element)."""
     if value is None:
         return None
-    if sql_type in _NUMERIC_ARRAYS and isinstance(value, (list, tuple)) and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-    ):
-        return "{" + ",".join(map(repr, value)) + "}"
+    if sql_type in _NUMERIC_ARRAYS and isinstance(value, (list, tuple)):
+        literal = _numeric_literal(value)
+        if literal is not None:
+            return literal
     if sql_type in ("json", "jsonb") and isinstance(value, (dict, list)):
         return Jsonb(value)
     return value

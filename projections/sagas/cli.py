@@ -43,7 +43,8 @@ def parse_duration(text: str) -> timedelta:
 
 def _coordinator(args: argparse.Namespace, settings: Settings) -> SagaCoordinator:
     project = require_project(settings, f"evp sagas {args.sagas_command}")
-    return SagaCoordinator(settings, load_sagas(project), schema=args.schema)
+    return SagaCoordinator(settings, load_sagas(project), schema=args.schema,
+                           scale_out=getattr(args, "scale_out", False))
 
 
 def _stop_on_signals() -> threading.Event:
@@ -166,7 +167,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         sub.set_defaults(func=func)
         return sub
 
-    add("run", "coordinate the declared sagas until SIGTERM/SIGINT", _run, json=False)
+    runner = add("run", "coordinate the declared sagas until SIGTERM/SIGINT", _run, json=False)
+    runner.add_argument("--scale-out", action="store_true",
+                        help="share the topic's partitions with the other coordinators of this schema (leases)")
     add("catch-up", "coordinate up to the current end of the log, fire due timers, then exit", _catch_up)
     lister = add("list", "instances by state, oldest change first", _list)
     lister.add_argument("--state", choices=STATES, help="only instances in this state")

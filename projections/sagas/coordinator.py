@@ -75,13 +75,16 @@ class SagaCoordinator(LogConsumer):
         clock: Clock = utc_now,
         batch_size: int = DEFAULT_BATCH_SIZE,
         actor: str = OWNER,
+        scale_out: bool = False,
     ) -> None:
         if not sagas:
             raise ConfigurationError("a saga coordinator needs at least one saga (declare them in [sagas] of evp.toml)")
         self.definitions = {d.current.name: d for d in (Definitions.of(s) for s in sagas)}
         if len(self.definitions) != len(sagas):
             raise ConfigurationError(f"two sagas share a name: {sorted(s.name for s in sagas)}")
-        super().__init__(settings, OWNER, schema, batch_size=batch_size)
+        # Scaled out, coordinators share the partitions; an instance's row lock and its stream's
+        # expected version keep two of them from deciding for one instance at once.
+        super().__init__(settings, OWNER, schema, batch_size=batch_size, scale_out=scale_out)
         self.clock = clock
         self.actor = actor
         self._store: EventStore | None = None
@@ -185,6 +188,7 @@ class SagaCoordinator(LogConsumer):
 
         def step() -> None:
             self.open()
+            self.rebalance()
             messages = self._poll(500)
             if messages:
                 outcome = self.process(messages)
