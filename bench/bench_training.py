@@ -9,7 +9,9 @@ the same optimizer, batch size and epochs:
   rows sorted and split by a hash of their id, a seeded sampler, held-out evaluation;
   and once more with a checkpoint every 50 steps;
 - baseline: the loop people write first — tensors in memory, ``torch.randperm`` batches,
-  default threads, no determinism switches, no checkpoints.
+  no determinism switches, no checkpoints — on the same number of CPU threads as the
+  deterministic run (``trainer.determinism.fixed_cpu_threads``), so the ratio is what
+  determinism itself costs.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from sklearn.datasets import load_digits
 from _support import timed  # noqa: E402  (also puts the repo on sys.path)
 from events.project import Project
 from trainer.data import Column, Table
+from trainer.determinism import fixed_cpu_threads
 from trainer.model import build_model
 from trainer.recipe import Recipe, load_recipe
 from trainer.training import train
@@ -67,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = recipe.config(epochs=epochs, device="cpu")
     train(recipe, examples, replace(config, epochs=1))  # warm-up: first deterministic call imports torch's compiler
     train_rows, _ = examples.split(config.holdout_percent)
-    baseline = timed(lambda: plain_loop(recipe, train_rows, config))
+    with fixed_cpu_threads():  # the same thread count as the deterministic run: a fair baseline
+        baseline = timed(lambda: plain_loop(recipe, train_rows, config))
     evp = timed(lambda: train(recipe, examples, config))
     with tempfile.TemporaryDirectory() as folder:
         checkpointed = timed(lambda: train(recipe, examples, replace(config, checkpoint_every=50),
