@@ -11,7 +11,9 @@ Measured in the same run, so the ratios hold on whatever machine runs it:
   events, and batches of 100 events per append;
 - the baseline: kafka-python's idempotent producer (``acks=all``) sending the same encoded
   bytes, keys and headers to a topic of the same shape;
-- append -> on-topic latency p50/p99 (from calling ``append``), with a relay running in a thread, measured by a
+- 1 event per append from 1 writer and from 8 concurrent writers (threads, a store each),
+  no flush: PostgreSQL groups concurrent commits into shared WAL flushes;
+- append -> on-topic latency p50/p99 (from calling ``append``), with ``evp relay run`` in its own process, measured by a
   consumer that sees each record arrive; appends are paced so that this is latency, not
   queueing behind a backlog.
 """
@@ -19,7 +21,9 @@ Measured in the same run, so the ratios hold on whatever machine runs it:
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -32,7 +36,6 @@ from _support import throwaway, timed  # noqa: E402  (also puts the repo on sys.
 from events.store.client import EventStore
 from events.event import HEADER_EVENT_ID, NO_STREAM, Event, ExpectedVersion, kafka_headers
 from events.adapters.kafka import consumer, ensure_topic, producer
-from events.store.relay import Relay
 from events.settings import Settings
 
 BATCH = 100
@@ -104,6 +107,35 @@ def measure_batches(store: EventStore, n: int) -> Throughput:
     return Throughput(f"consistent append, {BATCH} events per append, + flush", n // BATCH * BATCH, timed(work))
 
 
+def measure_writers(settings: Settings, n: int, writers: int) -> Throughput:
+    """``writers`` threads, each with its own store (connection), 1 event per append, no flush:
+    what concurrent commits cost, grouped by PostgreSQL's WAL flushes."""
+    stores = [EventStore.open(settings) for _ in range(writers)]
+    try:
+        for i, s in enumerate(stores):
+            s.append(f"warm-{writers}-{i}", sample(-1))
+        appenders = [Appender(s, f"w{writers}-{i}") for i, s in enumerate(stores)]
+        each = n // writers
+
+        def write(appender: Appender) -> None:
+            for i in range(each):
+                appender.append(i % STREAMS, [sample(i)])
+
+        def work() -> None:
+            threads = [threading.Thread(target=write, args=(a,)) for a in appenders]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+
+        plural = "writer" if writers == 1 else "concurrent writers"
+        return Throughput(f"consistent append, 1 event per append, {writers} {plural}, no flush", each * writers,
+                          timed(work))
+    finally:
+        for s in stores:
+            s.close()
+
+
 def measure_encoding(store: EventStore, n: int) -> Throughput:
     events = [sample(i) for i in range(n)]
     return Throughput("(validate + encode only, no I/O)", n, timed(lambda: [store.prepare(e) for e in events]))
@@ -141,8 +173,9 @@ def measure_latency(store: EventStore, samples: int, rate: float) -> list[float]
     for tp in tps:
         reader.position(tp)
     stop = threading.Event()
-    relay = Relay(settings)
-    relay_thread = threading.Thread(target=relay.run, args=(stop,), daemon=True)
+    # The relay in its own process, as a service runs it (`evp relay run`).
+    relay = subprocess.Popen([sys.executable, "-m", "events.cli.main", "relay", "run"], env=settings.to_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def consume() -> None:
         while len(latencies) < samples and not stop.is_set():
@@ -154,11 +187,10 @@ def measure_latency(store: EventStore, samples: int, rate: float) -> list[float]
                         latencies.append(now - started)
 
     consumer_thread = threading.Thread(target=consume, daemon=True)
-    relay_thread.start()
     consumer_thread.start()
     appender = Appender(store, "latency")
     try:
-        time.sleep(0.5)  # the relay takes its leases and goes idle
+        time.sleep(3.0)  # the relay process starts, takes its leases and goes idle
         for i in range(samples):
             event = sample(i)
             committed[str(event.event_id).encode()] = time.perf_counter()  # before: the relay may beat our return
@@ -167,9 +199,9 @@ def measure_latency(store: EventStore, samples: int, rate: float) -> list[float]
         consumer_thread.join(60)
     finally:
         stop.set()
-        relay_thread.join(30)
+        relay.send_signal(signal.SIGTERM)
+        relay.wait(timeout=30)
         consumer_thread.join(5)
-        relay.close()
         reader.close()
     if len(latencies) < samples:
         raise SystemExit(f"only {len(latencies)} of {samples} events reached the topic within 60 s")
@@ -193,7 +225,7 @@ def report(size_name: str, rows: Sequence[Throughput], raw: Throughput, latencie
         lines.append(f"| {row.name} | {row.events} | {row.seconds:.2f} | {row.rate:,.0f} | {ratio} |")
     lines += [
         "",
-        f"| append -> on topic (relay running, {len(latencies)} appends at {rate:.0f}/s) | p50 | p99 | max |",
+        f"| append -> on topic (relay in its own process, {len(latencies)} appends at {rate:.0f}/s) | p50 | p99 | max |",
         "|---|---:|---:|---:|",
         f"| latency, ms | {percentile(latencies, 50) * 1000:.1f} | {percentile(latencies, 99) * 1000:.1f} | {max(latencies) * 1000:.1f} |",
     ]
@@ -212,10 +244,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         store.flush()
         single, positions = measure_single(store, size.events)
         batches = measure_batches(store, size.events)
+        one_writer = measure_writers(settings, size.events, 1)
+        eight_writers = measure_writers(settings, size.events, 8)
         encoding = measure_encoding(store, size.events)
         raw = measure_raw(store, positions)
         latencies = measure_latency(store, size.latency_samples, size.latency_rate)
-    print(report(size_name, [single, batches, encoding], raw, latencies, size.latency_rate))
+    print(report(size_name, [single, batches, one_writer, eight_writers, encoding], raw, latencies, size.latency_rate))
+    print(f"\n8 concurrent writers vs 1 (1 event per append): {eight_writers.rate / one_writer.rate:.2f}x")
     return 0
 
 
