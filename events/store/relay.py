@@ -1,9 +1,9 @@
 """The relay: publishes the transactional outbox to Kafka, in order, losing nothing.
 
-Contract of one publishing pass over a partition the relay holds the lease for:
+Contract of one publishing pass over the partitions the relay holds the leases for:
 
-1. read the oldest outbox rows of that partition, in position order;
-2. send them with the idempotent producer (``acks=all``) to that partition, then flush
+1. read the oldest outbox rows of those partitions, in position order (one query);
+2. send each with the idempotent producer (``acks=all``) to its partition, then flush once
    and check every acknowledgement;
 3. in one PostgreSQL transaction, record each event's Kafka offset and delete its outbox row.
 
@@ -117,22 +117,22 @@ class Relay:
         """Publish everything in the outbox for the partitions held; return how many were sent."""
         self.acquire_leases()
         sent = 0
-        for partition in sorted(self._held):
-            while True:
-                n = self._publish_batch(partition)
-                sent += n
-                if n < self.batch_size:
-                    break
+        while self._held:
+            n = self._publish_batch(sorted(self._held))
+            sent += n
+            if n < self.batch_size:
+                break
         self.published += sent
         return sent
 
-    def _publish_batch(self, partition: int) -> int:
+    def _publish_batch(self, partitions: list[int]) -> int:
+        """One batch over every partition held: one SELECT, the sends, one flush, one mark (in partition order)."""
         conn = self._connection()
         columns = ", ".join(f"e.{c.strip()}" for c in EVENT_COLUMNS.split(","))
         rows = conn.execute(
             f"SELECT {columns} FROM evp_outbox o JOIN evp_events e USING (position)"
-            " WHERE o.partition = %s ORDER BY o.position LIMIT %s",
-            (partition, self.batch_size),
+            " WHERE o.partition = ANY(%s) ORDER BY o.position LIMIT %s",
+            (partitions, self.batch_size),
         ).fetchall()
         if not rows:
             return 0
@@ -142,7 +142,7 @@ class Relay:
             with kafka_errors(self.settings):
                 futures = [
                     producer.send(self.topic, value=e.value, key=e.stream_id.encode(), headers=kafka_headers(e),
-                                  partition=partition)
+                                  partition=e.partition)
                     for e in events
                 ]
                 producer.flush()
