@@ -134,8 +134,7 @@ def checked_row(layout: Layout, target: Target, out: object) -> Row:
     where = f"handler {getattr(function, '__name__', '?')} for {target.record.event_type}"
     if not isinstance(out, Mapping):
         raise ViewDefinitionError(layout.view, where, f"must return a dict or None, got {type(out).__name__}")
-    names = {c.name for c in layout.columns}
-    unknown = sorted(set(out) - names)
+    unknown = sorted(set(out) - layout.names)
     if unknown:
         raise ViewDefinitionError(layout.view, where, f"returned column(s) {unknown} the view does not declare")
     key = layout.key.name

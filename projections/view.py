@@ -224,9 +224,14 @@ class Layout:
     analyst: tuple[str, ...]
     indexes: tuple[str, ...]
 
-    @property
+    @functools.cached_property
     def personal(self) -> tuple[Column, ...]:
         return tuple(c for c in self.columns if c.personal)
+
+    @functools.cached_property
+    def names(self) -> frozenset[str]:
+        """Every declared column's name (computed once: the fold checks each row against it)."""
+        return frozenset(c.name for c in self.columns)
 
     @property
     def masked(self) -> str:

@@ -169,10 +169,9 @@ class Codec:
         return self._reader_plan(schema_id).policy
 
     def _reader_plan(self, schema_id: int) -> _ReaderPlan:
-        with self._lock:
-            plan = self._readers.get(schema_id)
-            if plan is not None:
-                return plan
+        plan = self._readers.get(schema_id)  # plans are only ever added: a lock-free read is safe
+        if plan is not None:
+            return plan
         try:
             writer_schema = self.registry.get(schema_id).schema
         except SchemaError as err:
