@@ -59,6 +59,7 @@ AUDIT_COLUMNS = (
 #: The keyring columns the masked views need: the projector reads them through :data:`TOMBSTONES_VIEW`.
 TOMBSTONE_COLUMNS = ("subject_id", "erased_at")
 LEDGER_TABLE = "evp_events"
+EVENT_LOG_VIEW = "evp_event_log"
 KEYS_TABLE = "evp_data_keys"
 #: ``evp_erasures.tombstones``: who was erased and when, owned by the keyring's owner (so it reads the
 #: keyring with that role's rights), the projector's only window on the keyring, whose schema
@@ -67,7 +68,7 @@ ERASURES_SCHEMA = "evp_erasures"
 TOMBSTONES_VIEW = "tombstones"
 #: Tables of the ledger and the keyring: a schema holding any of them is never a views' schema,
 #: because the projector owns its views' schemas and everything in them.
-PROTECTED_TABLES = (LEDGER_TABLE, KEYS_TABLE, "evp_outbox", "evp_streams", "evp_reservations")
+PROTECTED_TABLES = (LEDGER_TABLE, KEYS_TABLE, "evp_outbox", "evp_streams", "evp_reservations", "evp_published")
 #: Schemas the projector must never own, whatever they hold.
 SHARED_SCHEMAS = ("public", "information_schema", KEYRING_SCHEMA, ERASURES_SCHEMA)
 
@@ -379,8 +380,9 @@ def _grant_auditor(cur: psycopg.Cursor[Any], role: str, ledger_schema: str, audi
     r = sql.Identifier(role)
     columns = sql.SQL(", ").join(map(sql.Identifier, AUDIT_COLUMNS))
     ledger = sql.Identifier(ledger_schema, LEDGER_TABLE)
+    log_view = sql.Identifier(ledger_schema, EVENT_LOG_VIEW)  # the events with their Kafka offsets
     view = sql.Identifier(audit_schema, AUDIT_VIEW)
-    cur.execute(sql.SQL("CREATE OR REPLACE VIEW {} AS SELECT {} FROM {}").format(view, columns, ledger))
+    cur.execute(sql.SQL("CREATE OR REPLACE VIEW {} AS SELECT {} FROM {}").format(view, columns, log_view))
     cur.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(_database(cur), r))
     cur.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(audit_schema), r))
     cur.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(view, r))

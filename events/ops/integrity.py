@@ -62,7 +62,7 @@ def verify_log(store: EventStore, progress: Callable[[int], None] | None = None)
     conn = store.ledger.connection
     ranges = {p: (0, end) for p, end in end_offsets(settings, settings.events_topic).items()}
     rows = conn.execute(
-        f"SELECT {EVENT_COLUMNS} FROM evp_events WHERE position NOT IN (SELECT position FROM evp_outbox)"
+        f"SELECT {EVENT_COLUMNS} FROM evp_event_log WHERE position NOT IN (SELECT position FROM evp_outbox)"
     ).fetchall()
     ledger = {event.event_id: event for event in map(row_to_event, rows)}
     report = IntegrityReport(events_checked=len(ledger))

@@ -35,6 +35,7 @@ NOTIFY_CHANNEL = "evp_outbox"  #: also named in sql/002_append.sql
 MAX_EVENT_BYTES = 900_000  # below Kafka's default 1 MiB message.max.bytes, headers included
 MAX_STREAM_ID = 255
 
+#: Read from ``evp_event_log`` (the events with where Kafka acknowledged them, see sql/001_ledger.sql).
 EVENT_COLUMNS = (
     "position, stream_id, version, event_id, event_type, schema_id, value, actor, "
     "occurred_at, recorded_at, partition, kafka_offset"
@@ -157,7 +158,7 @@ class Ledger:
     def read_stream(self, stream_id: str, from_version: int = 1) -> list[RecordedEvent]:
         """Every event of a stream from ``from_version`` on, by index: never a topic scan."""
         rows = self._conn.execute(
-            f"SELECT {EVENT_COLUMNS} FROM evp_events WHERE stream_id = %s AND version >= %s ORDER BY version",
+            f"SELECT {EVENT_COLUMNS} FROM evp_event_log WHERE stream_id = %s AND version >= %s ORDER BY version",
             (stream_id, from_version),
         ).fetchall()
         if not rows and from_version <= 1:
@@ -167,25 +168,25 @@ class Ledger:
     def read_stream_after(self, stream_id: str, version: int) -> list[RecordedEvent]:
         """Events after ``version`` (an empty list for an unknown stream, unlike read_stream)."""
         rows = self._conn.execute(
-            f"SELECT {EVENT_COLUMNS} FROM evp_events WHERE stream_id = %s AND version > %s ORDER BY version",
+            f"SELECT {EVENT_COLUMNS} FROM evp_event_log WHERE stream_id = %s AND version > %s ORDER BY version",
             (stream_id, version),
         ).fetchall()
         return [row_to_event(r) for r in rows]
 
     def read_positions(self, positions: Sequence[int]) -> list[RecordedEvent]:
         rows = self._conn.execute(
-            f"SELECT {EVENT_COLUMNS} FROM evp_events WHERE position = ANY(%s) ORDER BY position", (list(positions),)
+            f"SELECT {EVENT_COLUMNS} FROM evp_event_log WHERE position = ANY(%s) ORDER BY position", (list(positions),)
         ).fetchall()
         return [row_to_event(r) for r in rows]
 
     def event_by_id(self, event_id: uuid.UUID) -> RecordedEvent | None:
-        row = self._conn.execute(f"SELECT {EVENT_COLUMNS} FROM evp_events WHERE event_id = %s", (event_id,)).fetchone()
+        row = self._conn.execute(f"SELECT {EVENT_COLUMNS} FROM evp_event_log WHERE event_id = %s", (event_id,)).fetchone()
         return None if row is None else row_to_event(row)
 
     def events_concerning(self, subject_id: str) -> list[RecordedEvent]:
         """Events whose personal data belongs to ``subject_id`` or that ``subject_id`` performed."""
         rows = self._conn.execute(
-            f"SELECT {EVENT_COLUMNS} FROM evp_events WHERE subject_ids @> ARRAY[%s]::text[] OR subject_id = %s"
+            f"SELECT {EVENT_COLUMNS} FROM evp_event_log WHERE subject_ids @> ARRAY[%s]::text[] OR subject_id = %s"
             " OR actor = %s ORDER BY position",
             (subject_id, subject_id, subject_id),
         ).fetchall()

@@ -43,8 +43,8 @@ log = logging.getLogger(__name__)
 
 _MARK_PUBLISHED = (
     "WITH marked AS ("
-    " UPDATE evp_events e SET kafka_offset = p.kafka_offset"
-    " FROM unnest(%s::bigint[], %s::bigint[]) AS p (position, kafka_offset) WHERE e.position = p.position)"
+    " INSERT INTO evp_published (position, kafka_offset) SELECT * FROM unnest(%s::bigint[], %s::bigint[])"
+    " ON CONFLICT (position) DO UPDATE SET kafka_offset = EXCLUDED.kafka_offset)"
     " DELETE FROM evp_outbox WHERE position = ANY(%s::bigint[])"
 )
 

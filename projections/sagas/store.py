@@ -209,7 +209,7 @@ class ContextLoader:
         return found
 
     def _read(self, event_id: str) -> Mapping[str, Any]:
-        row = self._cur.execute(f"SELECT {EVENT_COLUMNS} FROM evp_events WHERE event_id = %s",
+        row = self._cur.execute(f"SELECT {EVENT_COLUMNS} FROM evp_event_log WHERE event_id = %s",
                                 (uuid.UUID(event_id),)).fetchone()
         return {} if row is None else self._store.decode(row_to_event(row)).data
 

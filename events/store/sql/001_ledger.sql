@@ -34,6 +34,20 @@ CREATE INDEX IF NOT EXISTS evp_events_subject ON evp_events (subject_id) WHERE s
 CREATE INDEX IF NOT EXISTS evp_events_subjects ON evp_events USING gin (subject_ids);
 CREATE INDEX IF NOT EXISTS evp_events_actor ON evp_events (actor);
 
+-- Where each published event landed on Kafka, written by the relay in the transaction that
+-- clears its outbox row: a narrow insert, instead of rewriting the wide event row (and all
+-- its index entries) with an UPDATE. Rows published before this table existed keep their
+-- offset in evp_events.kafka_offset; evp_event_log reads either.
+CREATE TABLE IF NOT EXISTS evp_published (
+    position     bigint PRIMARY KEY,
+    kafka_offset bigint NOT NULL
+);
+
+CREATE OR REPLACE VIEW evp_event_log AS
+SELECT e.position, e.stream_id, e.version, e.event_id, e.event_type, e.schema_id, e.value, e.actor, e.subject_id,
+       e.subject_ids, e.occurred_at, e.recorded_at, e.partition, coalesce(p.kafka_offset, e.kafka_offset) AS kafka_offset
+  FROM evp_events e LEFT JOIN evp_published p ON p.position = e.position;
+
 -- Events committed to the ledger but not yet acknowledged by Kafka.
 CREATE TABLE IF NOT EXISTS evp_outbox (
     position  bigint PRIMARY KEY REFERENCES evp_events (position),
