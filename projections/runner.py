@@ -45,6 +45,7 @@ from events.schema.codec import Codec
 from events.errors import ConfigurationError, ServiceUnavailable
 from events.adapters.kafka import consumer as make_consumer, ensure_event_topics, kafka_errors, where
 from events.event import HEADER_EVENT_TYPE
+from events.store.client import EventStore
 from events.store.log import BadRecord, LogRecord, decode_record, end_offsets
 from events.schema.registry import KafkaSchemaLog, SchemaRegistry
 from events.settings import Settings
@@ -516,12 +517,39 @@ class LogConsumer:
                 outcome = self.process(messages)
                 if on_batch is not None:
                     on_batch(outcome)
+            self.between_batches()
 
         run_until_stopped(stop, step, recover=self._reset, log=log, name=self.owner)
+
+    def between_batches(self) -> None:
+        """Work a running consumer does after each poll (the saga coordinator fires due timers); none by default."""
 
     def lag(self) -> list[PartitionLag]:
         """Per partition: stored next offset, end offset and the difference."""
         return projection_lag(self.settings, self.schema)
+
+
+class AppendingConsumer(LogConsumer):
+    """A consumer whose effects include appends (the saga coordinator, participants).
+
+    :attr:`events` is its :class:`~events.store.client.EventStore` — validation, sealing and
+    encoding for what it appends, decryption for what it reads — opened with the loop and
+    closed with it; the appends themselves go through the batch's transaction.
+    """
+
+    _events: EventStore | None = None
+
+    @property
+    def events(self) -> EventStore:
+        if self._events is None:
+            self._events = EventStore.open(self.settings)
+        return self._events
+
+    def close(self) -> None:
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+        super().close()
 
 
 class ProjectionRunner(LogConsumer):

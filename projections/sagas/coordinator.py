@@ -20,7 +20,6 @@ and write the same way, so they never race the coordinator.
 from __future__ import annotations
 
 import logging
-import threading
 from functools import partial
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,8 +35,7 @@ from events.store.client import EventStore
 from events.store.ledger import Ledger
 from events.store.log import LogRecord
 from projections.fold import Refusal
-from events.adapters.retry import run_until_stopped
-from projections.runner import DEFAULT_BATCH_SIZE, BatchOutcome, LogConsumer, view_lock
+from projections.runner import DEFAULT_BATCH_SIZE, AppendingConsumer, view_lock
 from projections.sagas import store
 from events.event import Event
 from projections.sagas.declaration import Command, Definitions, Saga
@@ -58,7 +56,7 @@ class TickOutcome:
     fired: int = 0
 
 
-class SagaCoordinator(LogConsumer):
+class SagaCoordinator(AppendingConsumer):
     """Runs the declared sagas from the log; see the module docstring for the contract.
 
     ``sagas`` are instances of the project's current definitions (each may list earlier
@@ -87,7 +85,6 @@ class SagaCoordinator(LogConsumer):
         super().__init__(settings, OWNER, schema, batch_size=batch_size, scale_out=scale_out)
         self.clock = clock
         self.actor = actor
-        self._store: EventStore | None = None
         self._versions_checked = False
 
     # -- LogConsumer ----------------------------------------------------------------------
@@ -99,20 +96,12 @@ class SagaCoordinator(LogConsumer):
         """
         fresh = self._conn is None or self._conn.closed or not self._versions_checked
         super().open()
-        if self._store is None:
-            self._store = EventStore.open(self.settings)
         if fresh:
             assert self._conn is not None
             self._versions_checked = False
             with self._conn.cursor() as cur:
                 check_versions(cur, self.schema, self.definitions)
             self._versions_checked = True
-
-    def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
-            self._store = None
-        super().close()
 
     def create_tables(self, cur: psycopg.Cursor[Any]) -> None:
         store.create_tables(cur, self.schema)
@@ -136,11 +125,10 @@ class SagaCoordinator(LogConsumer):
     def _decide_all(self, cur: psycopg.Cursor[Any], inputs: Sequence[tuple[Saga, str, Input]],
                     records: Mapping[str, LogRecord] | None = None) -> int:
         """Decide ``inputs`` in order and write them; returns how many decided something."""
-        assert self._store is not None
         stored = store.load(cur, self.schema, [saga_id for _, saga_id, _ in inputs])
-        context = store.ContextLoader(cur, self._store)
+        context = store.ContextLoader(cur, self.events)
         for event_id, record in (records or {}).items():
-            context.remember(event_id, store.Deferred(partial(self._store.decrypt, record)))
+            context.remember(event_id, store.Deferred(partial(self.events.decrypt, record)))
         ledger = Ledger(cur.connection, self.settings.partitions)
         now = self.clock()
         decided = 0
@@ -151,15 +139,14 @@ class SagaCoordinator(LogConsumer):
                                         saga_id=saga_id, check=self._check)
             if decision.empty:
                 continue
-            after = store.write(cur, self.schema, ledger, self._store, before, decision, self.actor, now)
+            after = store.write(cur, self.schema, ledger, self.events, before, decision, self.actor, now)
             if after is not None:
                 stored[saga_id] = after
                 decided += 1
         return decided
 
     def _check(self, command: Command) -> None:
-        assert self._store is not None
-        self._store.check(Event(command.type, command.data))
+        self.events.check(Event(command.type, command.data))
 
     def _definition(self, name: str, version: int) -> Saga:
         found = self.definitions[name].version(version)
@@ -183,20 +170,9 @@ class SagaCoordinator(LogConsumer):
         return TickOutcome(fired)
 
     # -- driving --------------------------------------------------------------------------
-    def run(self, stop: threading.Event, on_batch: Callable[[BatchOutcome], None] | None = None) -> None:
-        """Batches, then due timers, until ``stop`` is set (outages retried, as for a view)."""
-
-        def step() -> None:
-            self.open()
-            self.rebalance()
-            messages = self._poll(500)
-            if messages:
-                outcome = self.process(messages)
-                if on_batch is not None:
-                    on_batch(outcome)
-            self.tick()
-
-        run_until_stopped(stop, step, recover=self._reset, log=log, name=self.owner)
+    def between_batches(self) -> None:
+        """Running (``run``): due timers fire after every poll."""
+        self.tick()
 
 
 def check_versions(cur: psycopg.Cursor[Any], schema: str, definitions: Mapping[str, Definitions]) -> None:

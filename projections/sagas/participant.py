@@ -40,7 +40,7 @@ from events.store.client import EventStore
 from events.store.ledger import Ledger
 from events.store.log import LogRecord
 from projections.fold import Refusal
-from projections.runner import DEFAULT_BATCH_SIZE, LogConsumer
+from projections.runner import DEFAULT_BATCH_SIZE, AppendingConsumer
 from projections.sagas.declaration import derived_id
 
 _HANDLES = "__evp_answers__"
@@ -104,7 +104,7 @@ class Participant:
         """Create the participant's own tables in ``schema`` (idempotent); none by default."""
 
 
-class ParticipantRunner(LogConsumer):
+class ParticipantRunner(AppendingConsumer):
     """Runs one participant from the events topic (the contract in the module docstring)."""
 
     def __init__(self, settings: Settings, participant: Participant, *, schema: str | None = None,
@@ -116,18 +116,6 @@ class ParticipantRunner(LogConsumer):
         super().__init__(settings, f"participant {participant.name}",
                          schema or participant.schema or f"{participant.name}_participant", batch_size=batch_size)
         self.actor = actor or f"evp.participant:{participant.name}"
-        self._store: EventStore | None = None
-
-    def open(self) -> None:
-        super().open()
-        if self._store is None:
-            self._store = EventStore.open(self.settings)
-
-    def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
-            self._store = None
-        super().close()
 
     def create_tables(self, cur: psycopg.Cursor[Any]) -> None:
         self.participant.create_tables(cur, self.schema)
@@ -136,17 +124,16 @@ class ParticipantRunner(LogConsumer):
         return self._handlers.get(event_type) or self._handlers.get(event_type.rsplit(".", 1)[-1])
 
     def apply(self, cur: psycopg.Cursor[Any], records: Sequence[LogRecord]) -> list[Refusal]:
-        assert self._store is not None
         ledger = Ledger(cur.connection, self.settings.partitions)
         for record in records:
             handler = self._handler(record.event_type)
             if handler is None:
                 continue
             received = Received(str(record.event_id), record.event_type, record.stream_id,
-                                self._store.decrypt(record), cur, self._store)
+                                self.events.decrypt(record), cur, self.events)
             produced = handler(received)
             given = [] if produced is None else [produced] if isinstance(produced, Answer) else list(produced)
             for index, answer in enumerate(given):
                 event = Event(answer.type, answer.data, derived_id(record.event_id, "answer", index), actor=self.actor)
-                ledger.append(answer.stream_id, [self._store.prepare(event)], answer.expected_version)
+                ledger.append(answer.stream_id, [self.events.prepare(event)], answer.expected_version)
         return []

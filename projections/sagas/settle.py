@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
+
+import psycopg
 
 from events.adapters import postgres
 from events.settings import Settings
@@ -42,6 +45,7 @@ def settle(
     """Drive every saga started so far until it settles (the contract in the module docstring)."""
     coordinator = SagaCoordinator(settings, sagas, schema=schema, clock=clock)
     runners = [ParticipantRunner(settings, p) for p in participants]
+    status = postgres.connect(settings.database_url, autocommit=True)  # one connection for every round's look
     try:
         before: list[store.Summary] = []
         for number in range(1, max_rounds + 1):
@@ -54,27 +58,24 @@ def settle(
                 events.flush()
             coordinator.catch_up()
             events.flush()
-            now = _summaries(settings, schema)
+            with status.cursor() as cur:
+                now = store.summaries(cur, schema)
             if on_round is not None:
                 on_round(number, now)
             if not any(s.status in (RUNNING, COMPENSATING) for s in now):
                 return now
             if now == before:
-                time.sleep(_wait(settings, schema, clock, max_wait_s))
+                time.sleep(_wait(status, schema, clock, max_wait_s))
             before = now
         return before
     finally:
-        for closer in (coordinator, *runners):
-            closer.close()
+        for consumer in (coordinator, *runners):
+            consumer.close()
+        status.close()
 
 
-def _summaries(settings: Settings, schema: str) -> list[store.Summary]:
-    with postgres.connect(settings.database_url, autocommit=True) as conn, conn.cursor() as cur:
-        return store.summaries(cur, schema)
-
-
-def _wait(settings: Settings, schema: str, clock: Clock, ceiling: float) -> float:
-    with postgres.connect(settings.database_url, autocommit=True) as conn, conn.cursor() as cur:
+def _wait(conn: psycopg.Connection[Any], schema: str, clock: Clock, ceiling: float) -> float:
+    with conn.cursor() as cur:
         due = store.next_due(cur, schema)
     if due is None:
         return min(0.2, ceiling)
