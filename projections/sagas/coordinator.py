@@ -38,8 +38,8 @@ from projections.fold import Refusal
 from projections.runner import DEFAULT_BATCH_SIZE, AppendingConsumer, view_lock
 from projections.sagas import store
 from events.event import Event
-from projections.sagas.declaration import Command, Definitions, Saga
-from projections.sagas.machine import Decision, Fired, Input, Operator, Trigger, decide, input_for
+from projections.sagas.declaration import Command, Definitions, Saga, definitions_of
+from projections.sagas.machine import Decision, Fired, Input, Operator, decide, input_for
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +77,7 @@ class SagaCoordinator(AppendingConsumer):
     ) -> None:
         if not sagas:
             raise ConfigurationError("a saga coordinator needs at least one saga (declare them in [sagas] of evp.toml)")
-        self.definitions = {d.current.name: d for d in (Definitions.of(s) for s in sagas)}
-        if len(self.definitions) != len(sagas):
-            raise ConfigurationError(f"two sagas share a name: {sorted(s.name for s in sagas)}")
+        self.definitions = definitions_of(sagas)
         # Scaled out, coordinators share the partitions; an instance's row lock and its stream's
         # expected version keep two of them from deciding for one instance at once.
         super().__init__(settings, OWNER, schema, batch_size=batch_size, scale_out=scale_out)
@@ -195,7 +193,7 @@ def act(settings: Settings, sagas: Sequence[Saga], saga_id: str, action: Operato
     Raises NotFound for an unknown instance and :class:`~projections.sagas.machine.SagaRefused`
     when the action does not apply to its state; nothing is written then.
     """
-    definitions = {d.current.name: d for d in (Definitions.of(s) for s in sagas)}
+    definitions = definitions_of(sagas)
     with postgres.connect(settings.database_url, autocommit=True) as conn, EventStore.open(settings) as events:
         with conn.transaction(), conn.cursor() as cur:
             cur.execute(view_lock(schema))  # serialised with the coordinator's batches
@@ -216,5 +214,3 @@ def act(settings: Settings, sagas: Sequence[Saga], saga_id: str, action: Operato
         events.flush()
     return decision
 
-
-__all__ = ["SagaCoordinator", "Trigger", "act", "check_versions", "utc_now"]

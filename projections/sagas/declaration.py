@@ -257,3 +257,11 @@ class Definitions:
 
     def version(self, number: int) -> Saga | None:
         return self.by_version.get(number)
+
+
+def definitions_of(sagas: Sequence[Saga]) -> dict[str, Definitions]:
+    """Each saga's versions by its name; ConfigurationError for two sagas of one name."""
+    found = {d.current.name: d for d in (Definitions.of(s) for s in sagas)}
+    if len(found) != len(sagas):
+        raise ConfigurationError(f"two sagas share a name: {sorted(s.name for s in sagas)}")
+    return found

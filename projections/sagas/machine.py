@@ -277,7 +277,7 @@ def fold(transitions: Sequence[tuple[Transition, str]]) -> SagaState | None:
     return state
 
 
-def to_compensate(saga: Saga, state: SagaState) -> list[str]:
+def to_compensate(state: SagaState) -> list[str]:
     """Applied steps not yet compensated, most recently completed first."""
     done = set(state.compensated)
     return [s for s in reversed(state.applied) if s not in done]
@@ -361,7 +361,7 @@ class _Decider:
     def compensate_next(self) -> None:
         state = self.state
         assert state is not None
-        remaining = to_compensate(self.saga, state)
+        remaining = to_compensate(state)
         if remaining:
             self.request(remaining[0], COMPENSATION, 1)
         else:

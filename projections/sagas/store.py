@@ -23,7 +23,6 @@ rolls back and the caller re-reads the state and decides again.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -279,10 +278,6 @@ def fold_stream(store: EventStore, saga_id: str) -> SagaState | None:
         for e in store.read_stream(saga_id, decrypt=False) if is_transition(e.type)
     ]
     return fold(transitions)
-
-
-def dumps(state: SagaState) -> str:
-    return json.dumps(state.to_json(), sort_keys=True)
 
 
 TIMELINE_COLUMNS = ("version", "at", "event", "step", "attempt", "actor", "detail")
