@@ -45,6 +45,7 @@ from events.schema.codec import Codec
 from events.errors import ConfigurationError, ServiceUnavailable
 from events.adapters.kafka import consumer as make_consumer, ensure_event_topics, kafka_errors, where
 from events.event import HEADER_EVENT_TYPE
+from events.gc_pause import gc_paused
 from events.store.client import EventStore
 from events.store.log import BadRecord, LogRecord, decode_record, end_offsets
 from events.schema.registry import KafkaSchemaLog, SchemaRegistry
@@ -489,9 +490,11 @@ class LogConsumer:
             now = self.positions()
             if all(now[p] >= ends[p] for p in ends):
                 break
-            messages = self._poll(500)
+            with gc_paused():  # a batch allocates many small containers (see events.gc_pause)
+                messages = self._poll(500)
+                if messages:
+                    outcome = outcome + self.process(messages)
             if messages:
-                outcome = outcome + self.process(messages)
                 last_progress = time.monotonic()
                 if on_progress is not None:
                     consumed = sum(min(pos, ends[p]) - begin[p] for p, pos in self.positions().items() if p in ends)
@@ -512,11 +515,11 @@ class LogConsumer:
         def step() -> None:
             self.open()
             self.rebalance()
-            messages = self._poll(500)
-            if messages:
-                outcome = self.process(messages)
-                if on_batch is not None:
-                    on_batch(outcome)
+            with gc_paused():
+                messages = self._poll(500)
+                outcome = self.process(messages) if messages else None
+            if outcome is not None and on_batch is not None:
+                on_batch(outcome)
             self.between_batches()
 
         run_until_stopped(stop, step, recover=self._reset, log=log, name=self.owner)

@@ -9,7 +9,9 @@ transaction. Contract of :func:`apply` for one batch (records in log order):
 3. look up which subjects of the rows to write are forgotten (remembered in
    ``evp_forgotten_subjects``, so an erasure that arrives before its row still applies) and
    redact those rows in memory (:func:`projections.fold.redact`);
-4. write the net changes: one ``DELETE``, one ``COPY`` into a session-private staging table
+4. write the net changes: one ``DELETE``; the rows of keys that step 1 did not find, with one
+   ``COPY`` straight into the table (the batch's lock keeps anyone else from inserting
+   them); the rows of keys it found, with one ``COPY`` into a session-private staging table
    and one ``INSERT ... ON CONFLICT`` merge from it;
 5. remember the batch's erasures and redact the rows already in the table that name them
    (one ``UPDATE`` per subject column);
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -50,6 +52,7 @@ class _Statements:
     load: sql.Composed
     stage: sql.Composed
     copy: sql.Composed
+    insert: sql.Composed
     merge: sql.Composed
     clear: sql.Composed
     delete: sql.Composed
@@ -111,6 +114,7 @@ def statements(layout: Layout) -> _Statements:
         load=sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s::{})").format(cols, t, key, key_array),
         stage=sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {}) ON COMMIT DELETE ROWS").format(stage, t),
         copy=sql.SQL("COPY pg_temp.{} ({}) FROM STDIN").format(stage, cols),
+        insert=sql.SQL("COPY {} ({}) FROM STDIN").format(t, cols),
         merge=sql.SQL("INSERT INTO {} AS t ({}) SELECT {} FROM pg_temp.{} ON CONFLICT ({}) {}").format(
             t, cols, cols, stage, key, conflict),
         clear=sql.SQL("TRUNCATE pg_temp.{}").format(stage),
@@ -163,7 +167,7 @@ def apply(cur: psycopg.Cursor[Any], view: View, layout: Layout, records: Sequenc
     forgotten = set(changes.forgotten)
     if subjects - forgotten:
         forgotten |= {r[0] for r in cur.execute(st.known, (sorted(subjects - forgotten),))}
-    write(cur, layout, Changes(redact(layout, changes.puts, forgotten), changes.deletes, changes.forgotten))
+    write(cur, layout, Changes(redact(layout, changes.puts, forgotten), changes.deletes, changes.forgotten), loaded.keys())
     return list(changes.refused)
 
 
@@ -175,17 +179,22 @@ def load(cur: psycopg.Cursor[Any], layout: Layout, keys: Sequence[Any]) -> dict[
     return {stored.row[layout.key.name]: stored for stored in (_from_table(layout, r) for r in rows)}
 
 
-def write(cur: psycopg.Cursor[Any], layout: Layout, changes: Changes) -> None:
-    """Steps 4 and 5: deletes, puts and erasures; each key is in one list, so the order is free."""
+def write(cur: psycopg.Cursor[Any], layout: Layout, changes: Changes, stored_keys: Collection[Any]) -> None:
+    """Steps 4 and 5: deletes, puts and erasures; each key is in one list, so the order is free.
+
+    ``stored_keys`` are the keys in the table now, read under the batch's lock: puts of other
+    keys are new rows and are copied straight into the table; the rest are merged.
+    """
     st = statements(layout)
     if changes.deletes:
         cur.execute(st.delete, (list(changes.deletes),))
-    if changes.puts:
+    key = layout.key.name
+    fresh = [s for s in changes.puts if s.row[key] not in stored_keys]
+    if fresh:
+        _copy_rows(cur, layout, st.insert, fresh)
+    if len(fresh) < len(changes.puts):
         cur.execute(st.stage)
-        types = [t for _, t in layout.stored()]
-        with cur.copy(st.copy) as copy:
-            for stored in changes.puts:
-                copy.write_row([_copy_value(t, v) for t, v in zip(types, _to_table(layout, stored))])
+        _copy_rows(cur, layout, st.copy, [s for s in changes.puts if s.row[key] in stored_keys])
         cur.execute(st.merge)
         cur.execute(st.clear)
     if changes.forgotten:
@@ -193,6 +202,13 @@ def write(cur: psycopg.Cursor[Any], layout: Layout, changes: Changes) -> None:
         cur.execute(st.forget, (subjects,))
         for _, update in st.redact:
             cur.execute(update, (subjects,))
+
+
+def _copy_rows(cur: psycopg.Cursor[Any], layout: Layout, statement: sql.Composed, rows: Sequence[Stored]) -> None:
+    types = [t for _, t in layout.stored()]
+    with cur.copy(statement) as copy:
+        for stored in rows:
+            copy.write_row([_copy_value(t, v) for t, v in zip(types, _to_table(layout, stored))])
 
 
 # -- reading -------------------------------------------------------------------------------

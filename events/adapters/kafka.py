@@ -157,6 +157,9 @@ def consumer(settings: Settings, **overrides: Any) -> KafkaConsumer:
         isolation_level="read_committed",
         bootstrap_timeout_ms=10_000,
         max_poll_records=2000,
+        # Catch-ups read far more than 1 MiB a partition per fetch; evp reads no client metrics.
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+        metrics_enabled=False,
     )
     config.update(overrides)
     with _building(settings):
