@@ -10,6 +10,8 @@ times (connections, schema creation and the consumer's start outside the timed r
 - evp: ``ProjectionRunner.catch_up`` of the samples view from offset 0: Kafka fetch,
   decode, dedupe by stream version, net changes, COPY into staging + merge, offsets and
   versions in the same transaction;
+- the same with ``prefetch=True``: fetch and decode in a process of their own, one batch
+  ahead of the apply (:mod:`projections.source`);
 - two runners scaling out (``scale_out=True``), each in its own process with half of the
   partitions' leases, from the moment both hold their share until both have caught up;
 - baseline: the same rows, already decoded in memory, written with psycopg's text-format
@@ -81,8 +83,9 @@ def kafka_only(settings: Settings, total: int) -> float:
         reader.close()
 
 
-def one_runner(settings: Settings, schema: str) -> float:
-    with ProjectionRunner(settings, load_view(Project.read(DIGITS), "samples"), schema=schema) as runner:
+def one_runner(settings: Settings, schema: str, *, prefetch: bool = False) -> float:
+    with ProjectionRunner(settings, load_view(Project.read(DIGITS), "samples"), schema=schema,
+                          prefetch=prefetch) as runner:
         runner.open()  # setup outside the timed region
         return timed(runner.catch_up)
 
@@ -127,10 +130,12 @@ def measure(count: int) -> list[tuple[str, float]]:
                 store.append(f"batch-{start}", [Event("SampleSubmitted", row) for row in data[start:start + BATCH]])
             store.flush()
         one = one_runner(settings, "samples_one")
+        ahead = one_runner(settings, "samples_prefetch", prefetch=True)
         two = two_runners(settings, "samples_two")
         baseline = copy_baseline(settings, data)
         fetch = kafka_only(settings, count)
     return [("plain COPY of decoded rows (baseline)", baseline), ("evp samples projection, one runner", one),
+            ("evp samples projection, one runner, fetch + decode in a prefetch process", ahead),
             ("evp samples projection, two runners scaling out", two), ("Kafka fetch only, no decode", fetch)]
 
 

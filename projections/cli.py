@@ -72,7 +72,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
                   f"{totals.dead_lettered} dead-lettered", flush=True)
 
     with ProjectionRunner(settings, projection, schema=args.schema, batch_size=args.batch_size,
-                          catalog=catalog_for(settings), scale_out=args.scale_out) as runner:
+                          catalog=catalog_for(settings), scale_out=args.scale_out, prefetch=args.prefetch) as runner:
         shared = " (sharing the partitions with the view's other runners)" if args.scale_out else ""
         print(f"projection {projection.name}: folding {settings.events_topic} into schema {runner.schema}{shared}",
               flush=True)
@@ -85,7 +85,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 def _catch_up(args: argparse.Namespace, settings: Settings) -> int:
     projection = _view(args, settings)
     with ProjectionRunner(settings, projection, schema=args.schema, batch_size=args.batch_size,
-                          catalog=catalog_for(settings)) as runner:
+                          catalog=catalog_for(settings), prefetch=args.prefetch) as runner:
         with _progress_bar(f"catch-up {runner.schema}") as on_progress:
             result = runner.catch_up(on_progress)
     if args.json:
@@ -116,7 +116,8 @@ def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
 
         keep_grants = regrant if admin is not None else None
         with _progress_bar(f"rebuild {schema}") as on_progress:
-            result = rebuild(settings, projection, schema=args.schema, on_progress=on_progress, before_swap=keep_grants)
+            result = rebuild(settings, projection, schema=args.schema, on_progress=on_progress, before_swap=keep_grants,
+                             prefetch=args.prefetch)
     if args.json:
         print_json({"schema": result.schema, "replay": result.replay.__dict__, "rows": result.rows, "seconds": result.seconds})
         return 0
@@ -181,6 +182,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                                       help="share the topic's partitions with the view's other runners (leases)")
     add("catch-up", "apply everything up to the current end of the log, then exit", _catch_up, batch=True)
     add("rebuild", "replay the log into a shadow schema and swap it in atomically", _rebuild)
+    # A long-running runner prefetches by default; a one-off job starts the process only when asked
+    # (it takes about a second to start: worth it for a long replay, not for a short one).
+    for name, default in (("run", True), ("catch-up", False), ("rebuild", False)):
+        group.choices[name].add_argument(
+            "--prefetch", action=argparse.BooleanOptionalAction, default=default,
+            help="fetch and decode the next batch in a process of its own while this one applies"
+                 f" (default: {'on' if default else 'off'})")
     add("status", "per-partition lag of the view behind the events topic", _status)
     add("grant", "create or refresh the projector, analyst and auditor roles and their grants", _grant, json=False)
     for name in ("rebuild", "grant"):

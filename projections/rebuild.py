@@ -56,6 +56,7 @@ def rebuild(
     schema: str | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     before_swap: Callable[[], None] | None = None,
+    prefetch: bool = False,
 ) -> RebuildResult:
     """Replay ``view`` into a shadow schema and swap it in atomically.
 
@@ -64,13 +65,15 @@ def rebuild(
     3. run ``before_swap`` (a hook for grants, tests and callers that verify the shadow);
     4. under the view's advisory lock, drop the live schema and rename the shadow to it;
     5. record a ``ProjectionRebuilt`` event.
+
+    ``prefetch``: fetch and decode in a process of their own (:mod:`projections.source`).
     """
     started = time.monotonic()
     live = view.layout(schema).schema
     shadow = shadow_name(live)
     with postgres.connect(settings.database_url, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(shadow)))  # a crashed rebuild's
-    with ProjectionRunner(settings, view, schema=shadow) as runner:
+    with ProjectionRunner(settings, view, schema=shadow, prefetch=prefetch) as runner:
         replay = runner.catch_up(on_progress)
         # A second, short pass picks up what arrived during the replay.
         tail = runner.catch_up()

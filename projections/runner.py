@@ -47,13 +47,13 @@ from events.adapters.kafka import consumer as make_consumer, ensure_event_topics
 from events.event import HEADER_EVENT_TYPE
 from events.gc_pause import gc_paused
 from events.store.client import EventStore
-from events.store.log import BadRecord, LogRecord, decode_record, end_offsets
-from events.schema.registry import KafkaSchemaLog, SchemaRegistry
+from events.store.log import BadRecord, LogRecord, end_offsets
 from events.settings import Settings
 from projections import tables
 from projections.deadletter import POISON_ERRORS, STAGE_APPLY, STAGE_DECODE, DeadLetterQueue, describe_error
 from projections.fold import Refusal
 from projections.leases import PartitionLeases, lease_class
+from projections.source import Batch, InlineSource, PrefetchSource, open_codec
 from projections.view import FORGOTTEN, Layout, View
 
 log = logging.getLogger(__name__)
@@ -125,16 +125,6 @@ def select_new(records: Iterable[LogRecord], applied: Mapping[str, int]) -> tupl
             latest[record.stream_id] = record.version
             new.append(record)
     return new, latest
-
-
-def open_codec(settings: Settings, catalog: Catalog | None = None) -> Codec:
-    """A codec that reads any registered schema (readers never register).
-
-    ``catalog`` (default: :func:`events.project.catalog_for`) only decides which current
-    schema old records are resolved against; a type it does not know reads as written.
-    """
-    registry = SchemaRegistry(KafkaSchemaLog(settings))
-    return Codec(registry, catalog or catalog_for(settings), settings.events_topic)
 
 
 # -- bookkeeping tables --------------------------------------------------------------------
@@ -220,8 +210,11 @@ class LogConsumer:
         codec: Codec | None = None,
         catalog: Catalog | None = None,
         scale_out: bool = False,
+        prefetch: bool = False,
     ) -> None:
         self.settings, self.owner, self.schema = settings, owner, schema
+        #: Fetch and decode in a process of their own, one batch ahead (:mod:`projections.source`).
+        self.prefetch = prefetch
         #: With scale_out, consumers of one schema share the partitions (:mod:`projections.leases`).
         self.leases = PartitionLeases(settings, schema) if scale_out else None
         self._rebalanced_at = 0.0
@@ -230,7 +223,9 @@ class LogConsumer:
         self.batch_size = batch_size
         self._codec = codec
         self._conn: psycopg.Connection[Any] | None = None
-        self._consumer: KafkaConsumer | None = None
+        self._consumer: KafkaConsumer | None = None  #: metadata; also the fetcher of an inline source
+        self._source: InlineSource | PrefetchSource | None = None
+        self._positions: dict[int, int] = {}
         self._partitions: list[TopicPartition] = []
         self._topic_partitions: list[int] = []
         self._expected: dict[int, int] = {}
@@ -256,7 +251,7 @@ class LogConsumer:
             self._reset()  # positions come from the database: a new connection means a new seek
             self._conn = postgres.connect(self.settings.database_url, autocommit=True)
             ensure_schema(self._conn, self.schema, self.owner, self.create_tables)
-        if self._codec is None:
+        if self._codec is None and not self.prefetch:
             self._codec = open_codec(self.settings, self._catalog)
         if self._consumer is None:
             ensure_event_topics(self.settings)
@@ -267,7 +262,11 @@ class LogConsumer:
                     raise ServiceUnavailable("kafka", where(self.settings), f"topic {self.topic!r} has no partitions")
                 self._topic_partitions = sorted(found)
                 self._partitions = [TopicPartition(self.topic, p) for p in self._held(force=True)]
-                self._consumer.assign(self._partitions)
+            if self.prefetch:
+                self._source = PrefetchSource(self.settings, self._catalog, self.batch_size)
+            else:
+                assert self._codec is not None
+                self._source = InlineSource(self.settings, self._consumer, self._codec, self.batch_size)
             self._seek_to_stored()
 
     def _held(self, *, force: bool = False) -> list[int]:
@@ -290,20 +289,14 @@ class LogConsumer:
         if mine != [tp.partition for tp in self._partitions]:
             log.info("%s: now reading partitions %s of %s", self.owner, mine, self.topic)
             self._partitions = [TopicPartition(self.topic, p) for p in mine]
-            with kafka_errors(self.settings):
-                self._consumer.assign(self._partitions)
             self._seek_to_stored()
 
     def _seek_to_stored(self) -> None:
-        assert self._conn is not None and self._consumer is not None
+        """Point the source at the committed positions of this consumer's partitions."""
+        assert self._conn is not None and self._source is not None
         with self._conn.cursor() as cur:
             self._expected = self._own(stored_offsets(cur, self.schema, self.topic))
-        with kafka_errors(self.settings):
-            for tp in self._partitions:
-                if tp.partition in self._expected:
-                    self._consumer.seek(tp, self._expected[tp.partition])
-                else:
-                    self._consumer.seek_to_beginning(tp)
+        self._positions = self._source.assign({tp.partition: self._expected.get(tp.partition) for tp in self._partitions})
 
     def _own(self, offsets: Mapping[int, int]) -> dict[int, int]:
         mine = {tp.partition for tp in self._partitions}
@@ -314,6 +307,9 @@ class LogConsumer:
         if self.leases is not None:
             self.leases.close()
         self._dead_letters.close()
+        if self._source is not None:
+            self._source.close()
+            self._source = None
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None
@@ -324,13 +320,13 @@ class LogConsumer:
     def _reset(self) -> None:
         """Drop connections after a failure; the next :meth:`open` re-seeks from the view."""
         self._dead_letters.discard()
-        for closer in (self._consumer, self._conn, self.leases):
+        for closer in (self._source, self._consumer, self._conn, self.leases):
             try:
                 if closer is not None:
                     closer.close()
             except Exception:  # noqa: BLE001 - it is already broken
                 pass
-        self._consumer = None
+        self._source = self._consumer = None
         self._conn = None
 
     def __enter__(self) -> Self:
@@ -340,25 +336,21 @@ class LogConsumer:
         self.close()
 
     # -- reading --------------------------------------------------------------------------
-    def _poll(self, timeout_ms: int) -> list[Any]:
-        """One batch of messages, partition by partition, each in offset order."""
-        assert self._consumer is not None
-        if not self._partitions:  # scaling out, and every partition is leased by another consumer
-            time.sleep(timeout_ms / 1000)
-            return []
-        with kafka_errors(self.settings):
-            polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=self.batch_size)
-        return [m for tp in sorted(polled, key=lambda t: t.partition) for m in polled[tp]]
+    def _poll(self, timeout_ms: int) -> Batch:
+        """One batch from the source (:mod:`projections.source`), decoded; the positions move past it."""
+        assert self._source is not None
+        batch = self._source.poll(timeout_ms)
+        self._positions.update(batch.positions)
+        return batch
 
     def positions(self) -> dict[int, int]:
         """Where the consumer will read next, per partition."""
-        assert self._consumer is not None
-        with kafka_errors(self.settings):
-            return {tp.partition: self._consumer.position(tp) for tp in self._partitions}
+        return dict(self._positions)
 
     # -- one batch ------------------------------------------------------------------------
-    def process(self, messages: Sequence[Any]) -> BatchOutcome:
+    def process(self, batch: Batch) -> BatchOutcome:
         """Apply one polled batch and commit it with its positions (the contract above)."""
+        messages = batch.messages
         conn = self._conn
         assert conn is not None
         try:
@@ -366,7 +358,7 @@ class LogConsumer:
                 self._lock(cur, messages)
                 if self._own(stored_offsets(cur, self.schema, self.topic)) != self._expected:
                     raise _PositionsMoved()
-                outcome = self._apply_messages(cur, messages)
+                outcome = self._apply_batch(cur, batch)
                 self._dead_letters.flush()
                 nexts = self._save_offsets(cur, messages)
         except _PositionsMoved:
@@ -398,13 +390,11 @@ class LogConsumer:
         """Whether a scaled-out batch must hold the schema alone (for a view: it carries an erasure)."""
         return False
 
-    def _apply_messages(self, cur: psycopg.Cursor[Any], messages: Sequence[Any]) -> BatchOutcome:
-        assert self._codec is not None
-        by_place = {(m.partition, m.offset): m for m in messages}
+    def _apply_batch(self, cur: psycopg.Cursor[Any], batch: Batch) -> BatchOutcome:
+        by_place = {(m.partition, m.offset): m for m in batch.messages}
         records: list[LogRecord] = []
         dead = 0
-        for message in messages:
-            decoded = decode_record(self._codec, message)
+        for message, decoded in zip(batch.messages, batch.records):
             if isinstance(decoded, BadRecord):
                 self._dead_letters.send(message, decoded.reason, STAGE_DECODE)
                 dead += 1
@@ -491,10 +481,10 @@ class LogConsumer:
             if all(now[p] >= ends[p] for p in ends):
                 break
             with gc_paused():  # a batch allocates many small containers (see events.gc_pause)
-                messages = self._poll(500)
-                if messages:
-                    outcome = outcome + self.process(messages)
-            if messages:
+                batch = self._poll(500)
+                if batch.messages:
+                    outcome = outcome + self.process(batch)
+            if batch.messages:
                 last_progress = time.monotonic()
                 if on_progress is not None:
                     consumed = sum(min(pos, ends[p]) - begin[p] for p, pos in self.positions().items() if p in ends)
@@ -516,8 +506,8 @@ class LogConsumer:
             self.open()
             self.rebalance()
             with gc_paused():
-                messages = self._poll(500)
-                outcome = self.process(messages) if messages else None
+                batch = self._poll(500)
+                outcome = self.process(batch) if batch.messages else None
             if outcome is not None and on_batch is not None:
                 on_batch(outcome)
             self.between_batches()
@@ -573,13 +563,14 @@ class ProjectionRunner(LogConsumer):
         codec: Codec | None = None,
         catalog: Catalog | None = None,
         scale_out: bool = False,
+        prefetch: bool = False,
     ) -> None:
         if not isinstance(view, View):
             raise ConfigurationError(f"{view!r} is not a projections.view.View (declare the view as a View subclass)")
         self.view = view
         self.layout = view.layout(schema)
         super().__init__(settings, view.name, self.layout.schema, batch_size=batch_size, codec=codec, catalog=catalog,
-                         scale_out=scale_out)
+                         scale_out=scale_out, prefetch=prefetch)
 
     def create_tables(self, cur: psycopg.Cursor[Any]) -> None:
         tables.create(cur, self.layout)

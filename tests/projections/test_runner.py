@@ -140,7 +140,9 @@ def test_the_view_equals_the_independent_fold_for_random_histories(store: EventS
 
 
 @pytest.mark.services
-def test_undecodable_and_poison_records_are_dead_lettered_and_the_rest_applied(store: EventStore, settings: Settings) -> None:
+@pytest.mark.parametrize("prefetch", [False, True], ids=["inline", "prefetch-process"])
+def test_undecodable_and_poison_records_are_dead_lettered_and_the_rest_applied(store: EventStore, settings: Settings,
+                                                                               prefetch: bool) -> None:
     expected = ExpectedSamples()
     expected.append(store, "sample-ok1", submitted("ok1", "a1", 1, 1))
     store.flush()
@@ -169,7 +171,7 @@ def test_undecodable_and_poison_records_are_dead_lettered_and_the_rest_applied(s
     expected.append(store, "sample-ok2", submitted("ok2", "a1", 2, 2))
     store.flush()
 
-    with ProjectionRunner(settings, SamplesView()) as runner:
+    with ProjectionRunner(settings, SamplesView(), prefetch=prefetch) as runner:
         result = runner.catch_up()
     assert (result.applied, result.dead_lettered) == (2, len(bad) + 1)
     with psycopg.connect(settings.database_url) as conn:
