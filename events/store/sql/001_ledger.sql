@@ -48,11 +48,15 @@ SELECT e.position, e.stream_id, e.version, e.event_id, e.event_type, e.schema_id
        e.subject_ids, e.occurred_at, e.recorded_at, e.partition, coalesce(p.kafka_offset, e.kafka_offset) AS kafka_offset
   FROM evp_events e LEFT JOIN evp_published p ON p.position = e.position;
 
--- Events committed to the ledger but not yet acknowledged by Kafka.
+-- Events committed to the ledger but not yet acknowledged by Kafka. evp_append writes each
+-- row in the statement that writes its event, and only the relay deletes rows, so there is
+-- no foreign key: its per-row check (a key-share lock on the new event row) tripled the
+-- append's server time (45 -> 16 µs an event in batches of 100).
 CREATE TABLE IF NOT EXISTS evp_outbox (
-    position  bigint PRIMARY KEY REFERENCES evp_events (position),
+    position  bigint PRIMARY KEY,
     partition integer NOT NULL
 );
+ALTER TABLE evp_outbox DROP CONSTRAINT IF EXISTS evp_outbox_position_fkey;
 CREATE INDEX IF NOT EXISTS evp_outbox_partition ON evp_outbox (partition, position);
 
 -- Uniqueness across streams: a scope (for example "customer-email") and the blind index of

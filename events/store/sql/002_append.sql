@@ -21,7 +21,13 @@ CREATE OR REPLACE FUNCTION evp_append(
     p_actors text[], p_subjects text[], p_subject_sets text[], p_occurred timestamptz[],
     p_scopes text[], p_reserved text[], p_reserved_for text[]
 ) RETURNS TABLE (r_duplicate boolean, r_first bigint, r_last bigint, r_positions bigint[])
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- Every lookup here is by a key with an index. A session caches the function's plans; one
+-- made while the ledger was small (a fresh database, before autovacuum's first ANALYZE)
+-- scans evp_events in full and stays, so each append costs more as the log grows (measured:
+-- 31 -> 142 µs an event over the first 40k events). Index paths keep it flat.
+SET enable_seqscan = off
+AS $$
 DECLARE
     n integer := cardinality(p_ids);
     v_current bigint;
