@@ -49,6 +49,22 @@ _MARK_PUBLISHED = (
 )
 
 
+#: The next outbox rows of some partitions (``%(partitions)s``, ``%(limit)s``), each joined to
+#: its event by primary key. Each step is a LATERAL subquery with a LIMIT, which PostgreSQL
+#: cannot flatten into a join, so every one is an index scan whatever the statistics say:
+#: the first ``limit`` rows of each partition from (partition, position), then the event by
+#: position. A plain join read all of evp_events, and the whole outbox, for every batch, so
+#: publishing slowed as the log (or the backlog) grew.
+BATCH_QUERY = (
+    "SELECT " + ", ".join(f"e.{c.strip()}" for c in EVENT_COLUMNS.split(",")) +
+    " FROM unnest(%(partitions)s::integer[]) AS p (partition)"
+    " CROSS JOIN LATERAL (SELECT position FROM evp_outbox b WHERE b.partition = p.partition"
+    "  ORDER BY b.position LIMIT %(limit)s) o"
+    " CROSS JOIN LATERAL (SELECT * FROM evp_events x WHERE x.position = o.position LIMIT 1) e"
+    " ORDER BY o.position LIMIT %(limit)s"
+)
+
+
 def lease_class(topic: str) -> int:
     """The advisory-lock class id of a topic's partition leases (a stable 31-bit hash)."""
     return zlib.crc32(f"evp-relay:{topic}".encode()) & 0x7FFFFFFF
@@ -87,6 +103,9 @@ class Relay:
         if self._conn is None or self._conn.closed:
             self._held.clear()
             self._conn = postgres.connect(self.database_url, autocommit=True)
+            # Every statement of the relay reads or deletes rows by key. A plan that scans
+            # the outbox (its statistics lag a backlog) makes each batch cost the backlog.
+            self._conn.execute("SET enable_seqscan = off")
             self._conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
         return self._conn
 
@@ -128,16 +147,7 @@ class Relay:
     def _publish_batch(self, partitions: list[int]) -> int:
         """One batch over every partition held: one SELECT, the sends, one flush, one mark (in partition order)."""
         conn = self._connection()
-        columns = ", ".join(f"e.{c.strip()}" for c in EVENT_COLUMNS.split(","))
-        # The next outbox rows first, then each one's event by primary key (LATERAL: a nested
-        # loop over the index whatever the statistics say; a hash join read all of evp_events
-        # for every batch, so publishing slowed as the log grew).
-        rows = conn.execute(
-            f"SELECT {columns} FROM (SELECT position FROM evp_outbox WHERE partition = ANY(%s)"
-            " ORDER BY position LIMIT %s) o CROSS JOIN LATERAL (SELECT * FROM evp_events x"
-            " WHERE x.position = o.position) e ORDER BY o.position",
-            (partitions, self.batch_size),
-        ).fetchall()
+        rows = conn.execute(BATCH_QUERY, {"partitions": partitions, "limit": self.batch_size}).fetchall()
         if not rows:
             return 0
         events = [row_to_event(r) for r in rows]
@@ -191,10 +201,15 @@ class Relay:
         return int(row[0]) if row else 0
 
     # -- running ------------------------------------------------------------------------
-    def wait_for_work(self, timeout: float) -> None:
-        """Sleep until an append is committed (NOTIFY) or ``timeout`` passes."""
+    def wait_for_work(self, timeout: float) -> bool:
+        """Sleep until an append is committed (NOTIFY) or ``timeout`` passes; True if woken.
+
+        A NOTIFY that arrives while the relay is publishing is kept by the connection and
+        wakes the next wait at once, so no commit waits for the poll interval.
+        """
         for _ in self._connection().notifies(timeout=timeout, stop_after=1):
-            break
+            return True
+        return False
 
     def run(self, stop: threading.Event, on_publish: Callable[[int], None] | None = None) -> None:
         """Publish until ``stop`` is set, surviving broker and database restarts (the one retry policy)."""
@@ -203,8 +218,11 @@ class Relay:
             sent = self.publish_pending()
             if on_publish and sent:
                 on_publish(sent)
-            if not sent:
-                self.wait_for_work(self.poll_interval)
+            if not sent:  # wait for work in slices, so a stop is seen within a second
+                deadline = time.monotonic() + self.poll_interval
+                while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+                    if self.wait_for_work(min(left, 1.0)):
+                        break
 
         run_until_stopped(stop, step, recover=self._reset_connection, log=log, name="relay")
 

@@ -39,6 +39,7 @@ from events.settings import Settings
 from events.store.client import EventStore
 from events.store.log import LogRecord, end_offsets, read_range
 from projections.runner import BatchOutcome
+from projections.source import Batch
 from projections.sagas import store as saga_store
 from projections.sagas.coordinator import SagaCoordinator
 from projections.sagas.declaration import command_id
@@ -255,22 +256,22 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
-def announced(process: Callable[[Sequence[Any]], BatchOutcome], messages: Sequence[Any]) -> BatchOutcome:
+def announced(process: Callable[[Batch], BatchOutcome], batch: Batch) -> BatchOutcome:
     """Say when a batch starts and when it committed, around ``process``."""
-    say(f"batch start {len(messages)}")
-    outcome = process(messages)
+    say(f"batch start {len(batch.messages)}")
+    outcome = process(batch)
     say(f"batch committed {outcome.applied}")
     return outcome
 
 
 class AnnouncingCoordinator(SagaCoordinator):
-    def process(self, messages: Sequence[Any]) -> BatchOutcome:
-        return announced(super().process, messages)
+    def process(self, batch: Batch) -> BatchOutcome:
+        return announced(super().process, batch)
 
 
 class AnnouncingWorker(ParticipantRunner):
-    def process(self, messages: Sequence[Any]) -> BatchOutcome:
-        return announced(super().process, messages)
+    def process(self, batch: Batch) -> BatchOutcome:
+        return announced(super().process, batch)
 
 
 def _loop(consumer: SagaCoordinator | ParticipantRunner, settings: Settings) -> int:
