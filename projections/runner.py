@@ -39,7 +39,6 @@ from psycopg import sql
 
 from events.adapters import postgres
 from events.adapters.retry import run_until_stopped
-from events.project import catalog_for
 from events.schema.catalog import Catalog
 from events.schema.codec import Codec
 from events.errors import ConfigurationError, ServiceUnavailable
