@@ -201,10 +201,12 @@ class Ledger:
 
 
 
+# Parameters in binary (%b): psycopg dumps the fifteen arrays in C instead of formatting
+# them as text (client CPU of a one-event append 166 -> 140 µs).
 _APPEND = (
     "SELECT r_duplicate, r_first, r_last, r_positions FROM evp_append("
-    "%s, %s, %s, %s, %s::uuid[], %s::text[], %s::integer[], %s::bytea[], %s::text[], %s::text[], %s::text[],"
-    " %s::timestamptz[], %s::text[], %s::text[], %s::text[])"
+    "%b, %b, %b, %b, %b::uuid[], %b::text[], %b::integer[], %b::bytea[], %b::text[], %b::text[], %b::text[],"
+    " %b::timestamptz[], %b::text[], %b::text[], %b::text[])"
 )
 
 
