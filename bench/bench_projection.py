@@ -11,7 +11,7 @@ times (connections, schema creation and the consumer's start outside the timed r
   decode, dedupe by stream version, net changes, COPY into staging + merge, offsets and
   versions in the same transaction;
 - the same with ``prefetch=True``: fetch and decode in a process of their own, one batch
-  ahead of the apply (:mod:`projections.source`);
+  ahead of the apply (:mod:`events.store.source`);
 - two runners scaling out (``scale_out=True``), each in its own process with half of the
   partitions' leases, from the moment both hold their share until both have caught up;
 - baseline: the same rows, already decoded in memory, written with psycopg's text-format

@@ -66,7 +66,7 @@ def rebuild(
     4. under the view's advisory lock, drop the live schema and rename the shadow to it;
     5. record a ``ProjectionRebuilt`` event.
 
-    ``prefetch``: fetch and decode in a process of their own (:mod:`projections.source`).
+    ``prefetch``: fetch and decode in a process of their own (:mod:`events.store.source`).
     """
     started = time.monotonic()
     live = view.layout(schema).schema

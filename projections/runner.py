@@ -52,7 +52,7 @@ from projections import tables
 from projections.deadletter import POISON_ERRORS, STAGE_APPLY, STAGE_DECODE, DeadLetterQueue, describe_error
 from projections.fold import Refusal
 from projections.leases import PartitionLeases, lease_class
-from projections.source import Batch, InlineSource, PrefetchSource, open_codec
+from events.store.source import Batch, InlineSource, PrefetchSource, open_codec
 from projections.view import FORGOTTEN, Layout, View
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ class LogConsumer:
         prefetch: bool = False,
     ) -> None:
         self.settings, self.owner, self.schema = settings, owner, schema
-        #: Fetch and decode in a process of their own, one batch ahead (:mod:`projections.source`).
+        #: Fetch and decode in a process of their own, one batch ahead (:mod:`events.store.source`).
         self.prefetch = prefetch
         #: With scale_out, consumers of one schema share the partitions (:mod:`projections.leases`).
         self.leases = PartitionLeases(settings, schema) if scale_out else None
@@ -336,7 +336,7 @@ class LogConsumer:
 
     # -- reading --------------------------------------------------------------------------
     def _poll(self, timeout_ms: int) -> Batch:
-        """One batch from the source (:mod:`projections.source`), decoded; the positions move past it."""
+        """One batch from the source (:mod:`events.store.source`), decoded; the positions move past it."""
         assert self._source is not None
         batch = self._source.poll(timeout_ms)
         self._positions.update(batch.positions)

@@ -30,6 +30,7 @@ from typing import Any
 
 from events.adapters.files import write_bytes_atomically
 from events.errors import ConfigurationError, IntegrityError, InvalidDataset, NotFound
+from events.gc_pause import gc_paused
 from events.event import Event
 from events.ids import uuid7
 from events.project import Project
@@ -125,6 +126,13 @@ def fold_range(store: EventStore, dataset: Dataset, ranges: Mapping[int, tuple[i
                progress: Progress | None = None) -> Fold:
     """Steps 3 of creation: read, dedupe, open personal fields of handled records, fold."""
     fold, dedupe = Fold(dataset), Deduplicator()
+    with gc_paused():  # the fold keeps every row: collections would walk them again and again
+        _fold_records(store, fold, dedupe, ranges, progress)
+    return fold
+
+
+def _fold_records(store: EventStore, fold: Fold, dedupe: Deduplicator, ranges: Mapping[int, tuple[int, int]],
+                  progress: Progress | None) -> None:
     for item in read_range(store.settings, store.settings.events_topic, store.codec, ranges):
         if progress:
             progress(1)
@@ -143,7 +151,6 @@ def fold_range(store: EventStore, dataset: Dataset, ranges: Mapping[int, tuple[i
                             version=item.version, actor=item.actor, occurred_at=item.occurred_at,
                             partition=item.partition, offset=item.offset)
         fold.apply(event, handler)
-    return fold
 
 
 def snapshot_dir(store: EventStore, snapshot_id: str) -> Path:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from events.store.client import EventStore
 from events.event import HEADER_EVENT_ID
+from events.gc_pause import gc_paused
 from events.store.ledger import EVENT_COLUMNS, row_to_event
 from events.store.log import end_offsets, read_pinned
 
@@ -58,6 +59,11 @@ class IntegrityReport:
 
 def verify_log(store: EventStore, progress: Callable[[int], None] | None = None) -> IntegrityReport:
     """Compare the topic with the ledger; see the module docstring for what is reported."""
+    with gc_paused():  # it holds every event of the ledger at once
+        return _verify(store, progress)
+
+
+def _verify(store: EventStore, progress: Callable[[int], None] | None) -> IntegrityReport:
     settings = store.settings
     conn = store.ledger.connection
     ranges = {p: (0, end) for p, end in end_offsets(settings, settings.events_topic).items()}

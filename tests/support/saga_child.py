@@ -38,7 +38,7 @@ from events.settings import Settings
 from events.store.client import EventStore
 from events.store.log import LogRecord, end_offsets, read_range
 from projections.runner import BatchOutcome
-from projections.source import Batch
+from events.store.source import Batch
 from projections.sagas import store as saga_store
 from projections.sagas.coordinator import SagaCoordinator
 from projections.sagas.declaration import command_id

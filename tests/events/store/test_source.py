@@ -26,7 +26,7 @@ from events.settings import Settings
 from events.store.client import EventStore
 from events.store.log import BadRecord, LogRecord, end_offsets
 from projections.runner import ProjectionRunner, projection_lag
-from projections.source import Batch, InlineSource, PrefetchSource, open_codec
+from events.store.source import Batch, InlineSource, PrefetchSource, open_codec
 from tests.support.views import REPO, ExpectedSamples, SamplesView, assert_samples, random_ops
 
 pytestmark = pytest.mark.services
@@ -173,7 +173,7 @@ def test_a_dead_prefetch_process_is_reported_as_retryable(store: EventStore, set
 _ORPHAN = """
 import sys, time
 from events.settings import Settings
-from projections.source import PrefetchSource
+from events.store.source import PrefetchSource
 source = PrefetchSource(Settings.from_env(), None, batch_size=5)
 source.assign({0: 0})
 print(source._process.pid, flush=True)

@@ -142,12 +142,12 @@ class PrefetchSource:
         self._codec: Codec | None = None
 
     def _start(self) -> None:
-        """Start the process as ``python -m projections.source`` (not multiprocessing's spawn,
+        """Start the process as ``python -m events.store.source`` (not multiprocessing's spawn,
         which re-imports the caller's main module), with a pipe each way."""
         control_theirs, control_ours = os.pipe()
         data_ours, data_theirs = os.pipe()
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "projections.source", str(control_theirs), str(data_theirs)],
+            [sys.executable, "-m", "events.store.source", str(control_theirs), str(data_theirs)],
             pass_fds=(control_theirs, data_theirs), stdin=subprocess.DEVNULL,
             # The child imports evp exactly as this process does (an editable checkout, a project dir).
             env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p)),
@@ -254,7 +254,10 @@ def _prefetch_main(control: Connection, data: Connection) -> None:
     consumer: KafkaConsumer | None = None
     try:
         _, settings, catalog, batch_size, parent = control.recv()
-        consumer = make_consumer(settings, max_poll_records=batch_size, fetch_max_wait_ms=200)
+        # A newly assigned partition is fetchable once its position is validated; meanwhile
+        # kafka-python sleeps retry_backoff_ms a poll (default 100 ms).
+        consumer = make_consumer(settings, max_poll_records=batch_size, fetch_max_wait_ms=200,
+                                 retry_backoff_ms=10)
         source = InlineSource(settings, consumer, open_codec(settings, catalog), batch_size)
         epoch: str | None = None
         sent: Mapping[int, int] = {}
@@ -297,8 +300,8 @@ def _prefetch_main(control: Connection, data: Connection) -> None:
 
 
 if __name__ == "__main__":
-    # Run the module's own copy, so what it pickles (Message) names projections.source, not __main__.
-    from projections.source import _prefetch_main as main
+    # Run the module's own copy, so what it pickles (Message) names events.store.source, not __main__.
+    from events.store.source import _prefetch_main as main
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # kafka-python warns when parsing a large fetch holds its event loop; this process has no other poller.
