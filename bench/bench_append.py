@@ -2,6 +2,10 @@
 
     python bench/bench_append.py [--small | --large]
 
+``--small`` runs 2,000 events, the default 2,000 and 20,000, ``--large`` also 200,000, each
+size in a fresh database, so a cost that grows with the log shows in the per-event column
+(the one-event-per-append rows stop at 20,000 events: at commit rate, more says nothing new).
+
 Runs against the services ``platform/services.py up`` started (or ``EVP_KAFKA`` /
 ``EVP_DATABASE_URL``), in a throwaway database and topic prefix that it removes again.
 Measured in the same run, so the ratios hold on whatever machine runs it:
@@ -13,9 +17,9 @@ Measured in the same run, so the ratios hold on whatever machine runs it:
   bytes, keys and headers to a topic of the same shape;
 - 1 event per append from 1 writer and from 8 concurrent writers (threads, a store each),
   no flush: PostgreSQL groups concurrent commits into shared WAL flushes;
-- append -> on-topic latency p50/p99 (from calling ``append``), with ``evp relay run`` in its own process, measured by a
-  consumer that sees each record arrive; appends are paced so that this is latency, not
-  queueing behind a backlog.
+- append -> on-topic latency p50/p99 (from calling ``append``), with ``evp relay run`` in its
+  own process, measured by a consumer that sees each record arrive; 1,000 appends paced at
+  200/s, so that this is latency, not queueing behind a backlog.
 """
 
 from __future__ import annotations
@@ -42,14 +46,9 @@ BATCH = 100
 STREAMS = 50
 
 
-@dataclass(frozen=True)
-class Size:
-    events: int
-    latency_samples: int
-    latency_rate: float  # appends per second while measuring latency
-
-
-SIZES = {"small": Size(2_000, 200, 100.0), "large": Size(20_000, 1_000, 200.0)}
+SIZES = {"small": (2_000,), "default": (2_000, 20_000), "large": (2_000, 20_000, 200_000)}
+SINGLE_CAP = 20_000  #: one-event-per-append rows stop here
+LATENCY_SAMPLES, LATENCY_RATE = 1_000, 200.0
 
 
 @dataclass(frozen=True)
@@ -96,15 +95,17 @@ def measure_single(store: EventStore, n: int) -> tuple[Throughput, list[int]]:
     return Throughput("consistent append, 1 event per append, + flush", n, timed(work)), appender.positions
 
 
-def measure_batches(store: EventStore, n: int) -> Throughput:
+def measure_batches(store: EventStore, n: int) -> tuple[Throughput, list[int]]:
     appender = Appender(store, "batch")
+    batches = [[sample(b * BATCH + j) for j in range(BATCH)] for b in range(n // BATCH)]
 
     def work() -> None:
-        for b in range(n // BATCH):
-            appender.append(b % STREAMS, [sample(b * BATCH + j) for j in range(BATCH)])
+        for b, events in enumerate(batches):
+            appender.append(b % STREAMS, events)
         store.flush()
 
-    return Throughput(f"consistent append, {BATCH} events per append, + flush", n // BATCH * BATCH, timed(work))
+    took = timed(work)
+    return Throughput(f"consistent append, {BATCH} events per append, + flush", n // BATCH * BATCH, took), appender.positions
 
 
 def measure_writers(settings: Settings, n: int, writers: int) -> Throughput:
@@ -213,44 +214,49 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 # -- report ------------------------------------------------------------------------------------
-def report(size_name: str, rows: Sequence[Throughput], raw: Throughput, latencies: Sequence[float], rate: float) -> str:
-    lines = [
-        f"### evp append benchmark ({size_name})",
-        "",
-        "| measurement | events | seconds | events/s | vs raw producer |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for row in [*rows, raw]:
-        ratio = "1.00x" if row is raw else f"{row.rate / raw.rate:.2f}x"
-        lines.append(f"| {row.name} | {row.events} | {row.seconds:.2f} | {row.rate:,.0f} | {ratio} |")
-    lines += [
-        "",
-        f"| append -> on topic (relay in its own process, {len(latencies)} appends at {rate:.0f}/s) | p50 | p99 | max |",
-        "|---|---:|---:|---:|",
-        f"| latency, ms | {percentile(latencies, 50) * 1000:.1f} | {percentile(latencies, 99) * 1000:.1f} | {max(latencies) * 1000:.1f} |",
-    ]
-    return "\n".join(lines)
+def measure_size(count: int) -> tuple[list[Throughput], Throughput]:
+    """Every throughput row at one log size, in a fresh database, and the raw baseline."""
+    single_count = min(count, SINGLE_CAP)
+    with throwaway(Settings.from_env()) as settings, EventStore.open(settings) as store:
+        store.append("warm-up", sample(-1))  # registers the schema, outside the timings
+        store.flush()
+        batches, positions = measure_batches(store, count)
+        single, _ = measure_single(store, single_count)
+        one_writer = measure_writers(settings, single_count, 1)
+        eight_writers = measure_writers(settings, single_count, 8)
+        encoding = measure_encoding(store, count)
+        raw = measure_raw(store, positions)
+    return [single, batches, one_writer, eight_writers, encoding], raw
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--small", dest="size", action="store_const", const="small", help="~2k events (default)")
-    group.add_argument("--large", dest="size", action="store_const", const="large", help="~20k events")
-    size_name = parser.parse_args(argv).size or "small"
-    size = SIZES[size_name]
+    group.add_argument("--small", dest="size", action="store_const", const="small", help="2k events")
+    group.add_argument("--large", dest="size", action="store_const", const="large", help="also 200k events")
+    sizes = SIZES[parser.parse_args(argv).size or "default"]
+    print("### evp append benchmark")
+    print()
+    print("| log events | measurement | events | seconds | events/s | µs per event | vs raw producer |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    writers: list[str] = []
+    for count in sizes:
+        rows, raw = measure_size(count)
+        for row in [*rows, raw]:
+            ratio = "1.00x" if row is raw else f"{row.rate / raw.rate:.2f}x"
+            print(f"| {count:,} | {row.name} | {row.events:,} | {row.seconds:.2f} | {row.rate:,.0f} |"
+                  f" {row.seconds / row.events * 1e6:,.1f} | {ratio} |", flush=True)
+        writers.append(f"{count:,} events: {rows[3].rate / rows[2].rate:.2f}x")
+    print(f"\n8 concurrent writers vs 1 (1 event per append): {'; '.join(writers)}")
     with throwaway(Settings.from_env()) as settings, EventStore.open(settings) as store:
-        store.append("warm-up", sample(-1))  # registers the schema, outside the timings
+        store.append("warm-up", sample(-1))
         store.flush()
-        single, positions = measure_single(store, size.events)
-        batches = measure_batches(store, size.events)
-        one_writer = measure_writers(settings, size.events, 1)
-        eight_writers = measure_writers(settings, size.events, 8)
-        encoding = measure_encoding(store, size.events)
-        raw = measure_raw(store, positions)
-        latencies = measure_latency(store, size.latency_samples, size.latency_rate)
-    print(report(size_name, [single, batches, one_writer, eight_writers, encoding], raw, latencies, size.latency_rate))
-    print(f"\n8 concurrent writers vs 1 (1 event per append): {eight_writers.rate / one_writer.rate:.2f}x")
+        latencies = measure_latency(store, LATENCY_SAMPLES, LATENCY_RATE)
+    print()
+    print(f"| append -> on topic (relay in its own process, {len(latencies)} appends at {LATENCY_RATE:.0f}/s) | p50 | p99 | max |")
+    print("|---|---:|---:|---:|")
+    print(f"| latency, ms | {percentile(latencies, 50) * 1000:.1f} | {percentile(latencies, 99) * 1000:.1f} |"
+          f" {max(latencies) * 1000:.1f} |")
     return 0
 
 
