@@ -224,7 +224,20 @@ class Relay:
                     if self.wait_for_work(min(left, 1.0)):
                         break
 
+        self._warm_up()
         run_until_stopped(stop, step, recover=self._reset_connection, log=log, name="relay")
+
+    def _warm_up(self) -> None:
+        """Connect the producer and learn the topic's leaders before the first append, so the
+        first events after a start do not wait for a TLS handshake and a metadata round trip
+        (measured: the first ~20 of 200/s appends took 50-130 ms). Failure is fine: the loop
+        connects again when it publishes, under the retry policy."""
+        try:
+            with kafka_errors(self.settings):
+                self._ensure_producer().partitions_for(self.topic)
+        except EvpError as err:
+            log.info("relay: warm-up failed (%s); connecting on the first publish", err)
+            self._drop_producer()
 
     @contextmanager
     def in_background(self) -> Iterator[Relay]:
