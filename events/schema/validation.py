@@ -130,9 +130,19 @@ _PRIMITIVES: dict[str, Check] = {
 
 #: Whole-array shortcuts for the common item types (64 floats per sample): True means
 #: every item is fine; False means "check item by item" to find and name the bad one.
+def _all_float32(items: Any) -> bool:
+    """Every item a float within float32's range, in C loops (~3 µs for 64, not ~13 item by item).
+
+    A NaN or an infinity makes the sum non-finite (float32-range values cannot overflow it),
+    and min/max bound the rest.
+    """
+    return (set(map(type, items)) == {float} and math.isfinite(math.fsum(items))
+            and -_FLOAT32_MAX <= min(items) and max(items) <= _FLOAT32_MAX)
+
+
 _ARRAY_SHORTCUTS: dict[Check, Callable[[Any], bool]] = {
-    _PRIMITIVES["float"]: lambda items: all(type(x) is float and -_FLOAT32_MAX <= x <= _FLOAT32_MAX for x in items),
-    _PRIMITIVES["double"]: lambda items: all(type(x) is float for x in items),
+    _PRIMITIVES["float"]: _all_float32,
+    _PRIMITIVES["double"]: lambda items: set(map(type, items)) == {float},
     _PRIMITIVES["int"]: lambda items: all(type(x) is int and -(2**31) <= x < 2**31 for x in items),
     _PRIMITIVES["long"]: lambda items: all(type(x) is int and -(2**63) <= x < 2**63 for x in items),
     _PRIMITIVES["string"]: lambda items: all(type(x) is str and x.isascii() for x in items),

@@ -299,6 +299,31 @@ def test_floats_accept_ints_nan_and_infinity() -> None:
              sample(features=[1, 2.5, float("nan"), float("inf"), -(2**24)]))
 
 
+_ITEMS = st.one_of(
+    st.floats(width=32), st.floats(), st.integers(-(2**40), 2**40), st.booleans(), st.text(max_size=2),
+    st.sampled_from([3.4028234663852886e38, 3.4028235677973366e38, -3.5e38, float("nan"), float("-inf")]),
+)
+
+
+@given(st.lists(_ITEMS, max_size=70))
+def test_a_float_array_is_refused_exactly_when_one_of_its_items_is(items: list[Any]) -> None:
+    """The whole-array fast path and the item-by-item check agree, and the bad item is named."""
+    def item_ok(item: Any) -> bool:
+        try:
+            validate("SampleSubmitted", CATALOG.schema("SampleSubmitted"), sample(features=[item]))
+            return True
+        except InvalidEvent:
+            return False
+
+    bad = [i for i, item in enumerate(items) if not item_ok(item)]
+    if bad:
+        with pytest.raises(InvalidEvent) as caught:
+            validate("SampleSubmitted", CATALOG.schema("SampleSubmitted"), sample(features=items))
+        assert caught.value.field == f"features[{bad[0]}]"
+    else:
+        validate("SampleSubmitted", CATALOG.schema("SampleSubmitted"), sample(features=items))
+
+
 LINKED = {"type": "record", "name": "Node", "namespace": "t", "fields": [
     {"name": "value", "type": "int"},
     {"name": "next", "type": ["null", "Node"], "default": None},
