@@ -13,6 +13,8 @@ Measured in the same run, so the ratios hold on whatever machine runs it:
 - consistent appends/s: ``EventStore.append`` with expected versions (validate, encode,
   ledger + outbox transaction), then ``flush`` until every event is on the topic; single
   events, and batches of 100 events per append;
+- the same batches while ``evp relay run`` publishes them from its own process, until the
+  outbox is empty: append and publication overlap, as in a deployment;
 - the baseline: kafka-python's idempotent producer (``acks=all``) sending the same encoded
   bytes, keys and headers to a topic of the same shape;
 - 1 event per append from 1 writer and from 8 concurrent writers (threads, a store each),
@@ -31,7 +33,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from kafka import TopicPartition
@@ -162,6 +165,37 @@ def measure_raw(store: EventStore, positions: Sequence[int]) -> Throughput:
         client.close()
 
 
+@contextmanager
+def relay_process(settings: Settings) -> Iterator[None]:
+    """``evp relay run`` in its own process, as a service runs it; stopped with SIGTERM after."""
+    relay = subprocess.Popen([sys.executable, "-m", "events.cli.main", "relay", "run"], env=settings.to_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        relay.wait(timeout=30)
+
+
+def measure_pipelined(store: EventStore, n: int) -> Throughput:
+    """Batches of 100 while a relay process publishes them: from the first append until the
+    outbox is empty (every event acknowledged by Kafka), the shape of a deployment."""
+    appender = Appender(store, "piped")
+    batches = [[sample(b * BATCH + j) for j in range(BATCH)] for b in range(n // BATCH)]
+    conn = store.ledger.connection
+    with relay_process(store.settings):
+        time.sleep(3.0)  # the relay starts, takes its leases and goes idle
+
+        def work() -> None:
+            for b, events in enumerate(batches):
+                appender.append(b % STREAMS, events)
+            while conn.execute("SELECT EXISTS (SELECT 1 FROM evp_outbox)").fetchone() != (False,):
+                time.sleep(0.005)
+
+        took = timed(work)
+    return Throughput(f"consistent append, {BATCH} events per append, relay in its own process", n // BATCH * BATCH, took)
+
+
 def measure_latency(store: EventStore, samples: int, rate: float) -> list[float]:
     """Seconds from calling ``append`` to a consumer seeing the record, relay running."""
     settings = store.settings
@@ -174,9 +208,6 @@ def measure_latency(store: EventStore, samples: int, rate: float) -> list[float]
     for tp in tps:
         reader.position(tp)
     stop = threading.Event()
-    # The relay in its own process, as a service runs it (`evp relay run`).
-    relay = subprocess.Popen([sys.executable, "-m", "events.cli.main", "relay", "run"], env=settings.to_env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def consume() -> None:
         while len(latencies) < samples and not stop.is_set():
@@ -191,17 +222,16 @@ def measure_latency(store: EventStore, samples: int, rate: float) -> list[float]
     consumer_thread.start()
     appender = Appender(store, "latency")
     try:
-        time.sleep(3.0)  # the relay process starts, takes its leases and goes idle
-        for i in range(samples):
-            event = sample(i)
-            committed[str(event.event_id).encode()] = time.perf_counter()  # before: the relay may beat our return
-            appender.append(i % STREAMS, [event])
-            time.sleep(1.0 / rate)
-        consumer_thread.join(60)
+        with relay_process(settings):
+            time.sleep(3.0)  # the relay process starts, takes its leases and goes idle
+            for i in range(samples):
+                event = sample(i)
+                committed[str(event.event_id).encode()] = time.perf_counter()  # before: the relay may beat our return
+                appender.append(i % STREAMS, [event])
+                time.sleep(1.0 / rate)
+            consumer_thread.join(60)
     finally:
         stop.set()
-        relay.send_signal(signal.SIGTERM)
-        relay.wait(timeout=30)
         consumer_thread.join(5)
         reader.close()
     if len(latencies) < samples:
@@ -221,12 +251,13 @@ def measure_size(count: int) -> tuple[list[Throughput], Throughput]:
         store.append("warm-up", sample(-1))  # registers the schema, outside the timings
         store.flush()
         batches, positions = measure_batches(store, count)
+        pipelined = measure_pipelined(store, count)
         single, _ = measure_single(store, single_count)
         one_writer = measure_writers(settings, single_count, 1)
         eight_writers = measure_writers(settings, single_count, 8)
         encoding = measure_encoding(store, count)
         raw = measure_raw(store, positions)
-    return [single, batches, one_writer, eight_writers, encoding], raw
+    return [single, batches, pipelined, one_writer, eight_writers, encoding], raw
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -246,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ratio = "1.00x" if row is raw else f"{row.rate / raw.rate:.2f}x"
             print(f"| {count:,} | {row.name} | {row.events:,} | {row.seconds:.2f} | {row.rate:,.0f} |"
                   f" {row.seconds / row.events * 1e6:,.1f} | {ratio} |", flush=True)
-        writers.append(f"{count:,} events: {rows[3].rate / rows[2].rate:.2f}x")
+        writers.append(f"{count:,} events: {rows[4].rate / rows[3].rate:.2f}x")
     print(f"\n8 concurrent writers vs 1 (1 event per append): {'; '.join(writers)}")
     with throwaway(Settings.from_env()) as settings, EventStore.open(settings) as store:
         store.append("warm-up", sample(-1))
