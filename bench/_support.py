@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -51,3 +53,16 @@ def timed(work: Callable[[], object]) -> float:
     started = time.perf_counter()
     work()
     return time.perf_counter() - started
+
+
+T = TypeVar("T")
+
+
+def sizes_from(argv: Sequence[str] | None, doc: str | None, sizes: Mapping[str, T]) -> T:
+    """What a bench runs: ``sizes["small"]`` with ``--small``, ``sizes["large"]`` with
+    ``--large``, else ``sizes["default"]``; ``doc``'s first paragraph is the ``--help`` text."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--small", dest="size", action="store_const", const="small", help="the smallest size only")
+    group.add_argument("--large", dest="size", action="store_const", const="large", help="the largest sizes too")
+    return sizes[parser.parse_args(argv).size or "default"]

@@ -26,7 +26,6 @@ Measured in the same run, so the ratios hold on whatever machine runs it:
 
 from __future__ import annotations
 
-import argparse
 import signal
 import statistics
 import subprocess
@@ -39,7 +38,7 @@ from dataclasses import dataclass
 
 from kafka import TopicPartition
 
-from _support import throwaway, timed  # noqa: E402  (also puts the repo on sys.path)
+from _support import sizes_from, throwaway, timed  # noqa: E402  (also puts the repo on sys.path)
 from events.store.client import EventStore
 from events.event import HEADER_EVENT_ID, NO_STREAM, Event, ExpectedVersion, kafka_headers
 from events.adapters.kafka import consumer, ensure_topic, producer
@@ -261,11 +260,7 @@ def measure_size(count: int) -> tuple[list[Throughput], Throughput]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--small", dest="size", action="store_const", const="small", help="2k events")
-    group.add_argument("--large", dest="size", action="store_const", const="large", help="also 200k events")
-    sizes = SIZES[parser.parse_args(argv).size or "default"]
+    sizes = sizes_from(argv, __doc__, SIZES)
     print("### evp append benchmark")
     print()
     print("| log events | measurement | events | seconds | events/s | µs per event | vs raw producer |")

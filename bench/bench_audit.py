@@ -18,11 +18,10 @@ row. Timed at each size:
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
-from _support import throwaway, timed  # noqa: E402  (also puts the repo on sys.path)
+from _support import sizes_from, throwaway, timed  # noqa: E402  (also puts the repo on sys.path)
 from events.event import Event
 from events.ops.audit import subject_history
 from events.ops.integrity import verify_log
@@ -87,11 +86,7 @@ def measure(count: int) -> list[tuple[str, float, int]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--small", dest="size", action="store_const", const="small")
-    group.add_argument("--large", dest="size", action="store_const", const="large")
-    sizes = SIZES[parser.parse_args(argv).size or "default"]
+    sizes = sizes_from(argv, __doc__, SIZES)
     print(f"### audit queries (a subject with {PROBE_EVENTS} events; verify over the whole log)")
     print()
     print("| log events | query | seconds | events/s | µs per event | ratio to its baseline |")

@@ -18,7 +18,6 @@ database and topic prefix (their wire schemas differ), dropped at the end. ``--s
 
 from __future__ import annotations
 
-import argparse
 import os
 import secrets
 import statistics
@@ -32,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _support import DIGITS, throwaway  # noqa: E402
+from _support import DIGITS, sizes_from, throwaway  # noqa: E402
 from events.privacy import cipher
 from events.store.client import EventStore  # noqa: E402
 from events.event import Event  # noqa: E402
@@ -165,12 +164,7 @@ def cipher_rates(operations: int) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--small", action="store_const", dest="size", const="small")
-    size.add_argument("--large", action="store_const", dest="size", const="large")
-    args = parser.parse_args(argv)
-    sizes = SIZES[args.size or "default"]
+    sizes = sizes_from(argv, __doc__, SIZES)
     print(f"### field encryption: encrypted vs plain (half the events carry personal data), batches of {BATCH},"
           f" median of {ROUNDS} runs (new subjects: 1 run of {NEW_SUBJECTS} at most); {os.cpu_count()} CPUs")
     print()

@@ -21,7 +21,6 @@ times (connections, schema creation and the consumer's start outside the timed r
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import sys
 import time
@@ -30,7 +29,7 @@ from typing import Any
 
 from kafka import TopicPartition
 
-from _support import DIGITS, throwaway, timed  # noqa: E402  (also puts the repo on sys.path)
+from _support import DIGITS, sizes_from, throwaway, timed  # noqa: E402  (also puts the repo on sys.path)
 from events.adapters import postgres
 from events.store.client import EventStore
 from events.event import Event
@@ -140,11 +139,7 @@ def measure(count: int) -> list[tuple[str, float]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--small", dest="size", action="store_const", const="small")
-    group.add_argument("--large", dest="size", action="store_const", const="large")
-    sizes = SIZES[parser.parse_args(argv).size or "default"]
+    sizes = sizes_from(argv, __doc__, SIZES)
     print("### projection catch-up (SampleSubmitted events, 64 features each)")
     print()
     print("| events | path | rows/s | µs per event | ratio to COPY | ratio to one runner |")

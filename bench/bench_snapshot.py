@@ -16,11 +16,10 @@ not personal, the annotator's stream is not needed), publishes them, then times:
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
-from _support import DIGITS, throwaway, timed  # noqa: E402  (also puts the repo on sys.path)
+from _support import DIGITS, sizes_from, throwaway, timed  # noqa: E402  (also puts the repo on sys.path)
 from events.event import Event
 from events.project import Project
 from events.settings import Settings
@@ -53,11 +52,7 @@ def measure(count: int) -> list[tuple[str, float]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--small", dest="size", action="store_const", const="small")
-    group.add_argument("--large", dest="size", action="store_const", const="large")
-    sizes = SIZES[parser.parse_args(argv).size or "default"]
+    sizes = sizes_from(argv, __doc__, SIZES)
     print("### snapshot creation (digits dataset, SampleSubmitted events of 64 features)")
     print()
     print("| events | path | records/s | µs per event | ratio to raw consume |")

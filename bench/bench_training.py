@@ -20,7 +20,6 @@ the same optimizer, batch size and epochs:
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from _support import timed  # noqa: E402  (also puts the repo on sys.path)
+from _support import sizes_from, timed  # noqa: E402  (also puts the repo on sys.path)
 from events.project import Project
 from trainer.data import Column, Table
 from trainer.determinism import fixed_cpu_threads
@@ -65,11 +64,7 @@ def plain_loop(recipe: Recipe[Any], table: Table, config: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--small", dest="size", action="store_const", const="small")
-    group.add_argument("--large", dest="size", action="store_const", const="large")
-    sizes = EPOCHS[parser.parse_args(argv).size or "default"]
+    sizes = sizes_from(argv, __doc__, EPOCHS)
     examples = digits()
     recipe = load_recipe(Project.read(DIGITS), "mlp")  # the digits example's MLP
     config = recipe.config(epochs=1, device="cpu")
