@@ -31,7 +31,16 @@ CREATE TABLE IF NOT EXISTS evp_events (
 ALTER TABLE evp_events ADD COLUMN IF NOT EXISTS subject_ids text[] NOT NULL DEFAULT '{}';
 
 CREATE INDEX IF NOT EXISTS evp_events_subject ON evp_events (subject_id) WHERE subject_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS evp_events_subjects ON evp_events USING gin (subject_ids);
+-- No fast-update pending list: every subject query would scan the whole list (up to 4 MB of
+-- recent entries), so an audit of one subject cost more the more had been appended lately.
+CREATE INDEX IF NOT EXISTS evp_events_subjects ON evp_events USING gin (subject_ids) WITH (fastupdate = off);
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_class WHERE oid = to_regclass('evp_events_subjects')
+                   AND 'fastupdate=off' = ANY (coalesce(reloptions, '{}'))) THEN
+        ALTER INDEX evp_events_subjects SET (fastupdate = off);  -- an index made before this change
+    END IF;
+END $$;
 CREATE INDEX IF NOT EXISTS evp_events_actor ON evp_events (actor);
 
 -- Where each published event landed on Kafka, written by the relay in the transaction that

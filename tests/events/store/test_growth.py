@@ -9,6 +9,7 @@ plans used to pick full scans (an append slowed from 31 to 142 µs an event over
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from datetime import datetime, timezone
@@ -20,6 +21,7 @@ import pytest
 
 from events.settings import Settings
 from events.store.client import EventStore
+from events.store.ledger import SUBJECT_QUERY
 from events.store.relay import BATCH_QUERY, Relay
 
 pytestmark = pytest.mark.services
@@ -29,11 +31,11 @@ APPEND = ("SELECT * FROM evp_append(%s, %s, %s, %s, %s::uuid[], %s::text[], %s::
           " %s::text[], %s::text[], %s::timestamptz[], %s::text[], %s::text[], %s::text[])")
 
 
-def _append(conn: psycopg.Connection[Any], stream: str, partition: int) -> None:
+def _append(conn: psycopg.Connection[Any], stream: str, partition: int, subject: str = "someone") -> None:
     now = datetime.now(timezone.utc)
     conn.execute(APPEND, (stream, "any", 0, partition, [uuid.uuid4() for _ in range(BATCH)], ["t.E"] * BATCH,
-                          [1] * BATCH, [b"x" * 200] * BATCH, ["a"] * BATCH, [None] * BATCH, ["[]"] * BATCH,
-                          [now] * BATCH, [], [], []))
+                          [1] * BATCH, [b"x" * 200] * BATCH, ["a"] * BATCH, [subject] * BATCH,
+                          [f'["{subject}"]'] * BATCH, [now] * BATCH, [], [], []))
 
 
 def _rows_scanned(conn: psycopg.Connection[Any]) -> int:
@@ -93,3 +95,22 @@ def test_publishing_a_backlog_reads_it_by_index(ledger: psycopg.Connection[Any],
         after = _table_reads(ledger)
     assert after["evp_outbox"][1] - before["evp_outbox"][1] == 10_000, "the relay's statistics arrived"
     assert {t: after[t][0] - before[t][0] for t in after} == {"evp_events": 0, "evp_outbox": 0}
+
+
+def _pages_read(conn: psycopg.Connection[Any], query: str, params: dict[str, Any]) -> int:
+    plan = "\n".join(r[0] for r in conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + query, params))
+    return sum(int(n) for n in re.findall(r"(?:shared hit|read)=(\d+)", plan))
+
+
+def test_a_subject_query_reads_as_many_pages_at_20k_events_as_at_1k(store: EventStore, settings: Settings) -> None:
+    """The audit of one subject costs its answer: 100 events of "probe" among 1k, then 20k."""
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        _append(conn, "probe-stream", 0, subject="probe")
+        for i in range(9):
+            _append(conn, f"p-{i}", i % settings.partitions, subject=f"other-{i}")
+        early = _pages_read(conn, SUBJECT_QUERY, {"subject": "probe"})
+        for i in range(190):
+            _append(conn, f"q-{i}", i % settings.partitions, subject=f"other-{i}")
+        late = _pages_read(conn, SUBJECT_QUERY, {"subject": "probe"})
+        assert len(conn.execute(SUBJECT_QUERY, {"subject": "probe"}).fetchall()) == BATCH
+    assert late <= early + 10, f"one subject's query read {early} pages among 1k events and {late} among 20k"
