@@ -8,11 +8,20 @@ copies consistently, in two systems with separate access control.
 
 Findings (each names the event or record):
 
-- ``altered``: the topic's bytes for an event differ from the ledger's;
+- ``altered``: the topic's bytes for an event differ from the ledger's, or its record
+  carries another stream version in its header (the one consumers dedupe on);
 - ``forged``: a record on the topic that the ledger never appended (unknown event id, or
   an id recorded under another stream or version);
 - ``missing``: a published event (the ledger holds its offset) that the topic no longer has;
+- ``truncated``: a partition that ends before offsets the ledger recorded for published
+  events (the topic was deleted and made again, or its records were deleted): one finding
+  per partition, with how many events are gone;
+- ``corrupt``: a range of offsets whose record batch fails its CRC check (a damaged
+  segment); the read steps past it and goes on, and the events in it are not reported
+  again as missing;
 - ``gap``: a stream whose ledger versions are not 1..n.
+
+Every finding is reported and the check goes on after it.
 
 Events still in the outbox are not expected on the topic yet; relay re-sends (the same
 bytes twice) are not findings.
@@ -25,15 +34,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from events.store.client import EventStore
-from events.event import HEADER_EVENT_ID
+from events.event import HEADER_EVENT_ID, HEADER_STREAM_VERSION, RecordedEvent
 from events.gc_pause import gc_paused
 from events.store.ledger import EVENT_COLUMNS, row_to_event
-from events.store.log import end_offsets, read_pinned
+from events.store.log import Corrupt, end_offsets, read_pinned
 
 
 @dataclass(frozen=True)
 class Finding:
-    kind: str  #: altered, forged, missing or gap
+    kind: str  #: altered, forged, missing, truncated, corrupt or gap
     detail: str
 
 
@@ -73,7 +82,8 @@ def _verify(store: EventStore, progress: Callable[[int], None] | None) -> Integr
     ledger = {event.event_id: event for event in map(row_to_event, rows)}
     report = IntegrityReport(events_checked=len(ledger))
     seen: set[uuid.UUID] = set()
-    for message in read_pinned(settings, settings.events_topic, ranges):
+    corrupt: list[Corrupt] = []
+    for message in read_pinned(settings, settings.events_topic, ranges, on_corrupt=corrupt.append):
         report.records_read += 1
         if progress:
             progress(1)
@@ -92,12 +102,29 @@ def _verify(store: EventStore, progress: Callable[[int], None] | None) -> Integr
             report.findings.append(Finding("altered", f"{where}: event {event_id} ({event.stream_id} v{event.version}) "
                                                       "differs from the ledger's bytes"))
             seen.add(event_id)  # reported once, as altered
+        elif headers.get(HEADER_STREAM_VERSION) != str(event.version).encode():
+            report.findings.append(Finding("altered", f"{where}: event {event_id} ({event.stream_id} v{event.version}) "
+                                                      f"carries stream version header {headers.get(HEADER_STREAM_VERSION)!r}"))
+            seen.add(event_id)
         else:
             seen.add(event_id)
+    report.findings.extend(
+        Finding("corrupt", f"partition {c.partition} offsets {c.start}..{c.end - 1}: unreadable ({c.reason})") for c in corrupt)
+    beyond: dict[int, list[RecordedEvent]] = {}
     for event_id, event in ledger.items():
-        if event_id not in seen and event.offset is not None and event.offset < ranges.get(event.partition, (0, 0))[1]:
+        if event_id in seen or event.offset is None:
+            continue
+        if event.offset >= ranges.get(event.partition, (0, 0))[1]:
+            beyond.setdefault(event.partition, []).append(event)
+        elif not any(c.partition == event.partition and c.start <= event.offset < c.end for c in corrupt):
             report.findings.append(Finding("missing", f"event {event_id} ({event.stream_id} v{event.version}) was "
                                                       f"published at {event.partition}@{event.offset} but is not on the topic intact"))
+    for partition, gone in sorted(beyond.items()):
+        first = min(gone, key=lambda e: e.offset or 0)
+        report.findings.append(Finding("truncated", f"partition {partition} ends at offset {ranges.get(partition, (0, 0))[1]}, "
+                                                    f"but the ledger recorded {len(gone)} published event(s) at or after it "
+                                                    f"(first: {first.event_id}, {first.stream_id} v{first.version} at offset "
+                                                    f"{first.offset})"))
     gaps = conn.execute(
         "SELECT stream_id, count(*), max(version) FROM evp_events GROUP BY stream_id HAVING count(*) <> max(version)"
     ).fetchall()

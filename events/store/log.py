@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from kafka import TopicPartition
+from kafka.errors import CorruptRecordError
 
 from events.schema.codec import Codec
 from events.privacy.policy import Policy
@@ -114,7 +115,8 @@ READ_IDLE_TIMEOUT_S = 30.0
 
 
 def read_pinned(
-    settings: Settings, topic: str, ranges: Mapping[int, tuple[int, int]], *, max_poll_records: int = 10_000
+    settings: Settings, topic: str, ranges: Mapping[int, tuple[int, int]], *, max_poll_records: int = 10_000,
+    on_corrupt: Callable[[Corrupt], None] | None = None,
 ) -> Iterator[Any]:
     """Every raw record in ``[start, end)`` of each partition, partition by partition, in offset order.
 
@@ -122,6 +124,11 @@ def read_pinned(
     past them, so the loop ends at the pinned end whether or not a record sits there. A
     partition that yields nothing for :data:`READ_IDLE_TIMEOUT_S` raises ServiceUnavailable
     rather than waiting forever.
+
+    A record batch that fails its CRC check (a flipped byte in a segment) raises, unless
+    ``on_corrupt`` is given: then the read steps past the batch one offset at a time (the
+    broker sends whole batches, and the client does not say where one ends), reports the
+    unreadable range to ``on_corrupt`` and goes on.
     """
     # The records are known to exist: a fetch that reaches the end of a partition must not wait
     # the default half second for more (it did, once per partition: 20k records 1.45 s -> 0.45 s);
@@ -138,7 +145,14 @@ def read_pinned(
                 reader.seek(tp, start)
                 deadline = time.monotonic() + READ_IDLE_TIMEOUT_S
                 while reader.position(tp) < end:
-                    batch = reader.poll(timeout_ms=500).get(tp, [])
+                    try:
+                        batch = reader.poll(timeout_ms=500).get(tp, [])
+                    except CorruptRecordError as err:
+                        if on_corrupt is None:
+                            raise
+                        on_corrupt(_skip_corrupt(reader, tp, end, err))
+                        deadline = time.monotonic() + READ_IDLE_TIMEOUT_S
+                        continue
                     for message in batch:
                         if message.offset >= end:
                             break
@@ -150,6 +164,34 @@ def read_pinned(
                                                  f"before offset {end} within {READ_IDLE_TIMEOUT_S:.0f}s")
     finally:
         reader.close()
+
+
+@dataclass(frozen=True)
+class Corrupt:
+    """Offsets ``[start, end)`` of a partition that no read can decode: their batch fails its CRC check."""
+
+    partition: int
+    start: int
+    end: int
+    reason: str
+
+
+def _skip_corrupt(reader: Any, tp: TopicPartition, end: int, error: CorruptRecordError) -> Corrupt:
+    """Seek past the corrupt batch that ``error`` reports at the reader's position; the range skipped."""
+    start = reader.position(tp)
+    offset = start + 1
+    while offset < end:
+        reader.seek(tp, offset)
+        try:
+            polled = reader.poll(timeout_ms=500, max_records=1).get(tp, [])
+        except CorruptRecordError:
+            offset += 1
+            continue
+        reader.seek(tp, polled[0].offset if polled else offset)
+        break
+    else:
+        reader.seek(tp, end)
+    return Corrupt(tp.partition, start, min(offset, end), str(error))
 
 
 def read_range(

@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
 
 from events.store.client import EventStore
-from events.event import HEADER_EVENT_ID, Event
+from events.adapters.kafka import admin, ensure_event_topics, producer
+from events.errors import EvpError
+from events.event import HEADER_EVENT_ID, HEADER_STREAM_VERSION, Event, kafka_headers
 from events.ops.integrity import verify_log
-from events.adapters.kafka import producer
 from events.settings import Settings
+from tests.support.plaintext import kafka_segments
 
 pytestmark = pytest.mark.services
 
@@ -77,3 +80,64 @@ def test_cli_exit_code_follows_the_verdict(store: EventStore, settings: Settings
     store.ledger.connection.execute("UPDATE evp_events SET value = value || '\\x01'::bytea WHERE stream_id = 'sample-2'")
     tampered = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert tampered.returncode == 1 and [f["kind"] for f in json.loads(tampered.stdout)["findings"]] == ["altered"]
+
+
+def test_a_copy_with_another_version_header_is_named_not_passed_as_a_re_send(store: EventStore,
+                                                                           settings: Settings) -> None:
+    """Consumers dedupe on the version header: a copy that lies about it is a finding."""
+    seed(store)
+    original = store.read_stream("sample-4", decrypt=False)[0].record
+    client = producer(settings)
+    headers = [(k, v) for k, v in kafka_headers(original) if k != HEADER_STREAM_VERSION]
+    client.send(settings.events_topic, key=b"sample-4", value=original.value,
+                headers=[*headers, (HEADER_STREAM_VERSION, b"7")], partition=original.partition).get(timeout=30)
+    client.close()
+    report = verify_log(store)
+    assert [f.kind for f in report.findings] == ["altered"], report.findings
+    assert "sample-4 v1" in report.findings[0].detail and "b'7'" in report.findings[0].detail
+
+
+def test_a_deleted_and_recreated_topic_is_truncated_not_intact(store: EventStore, settings: Settings) -> None:
+    seed(store)
+    published = store.ledger.connection.execute(
+        "SELECT partition, count(*) FROM evp_event_log WHERE kafka_offset IS NOT NULL GROUP BY partition").fetchall()
+    client = admin(settings)
+    try:
+        client.delete_topics([settings.events_topic])
+    finally:
+        client.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # deletion is asynchronous in the broker
+        try:
+            ensure_event_topics(settings)
+            break
+        except EvpError:
+            time.sleep(0.5)
+    report = verify_log(store)
+    assert report.records_read == 0 and not report.intact
+    truncated = sorted(f.detail for f in report.findings if f.kind == "truncated")
+    assert [f.kind for f in report.findings] == ["truncated"] * len(published)
+    for (partition, count), detail in zip(sorted(published), truncated):
+        assert detail.startswith(f"partition {partition} ends at offset 0") and f"recorded {count} published" in detail
+
+
+def test_a_flipped_byte_in_a_segment_is_a_corrupt_range_and_the_check_goes_on(store: EventStore,
+                                                                            settings: Settings) -> None:
+    for i in range(30):
+        store.append(f"sample-c{i}", Event("SampleSubmitted", {"sample_id": f"c{i}", "annotator_id": "a1",
+                                                               "features": [float(i)] * 64, "label": i % 10}))
+        store.flush()  # one record batch per event, so one flipped byte spoils one batch
+    segments = [p for p in kafka_segments(settings) if p.parent.name.startswith(settings.events_topic + "-")
+                and p.stat().st_size > 0]
+    if not segments:
+        pytest.fail("the broker's segments are not on this machine: the test needs the local broker")
+    segment = max(segments, key=lambda p: p.stat().st_size)
+    partition = int(segment.parent.name.rsplit("-", 1)[1])
+    data = bytearray(segment.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside some record batch of the partition
+    segment.write_bytes(bytes(data))
+    report = verify_log(store)
+    corrupt = [f for f in report.findings if f.kind == "corrupt"]
+    assert len(corrupt) == 1 and corrupt[0].detail.startswith(f"partition {partition} offsets "), report.findings
+    assert [f.kind for f in report.findings] == ["corrupt"], "nothing else: the events in the range are not 'missing'"
+    assert report.records_read >= 29, "every other record was read and checked"
