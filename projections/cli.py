@@ -26,6 +26,7 @@ from events.errors import EvpError
 from events.project import catalog_for, require_project
 from events.settings import Settings
 from events.adapters import postgres
+from projections import tables
 from projections.rebuild import rebuild, shadow_name
 from projections.roles import DEFAULT_PREFIX, check_views_schema, roles_exist, setup_roles
 from projections.runner import BatchOutcome, CatchUpResult, Progress, ProjectionRunner, projection_lag
@@ -143,6 +144,18 @@ def _grant(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _digest(args: argparse.Namespace, settings: Settings) -> int:
+    """A hash of the view's rows in key order: equal for two copies exactly when their rows are."""
+    projection = _view(args, settings)
+    with postgres.connect(settings.database_url, autocommit=True) as conn:
+        result = tables.digest(conn, projection, args.schema)
+    if args.json:
+        print_json({"view": projection.name, "schema": result.schema, "rows": result.rows, "sha256": result.sha256})
+    else:
+        print(f"view {projection.name} in schema {result.schema}: {result.rows} rows, sha256 {result.sha256}")
+    return 0
+
+
 def _status(args: argparse.Namespace, settings: Settings) -> int:
     projection = _view(args, settings)
     schema = projection.layout(args.schema).schema
@@ -190,6 +203,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
             help="fetch and decode the next batch in a process of its own while this one applies"
                  f" (default: {'on' if default else 'off'})")
     add("status", "per-partition lag of the view behind the events topic", _status)
+    add("digest", "a SHA-256 of the view's rows in key order (compare two copies of a view)", _digest)
     add("grant", "create or refresh the projector, analyst and auditor roles and their grants", _grant, json=False)
     for name in ("rebuild", "grant"):
         group.choices[name].add_argument("--role-prefix", default=DEFAULT_PREFIX,

@@ -3,7 +3,10 @@ erasures, rebuilds."""
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -21,7 +24,7 @@ from events.store.log import LogRecord
 from projections.deadletter import STAGE_APPLY, STAGE_DECODE, read_dead_letters
 from projections.rebuild import rebuild
 from projections.runner import Progress, ProjectionRunner, projection_lag, select_new
-from projections.tables import read_rows
+from projections.tables import digest, read_rows
 from projections.view import ERASED
 from tests.support.views import (
     ANNOTATORS_SCHEMA, SAMPLES_SCHEMA, AnnotatorsView, ExpectedSamples, SamplesView, assert_samples, corrected, forgotten,
@@ -304,3 +307,37 @@ def test_a_correction_and_a_retraction_in_one_append_fold_in_order(store: EventS
     with psycopg.connect(settings.database_url) as conn:
         assert_samples(conn, expected.rows)
     assert expected.rows["t"]["corrections"] == 2 and "u" not in expected.rows
+
+
+@pytest.mark.services
+def test_the_view_digest_is_equal_for_equal_rows_however_they_were_folded(store: EventStore, settings: Settings) -> None:
+    """One catch-up in big batches, one in batches of 3 and a rebuild: one digest; a changed row: another."""
+    _history(store, seed=21, count=80)
+    with ProjectionRunner(settings, SamplesView()) as runner:
+        runner.catch_up()
+    with ProjectionRunner(settings, SamplesView(), schema="digest_small_batches", batch_size=3) as runner:
+        runner.catch_up()
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        live = digest(conn, SamplesView())
+        small = digest(conn, SamplesView(), "digest_small_batches")
+        assert (live.rows, live.sha256) == (small.rows, small.sha256) and live.rows > 0
+        rebuild(settings, SamplesView())
+        assert digest(conn, SamplesView()).sha256 == live.sha256
+        conn.execute(f"UPDATE {SAMPLES_SCHEMA}.samples SET label = label + 1 WHERE sample_id = "
+                     f"(SELECT min(sample_id) FROM {SAMPLES_SCHEMA}.samples)")
+        assert digest(conn, SamplesView()).sha256 != live.sha256
+
+
+@pytest.mark.services
+def test_the_digest_command_prints_rows_and_hash(store: EventStore, settings: Settings, tmp_path: Any) -> None:
+    _history(store, seed=22, count=20)
+    with ProjectionRunner(settings, SamplesView()) as runner:
+        runner.catch_up()
+    env = {**settings.to_env(), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "events.cli", "projections", "digest", "samples", "--json"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        expected = digest(conn, SamplesView())
+    assert printed == {"view": "samples", "schema": expected.schema, "rows": expected.rows, "sha256": expected.sha256}
