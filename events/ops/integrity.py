@@ -19,6 +19,11 @@ Findings (each names the event or record):
 - ``corrupt``: a range of offsets whose record batch fails its CRC check (a damaged
   segment); the read steps past it and goes on, and the events in it are not reported
   again as missing;
+- ``chain``: a record whose link in its partition's hash chain does not follow the record
+  before it (:mod:`events.store.chain`): a record was removed, inserted or moved before it,
+  or it was changed together with its ledger copy; one finding per break;
+- ``unchained``: a record without a link after its partition's chain began (written to the
+  topic by something other than a relay);
 - ``gap``: a stream whose ledger versions are not 1..n.
 
 Every finding is reported and the check goes on after it.
@@ -32,17 +37,19 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from events.store.client import EventStore
 from events.event import HEADER_EVENT_ID, HEADER_STREAM_VERSION, RecordedEvent
 from events.gc_pause import gc_paused
 from events.store.ledger import EVENT_COLUMNS, row_to_event
+from events.store.chain import GENESIS, link, link_header, record_digest
 from events.store.log import Corrupt, end_offsets, read_pinned
 
 
 @dataclass(frozen=True)
 class Finding:
-    kind: str  #: altered, forged, missing, truncated, corrupt or gap
+    kind: str  #: altered, forged, missing, truncated, corrupt, chain, unchained or gap
     detail: str
 
 
@@ -66,6 +73,46 @@ class IntegrityReport:
         return "\n".join([*lines, f"{self.events_checked} events, {self.records_read} records: {self.verdict}"])
 
 
+class _Chains:
+    """Each partition's hash chain, followed record by record in offset order (events/store/chain.py)."""
+
+    def __init__(self) -> None:
+        self.heads: dict[int, bytes] = {}
+        self.links: dict[int, dict[bytes, bytes]] = {}  #: partition -> link -> digest, of the records chained so far
+        self.unreadable: set[int] = set()  #: partitions whose next record follows a corrupt range
+
+    def skipped(self, corrupt: Corrupt) -> None:
+        """A corrupt range was stepped over (reported as such): the next record's link is taken as it is."""
+        self.unreadable.add(corrupt.partition)
+
+    def check(self, message: Any, where: str) -> list[Finding]:
+        """The findings for one record: a link that does not follow, or no link once the chain began."""
+        partition = message.partition
+        claimed = link_header(message.headers or [])
+        if claimed is None:
+            if partition in self.heads:
+                return [Finding("unchained", f"{where}: a record without a chain link after the partition's chain "
+                                             "began (it was not published by a relay)")]
+            return []  # published before chains existed
+        digest = record_digest(message.key, message.value, message.headers or [])
+        seen = self.links.setdefault(partition, {})
+        if partition in self.unreadable:
+            self.unreadable.discard(partition)
+            self.heads[partition] = claimed
+            seen[claimed] = digest
+            return []
+        if claimed == link(self.heads.get(partition, GENESIS), digest):
+            self.heads[partition] = claimed
+            seen[claimed] = digest
+            return []
+        if seen.get(claimed) == digest:
+            return []  # a relay's re-send after a crash: the same record from the same head
+        self.heads[partition] = claimed  # follow the record's claim, so one break is reported once
+        seen[claimed] = digest
+        return [Finding("chain", f"{where}: its chain link does not follow the previous record's (a record before it "
+                                 "was removed, inserted or moved, or this one was changed)")]
+
+
 def verify_log(store: EventStore, progress: Callable[[int], None] | None = None) -> IntegrityReport:
     """Compare the topic with the ledger; see the module docstring for what is reported."""
     with gc_paused():  # it holds every event of the ledger at once
@@ -77,17 +124,25 @@ def _verify(store: EventStore, progress: Callable[[int], None] | None) -> Integr
     conn = store.ledger.connection
     ranges = {p: (0, end) for p, end in end_offsets(settings, settings.events_topic).items()}
     rows = conn.execute(
-        f"SELECT {EVENT_COLUMNS} FROM evp_event_log WHERE position NOT IN (SELECT position FROM evp_outbox)"
+        f"SELECT {EVENT_COLUMNS}, chain FROM evp_event_log WHERE position NOT IN (SELECT position FROM evp_outbox)"
     ).fetchall()
-    ledger = {event.event_id: event for event in map(row_to_event, rows)}
+    ledger = {event.event_id: event for event in (row_to_event(r[:-1]) for r in rows)}
+    links = {r[3]: bytes(r[-1]) for r in rows if r[-1] is not None}  #: event id -> the link the ledger recorded
     report = IntegrityReport(events_checked=len(ledger))
     seen: set[uuid.UUID] = set()
     corrupt: list[Corrupt] = []
-    for message in read_pinned(settings, settings.events_topic, ranges, on_corrupt=corrupt.append):
+    chains = _Chains()
+
+    def on_corrupt(found: Corrupt) -> None:
+        corrupt.append(found)
+        chains.skipped(found)
+
+    for message in read_pinned(settings, settings.events_topic, ranges, on_corrupt=on_corrupt):
         report.records_read += 1
         if progress:
             progress(1)
         where = f"partition {message.partition} offset {message.offset}"
+        report.findings.extend(chains.check(message, where))
         headers = dict(message.headers or [])
         try:
             event_id = uuid.UUID(headers[HEADER_EVENT_ID].decode())
@@ -105,6 +160,10 @@ def _verify(store: EventStore, progress: Callable[[int], None] | None) -> Integr
         elif headers.get(HEADER_STREAM_VERSION) != str(event.version).encode():
             report.findings.append(Finding("altered", f"{where}: event {event_id} ({event.stream_id} v{event.version}) "
                                                       f"carries stream version header {headers.get(HEADER_STREAM_VERSION)!r}"))
+            seen.add(event_id)
+        elif message.offset == event.offset and event_id in links and link_header(message.headers or []) != links[event_id]:
+            report.findings.append(Finding("altered", f"{where}: event {event_id} ({event.stream_id} v{event.version}) "
+                                                      "carries another chain link than the ledger recorded"))
             seen.add(event_id)
         else:
             seen.add(event_id)

@@ -34,6 +34,7 @@ from events.adapters import postgres
 from events.adapters.retry import run_until_stopped
 from events.errors import EvpError, Retryable, ServiceUnavailable
 from events.event import kafka_headers
+from events.store.chain import GENESIS, HEADER_CHAIN, link, record_digest
 from events.adapters.kafka import kafka_errors, producer as make_producer
 from events.settings import Settings
 from events.store.ledger import EVENT_COLUMNS, NOTIFY_CHANNEL, row_to_event
@@ -43,9 +44,14 @@ log = logging.getLogger(__name__)
 
 _MARK_PUBLISHED = (
     "WITH marked AS ("
-    " INSERT INTO evp_published (position, kafka_offset) SELECT * FROM unnest(%s::bigint[], %s::bigint[])"
-    " ON CONFLICT (position) DO UPDATE SET kafka_offset = EXCLUDED.kafka_offset)"
-    " DELETE FROM evp_outbox WHERE position = ANY(%s::bigint[])"
+    " INSERT INTO evp_published (position, kafka_offset, chain)"
+    " SELECT * FROM unnest(%(positions)s::bigint[], %(offsets)s::bigint[], %(links)s::bytea[])"
+    " ON CONFLICT (position) DO UPDATE SET kafka_offset = EXCLUDED.kafka_offset, chain = EXCLUDED.chain),"
+    " heads AS ("
+    " INSERT INTO evp_chain_heads (partition, kafka_offset, chain)"
+    " SELECT * FROM unnest(%(partitions)s::integer[], %(head_offsets)s::bigint[], %(heads)s::bytea[])"
+    " ON CONFLICT (partition) DO UPDATE SET kafka_offset = EXCLUDED.kafka_offset, chain = EXCLUDED.chain)"
+    " DELETE FROM evp_outbox WHERE position = ANY(%(positions)s::bigint[])"
 )
 
 
@@ -151,14 +157,21 @@ class Relay:
         if not rows:
             return 0
         events = [row_to_event(r) for r in rows]
+        # Chain the records per partition from the heads the ledger holds (chain.py, steps 2-4).
+        heads = {p: GENESIS for p in partitions} | {
+            int(p): bytes(c) for p, c in conn.execute(
+                "SELECT partition, chain FROM evp_chain_heads WHERE partition = ANY(%s)", (partitions,))}
+        links: list[bytes] = []
         producer = self._ensure_producer()
         try:
             with kafka_errors(self.settings):
-                futures = [
-                    producer.send(self.topic, value=e.value, key=e.stream_id.encode(), headers=kafka_headers(e),
-                                  partition=e.partition)
-                    for e in events
-                ]
+                futures = []
+                for e in events:
+                    key, headers = e.stream_id.encode(), kafka_headers(e)
+                    heads[e.partition] = link(heads[e.partition], record_digest(key, e.value, headers))
+                    links.append(heads[e.partition])
+                    futures.append(producer.send(self.topic, value=e.value, key=key, partition=e.partition,
+                                                 headers=[*headers, (HEADER_CHAIN, heads[e.partition].hex().encode())]))
                 producer.flush()
         except EvpError:
             self._drop_producer()
@@ -172,9 +185,16 @@ class Relay:
                 raise Retryable(f"kafka did not acknowledge position {event.position}: {err}") from err
             offsets.append((event.position, metadata.offset))
         positions = [p for p, _ in offsets]
-        # One statement for the whole batch: record where each event landed and clear it
-        # from the outbox, atomically (a crash before this commits means a re-send).
-        conn.execute(_MARK_PUBLISHED, (positions, [o for _, o in offsets], positions))
+        last: dict[int, tuple[int, bytes]] = {}
+        for event, (_, offset), chained in zip(events, offsets, links):
+            last[event.partition] = (offset, chained)
+        # One statement for the whole batch: record where each event landed, its link and the
+        # partitions' new heads, and clear it from the outbox, atomically (a crash before this
+        # commits means a re-send, from the same heads: the same links).
+        conn.execute(_MARK_PUBLISHED, {
+            "positions": positions, "offsets": [o for _, o in offsets], "links": links,
+            "partitions": list(last), "head_offsets": [o for o, _ in last.values()], "heads": [c for _, c in last.values()],
+        })
         return len(events)
 
     def _ensure_producer(self) -> KafkaProducer:

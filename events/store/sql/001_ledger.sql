@@ -51,15 +51,27 @@ CREATE TABLE IF NOT EXISTS evp_published (
     position     bigint PRIMARY KEY,
     kafka_offset bigint NOT NULL
 );
+-- The record's link in its partition's hash chain (events/store/chain.py); NULL for events
+-- published before chains existed.
+ALTER TABLE evp_published ADD COLUMN IF NOT EXISTS chain bytea;
+
+-- Each partition's chain head: the link of the last record its relay recorded, where the
+-- next holder of the partition's lease continues the chain.
+CREATE TABLE IF NOT EXISTS evp_chain_heads (
+    partition    integer PRIMARY KEY,
+    kafka_offset bigint NOT NULL,
+    chain        bytea NOT NULL
+);
 
 -- Each event's offset by primary key (a LATERAL subquery with a LIMIT is not flattened into
 -- a join): a query that selects a few events (one subject's) costs its answer, not a hash
 -- join over every published event, whose cost grew with the log.
 CREATE OR REPLACE VIEW evp_event_log AS
 SELECT e.position, e.stream_id, e.version, e.event_id, e.event_type, e.schema_id, e.value, e.actor, e.subject_id,
-       e.subject_ids, e.occurred_at, e.recorded_at, e.partition, coalesce(p.kafka_offset, e.kafka_offset) AS kafka_offset
+       e.subject_ids, e.occurred_at, e.recorded_at, e.partition, coalesce(p.kafka_offset, e.kafka_offset) AS kafka_offset,
+       p.chain
   FROM evp_events e
-  LEFT JOIN LATERAL (SELECT x.kafka_offset FROM evp_published x WHERE x.position = e.position LIMIT 1) p ON true;
+  LEFT JOIN LATERAL (SELECT x.kafka_offset, x.chain FROM evp_published x WHERE x.position = e.position LIMIT 1) p ON true;
 
 -- Events committed to the ledger but not yet acknowledged by Kafka. evp_append writes each
 -- row in the statement that writes its event, and only the relay deletes rows, so there is
