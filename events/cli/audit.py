@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
+from events.errors import ConfigurationError
+from events.ops import checkpoints
 from events.ops.audit import AuditEntry, stream_history, subject_history, summarize
 from events.cli.common import print_json, print_table
 from events.store.client import EventStore
@@ -31,20 +35,52 @@ def _subject(args: argparse.Namespace, settings: Settings) -> int:
         return _show(subject_history(store, args.id, decrypt=args.decrypt), args.json)
 
 
+def _path(value: str | None, variable: str) -> Path | None:
+    chosen = value or os.environ.get(variable)
+    return Path(chosen) if chosen else None
+
+
 def _verify(args: argparse.Namespace, settings: Settings) -> int:
     from events.ops.integrity import verify_log
 
+    public = _path(args.public_key, "EVP_AUDIT_PUBLIC_KEY_FILE")
+    witness = _path(args.witness, "EVP_AUDIT_WITNESS")
     with EventStore.open(settings) as store:
-        report = verify_log(store)
+        report = verify_log(store, public_key=checkpoints.load_public_key(public) if public else None, witness=witness)
     if args.json:
-        print_json({"intact": report.intact, "records_read": report.records_read,
-                    "events_checked": report.events_checked, "findings": [f.__dict__ for f in report.findings]})
+        print_json({"intact": report.intact, "records_read": report.records_read, "events_checked": report.events_checked,
+                    "checkpoints_checked": report.checkpoints_checked, "findings": [f.__dict__ for f in report.findings]})
     else:
         for finding in report.findings:
-            print(f"{finding.kind:8} {finding.detail}")
+            print(f"{finding.kind:9} {finding.detail}")
         verdict = "intact: the topic and the ledger agree" if report.intact else f"{len(report.findings)} findings"
-        print(f"{report.events_checked} ledger events, {report.records_read} topic records: {verdict}")
+        signed = (f", {report.checkpoints_checked} signed checkpoint(s) reached" if public
+                  else " (no audit public key: signed checkpoints not checked)")
+        print(f"{report.events_checked} ledger events, {report.records_read} topic records{signed}: {verdict}")
     return 0 if report.intact else 1
+
+
+def _keygen(args: argparse.Namespace, settings: Settings) -> int:
+    private, public = checkpoints.generate_key(Path(args.out))
+    print(f"audit key written: {private} (private: keep it off the database and broker hosts) and {public} (public)")
+    return 0
+
+
+def _checkpoint(args: argparse.Namespace, settings: Settings) -> int:
+    key_path = _path(args.key, "EVP_AUDIT_KEY_FILE")
+    witness = _path(args.witness, "EVP_AUDIT_WITNESS")
+    if key_path is None or witness is None:
+        raise ConfigurationError("a checkpoint needs the audit key (--key or EVP_AUDIT_KEY_FILE) and a witness folder "
+                                 "outside the database and the broker (--witness or EVP_AUDIT_WITNESS)")
+    with EventStore.open(settings) as store:
+        made = checkpoints.make_checkpoint(store, checkpoints.load_private_key(key_path), witness)
+    heads = {p: {"offset": h.offset, "link": h.link} for p, h in made.heads.items()}
+    if args.json:
+        print_json({"id": made.id, "made_at": made.made_at, "heads": heads, "signature": made.signature})
+    else:
+        print(f"checkpoint {made.id} signed at {made.made_at}: " +
+              ", ".join(f"partition {p} at offset {h['offset']}" for p, h in sorted(heads.items())))
+    return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -59,6 +95,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         query.add_argument("--json", action="store_true", help="machine-readable output")
         query.add_argument("--decrypt", action="store_true", help="decrypt personal fields (needs the keyring)")
         query.set_defaults(func=func)
-    verify = group.add_parser("verify", help="was the log tampered with? compare the topic with the ledger")
+    verify = group.add_parser("verify", help="was the log tampered with? the chains, the signed checkpoints, both copies")
     verify.add_argument("--json", action="store_true")
+    verify.add_argument("--public-key", help="the audit public key (default: EVP_AUDIT_PUBLIC_KEY_FILE): check signed checkpoints")
+    verify.add_argument("--witness", help="the witness folder (default: EVP_AUDIT_WITNESS): checkpoints kept outside the log")
     verify.set_defaults(func=_verify)
+    keygen = group.add_parser("keygen", help="make the auditor's Ed25519 key pair (audit-key.pem, audit-key.pub)")
+    keygen.add_argument("--out", required=True, help="folder for the two files (never the database's or broker's host)")
+    keygen.set_defaults(func=_keygen)
+    checkpoint = group.add_parser("checkpoint", help="sign every partition's chain head; record it and witness it")
+    checkpoint.add_argument("--key", help="the audit private key (default: EVP_AUDIT_KEY_FILE)")
+    checkpoint.add_argument("--witness", help="where the signed checkpoint is also written (default: EVP_AUDIT_WITNESS)")
+    checkpoint.add_argument("--json", action="store_true")
+    checkpoint.set_defaults(func=_checkpoint)

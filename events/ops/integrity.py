@@ -24,6 +24,10 @@ Findings (each names the event or record):
   or it was changed together with its ledger copy; one finding per break;
 - ``unchained``: a record without a link after its partition's chain began (written to the
   topic by something other than a relay);
+- ``checkpoint``: a signed checkpoint whose signature does not verify (with the auditor's
+  public key given);
+- ``rewritten``: a signed head whose offset holds a record with another link: the history
+  up to it was changed, even if consistently in both copies;
 - ``gap``: a stream whose ledger versions are not 1..n.
 
 Every finding is reported and the check goes on after it.
@@ -35,14 +39,18 @@ bytes twice) are not findings.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from events.store.client import EventStore
 from events.event import HEADER_EVENT_ID, HEADER_STREAM_VERSION, RecordedEvent
 from events.gc_pause import gc_paused
 from events.store.ledger import EVENT_COLUMNS, row_to_event
+from events.ops.checkpoints import Checkpoint, gather, unmet_heads, watched_offsets
 from events.store.chain import GENESIS, link, link_header, record_digest
 from events.store.log import Corrupt, end_offsets, read_pinned
 
@@ -57,6 +65,7 @@ class Finding:
 class IntegrityReport:
     records_read: int = 0
     events_checked: int = 0
+    checkpoints_checked: int = 0  #: signed checkpoints whose signature verified
     findings: list[Finding] = field(default_factory=list)
 
     @property
@@ -73,10 +82,29 @@ class IntegrityReport:
         return "\n".join([*lines, f"{self.events_checked} events, {self.records_read} records: {self.verdict}"])
 
 
+def _checkpoint_findings(checkpoints: list[Checkpoint], valid: list[Checkpoint], only_witnessed: set[str],
+                         links_at: Mapping[tuple[int, int], bytes], ends: Mapping[int, int]) -> list[Finding]:
+    findings: list[Finding] = []
+    for checkpoint in checkpoints:
+        name = f"checkpoint {checkpoint.id} (made at {checkpoint.made_at})"
+        if checkpoint not in valid:
+            findings.append(Finding("checkpoint", f"{name}: its signature does not verify with the audit public key "
+                                                  "(forged, or signed with another key)"))
+            continue
+        if checkpoint.id in only_witnessed:
+            findings.append(Finding("missing", f"{name} is in the witness folder but not in the log"))
+        for partition, head, why in unmet_heads(checkpoint, links_at, ends):
+            kind = "truncated" if "ends at" in why else "rewritten"
+            findings.append(Finding(kind, f"partition {partition} offset {head.offset}, signed by {name}: {why}"))
+    return findings
+
+
 class _Chains:
     """Each partition's hash chain, followed record by record in offset order (events/store/chain.py)."""
 
-    def __init__(self) -> None:
+    def __init__(self, watched: Mapping[int, set[int]] | None = None) -> None:
+        self.watched = watched or {}  #: partition -> offsets whose link a checkpoint signed
+        self.links_at: dict[tuple[int, int], bytes] = {}  #: (partition, offset) -> the link found there
         self.heads: dict[int, bytes] = {}
         self.links: dict[int, dict[bytes, bytes]] = {}  #: partition -> link -> digest, of the records chained so far
         self.unreadable: set[int] = set()  #: partitions whose next record follows a corrupt range
@@ -89,6 +117,8 @@ class _Chains:
         """The findings for one record: a link that does not follow, or no link once the chain began."""
         partition = message.partition
         claimed = link_header(message.headers or [])
+        if claimed is not None and message.offset in self.watched.get(partition, ()):
+            self.links_at[(partition, message.offset)] = claimed
         if claimed is None:
             if partition in self.heads:
                 return [Finding("unchained", f"{where}: a record without a chain link after the partition's chain "
@@ -113,13 +143,20 @@ class _Chains:
                                  "was removed, inserted or moved, or this one was changed)")]
 
 
-def verify_log(store: EventStore, progress: Callable[[int], None] | None = None) -> IntegrityReport:
-    """Compare the topic with the ledger; see the module docstring for what is reported."""
+def verify_log(store: EventStore, progress: Callable[[int], None] | None = None, *,
+               public_key: Ed25519PublicKey | None = None, witness: Path | None = None) -> IntegrityReport:
+    """Compare the topic with the ledger; see the module docstring for what is reported.
+
+    With the auditor's ``public_key``, the signed checkpoints (of the log, and of the
+    ``witness`` folder) are checked too: each must verify, each witnessed one must be in
+    the log, and each one's heads must be on the topic (:mod:`events.ops.checkpoints`).
+    """
     with gc_paused():  # it holds every event of the ledger at once
-        return _verify(store, progress)
+        return _verify(store, progress, public_key, witness)
 
 
-def _verify(store: EventStore, progress: Callable[[int], None] | None) -> IntegrityReport:
+def _verify(store: EventStore, progress: Callable[[int], None] | None, public_key: Ed25519PublicKey | None,
+            witness: Path | None) -> IntegrityReport:
     settings = store.settings
     conn = store.ledger.connection
     ranges = {p: (0, end) for p, end in end_offsets(settings, settings.events_topic).items()}
@@ -131,7 +168,9 @@ def _verify(store: EventStore, progress: Callable[[int], None] | None) -> Integr
     report = IntegrityReport(events_checked=len(ledger))
     seen: set[uuid.UUID] = set()
     corrupt: list[Corrupt] = []
-    chains = _Chains()
+    checkpoints, only_witnessed = gather(store, witness) if public_key is not None else ([], set())
+    valid = [c for c in checkpoints if public_key is not None and c.valid(public_key)]
+    chains = _Chains(watched_offsets(valid))
 
     def on_corrupt(found: Corrupt) -> None:
         corrupt.append(found)
@@ -169,6 +208,9 @@ def _verify(store: EventStore, progress: Callable[[int], None] | None) -> Integr
             seen.add(event_id)
     report.findings.extend(
         Finding("corrupt", f"partition {c.partition} offsets {c.start}..{c.end - 1}: unreadable ({c.reason})") for c in corrupt)
+    report.checkpoints_checked = len(valid)
+    report.findings.extend(_checkpoint_findings(checkpoints, valid, only_witnessed, chains.links_at,
+                                                {p: end for p, (_, end) in ranges.items()}))
     beyond: dict[int, list[RecordedEvent]] = {}
     for event_id, event in ledger.items():
         if event_id in seen or event.offset is None:

@@ -1,0 +1,206 @@
+"""Signed chain heads: the checkpoints an auditor's key makes, and what they prove.
+
+Whoever can write both the ledger and the topic can recompute every hash chain
+(:mod:`events.store.chain`). A checkpoint is a statement of every partition's chain head —
+the offset of its last recorded record and that record's link — signed with an Ed25519 key
+that neither PostgreSQL nor Kafka holds. Contract:
+
+1. :func:`generate_key` writes the key pair: ``audit-key.pem`` (the private key, mode 0600,
+   for whoever makes checkpoints) and ``audit-key.pub`` (the public key, hex, for whoever
+   verifies); the platform stores neither;
+2. :func:`make_checkpoint` reads the heads (``evp_chain_heads``), signs the statement's
+   canonical JSON, records it as an ``AuditCheckpointed`` event (stream
+   :data:`CHECKPOINT_STREAM`) and writes the same file to a *witness* folder outside both
+   systems (another disk, a mounted bucket), so deleting the event does not delete it;
+3. :func:`gather` collects the checkpoints of the log and of the witness, one per id;
+4. :meth:`Checkpoint.valid` checks a signature against the public key; a checkpoint whose
+   signature fails was not made with the auditor's key.
+
+``evp audit verify --public-key`` then requires each valid checkpoint's heads to be on the
+topic, in the chain it follows: a history rewritten before a signed head no longer reaches
+it. Events after the newest checkpoint are chained but not yet signed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from events.adapters.files import write_bytes_atomically
+from events.errors import ConfigurationError, NotFound
+from events.event import Event
+from events.store.client import EventStore
+
+CHECKPOINT_STREAM = "audit-checkpoints"
+PRIVATE_KEY_FILE, PUBLIC_KEY_FILE = "audit-key.pem", "audit-key.pub"
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Head:
+    """One partition's chain head: the record at ``offset`` carries ``link``."""
+
+    offset: int
+    link: str  #: hex
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A signed statement of the heads (step 2); ``statement`` is exactly the signed text."""
+
+    statement: str
+    signature: str  #: hex
+
+    @property
+    def body(self) -> dict[str, Any]:
+        parsed: dict[str, Any] = json.loads(self.statement)
+        return parsed
+
+    @property
+    def id(self) -> str:
+        return hashlib.sha256(self.statement.encode()).hexdigest()[:16]
+
+    @property
+    def made_at(self) -> str:
+        return str(self.body.get("made_at", "?"))
+
+    @property
+    def heads(self) -> dict[int, Head]:
+        return {int(p): Head(int(h["offset"]), str(h["link"])) for p, h in self.body.get("heads", {}).items()}
+
+    def valid(self, public_key: Ed25519PublicKey) -> bool:
+        """Step 4: made with the private key of ``public_key``, and of this format."""
+        try:
+            public_key.verify(bytes.fromhex(self.signature), self.statement.encode())
+        except (InvalidSignature, ValueError):
+            return False
+        return self.body.get("format") == FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps({"statement": self.statement, "signature": self.signature}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Checkpoint:
+        data = json.loads(text)
+        return cls(str(data["statement"]), str(data["signature"]))
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+# -- keys ----------------------------------------------------------------------------------
+def generate_key(folder: Path) -> tuple[Path, Path]:
+    """Step 1: a new key pair in ``folder``; refuses to overwrite one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    private_path, public_path = folder / PRIVATE_KEY_FILE, folder / PUBLIC_KEY_FILE
+    if private_path.exists():
+        raise ConfigurationError(f"{private_path} exists: an audit key is never overwritten (checkpoints need it)")
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    descriptor = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as out:
+        out.write(pem)
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    public_path.write_text(raw.hex() + "\n", encoding="ascii")
+    return private_path, public_path
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except FileNotFoundError as err:
+        raise ConfigurationError(f"no audit key at {path} (make one with `evp audit keygen`)") from err
+    except ValueError as err:
+        raise ConfigurationError(f"{path} is not a PEM private key: {err}") from err
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigurationError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
+    return key
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    try:
+        return Ed25519PublicKey.from_public_bytes(bytes.fromhex(path.read_text(encoding="ascii").strip()))
+    except FileNotFoundError as err:
+        raise ConfigurationError(f"no audit public key at {path}") from err
+    except ValueError as err:
+        raise ConfigurationError(f"{path} is not an Ed25519 public key in hex: {err}") from err
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+def make_checkpoint(store: EventStore, key: Ed25519PrivateKey, witness: Path) -> Checkpoint:
+    """Step 2: publish what is pending, sign every partition's head, record it, witness it."""
+    store.flush()
+    rows = store.ledger.connection.execute("SELECT partition, kafka_offset, chain FROM evp_chain_heads ORDER BY 1").fetchall()
+    if not rows:
+        raise NotFound("no partition has a chain head yet: publish events before making a checkpoint")
+    made_at = datetime.now(timezone.utc).isoformat()
+    body: dict[str, Any] = {
+        "format": FORMAT, "topic": store.settings.events_topic,
+        "heads": {str(p): {"offset": int(o), "link": bytes(c).hex()} for p, o, c in rows},
+        "made_at": made_at, "key_id": key_id(key.public_key()),
+    }
+    statement = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    checkpoint = Checkpoint(statement, key.sign(statement.encode()).hex())
+    folder = witness_folder(witness, store.settings.events_topic)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomically(folder / f"checkpoint-{made_at[:19].replace(':', '')}-{checkpoint.id}.json",
+                           checkpoint.to_json().encode())
+    store.append(CHECKPOINT_STREAM, Event("AuditCheckpointed", {
+        "statement": statement, "signature": checkpoint.signature, "key_id": str(body["key_id"]),
+    }, actor=store.settings.actor))
+    store.flush()
+    return checkpoint
+
+
+def witness_folder(witness: Path, topic: str) -> Path:
+    return witness / topic
+
+
+def gather(store: EventStore, witness: Path | None) -> tuple[list[Checkpoint], set[str]]:
+    """Step 3: every checkpoint, and the ids of those only the witness holds."""
+    logged: dict[str, Checkpoint] = {}
+    try:
+        for stored in store.read_stream(CHECKPOINT_STREAM, decrypt=False):
+            found = Checkpoint(str(stored.data["statement"]), str(stored.data["signature"]))
+            logged[found.id] = found
+    except NotFound:
+        pass
+    witnessed: dict[str, Checkpoint] = {}
+    if witness is not None:
+        for path in sorted(witness_folder(witness, store.settings.events_topic).glob("checkpoint-*.json")):
+            found = Checkpoint.from_json(path.read_text(encoding="utf-8"))
+            witnessed[found.id] = found
+    return [*logged.values(), *(c for i, c in witnessed.items() if i not in logged)], set(witnessed) - set(logged)
+
+
+def watched_offsets(checkpoints: Iterable[Checkpoint]) -> dict[int, set[int]]:
+    """partition -> the offsets some checkpoint signed a head at."""
+    out: dict[int, set[int]] = {}
+    for checkpoint in checkpoints:
+        for partition, head in checkpoint.heads.items():
+            out.setdefault(partition, set()).add(head.offset)
+    return out
+
+
+def unmet_heads(checkpoint: Checkpoint, links_at: Mapping[tuple[int, int], bytes],
+                ends: Mapping[int, int]) -> list[tuple[int, Head, str]]:
+    """Each head of ``checkpoint`` the topic does not have: (partition, head, why)."""
+    out: list[tuple[int, Head, str]] = []
+    for partition, head in sorted(checkpoint.heads.items()):
+        if head.offset >= ends.get(partition, 0):
+            out.append((partition, head, f"the partition ends at offset {ends.get(partition, 0)}, before it"))
+        elif links_at.get((partition, head.offset), b"").hex() != head.link:
+            out.append((partition, head, "the record there has another link: the history up to it was rewritten"))
+    return out
