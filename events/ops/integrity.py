@@ -79,7 +79,8 @@ class IntegrityReport:
     def __str__(self) -> str:
         """One line per finding, then ``N events, M records: intact`` (or ``NOT intact``)."""
         lines = [f"{f.kind}: {f.detail}" for f in self.findings]
-        return "\n".join([*lines, f"{self.events_checked} events, {self.records_read} records: {self.verdict}"])
+        signed = f", {self.checkpoints_checked} signed checkpoint(s) reached" if self.checkpoints_checked else ""
+        return "\n".join([*lines, f"{self.events_checked} events, {self.records_read} records{signed}: {self.verdict}"])
 
 
 def _checkpoint_findings(checkpoints: list[Checkpoint], valid: list[Checkpoint], only_witnessed: set[str],
