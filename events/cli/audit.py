@@ -83,6 +83,33 @@ def _checkpoint(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _prove(args: argparse.Namespace, settings: Settings) -> int:
+    with EventStore.open(settings) as store:
+        proof = checkpoints.prove(store, args.event_id, _path(args.witness, "EVP_AUDIT_WITNESS"))
+    if args.out:
+        Path(args.out).write_text(proof.to_json() + "\n", encoding="utf-8")
+        print(f"proof for event {args.event_id} (partition {proof.partition} offset {proof.offset}, "
+              f"{len(proof.following)} links to checkpoint {proof.checkpoint.id}) written to {args.out}")
+    else:
+        print(proof.to_json())
+    return 0
+
+
+def _check_proof(args: argparse.Namespace, settings: Settings) -> int:
+    proof = checkpoints.Proof.from_json(Path(args.proof).read_text(encoding="utf-8"))
+    public = _path(args.public_key, "EVP_AUDIT_PUBLIC_KEY_FILE")
+    if public is None:
+        raise ConfigurationError("checking a proof needs the audit public key (--public-key or EVP_AUDIT_PUBLIC_KEY_FILE)")
+    failure = proof.check(checkpoints.load_public_key(public))
+    where = f"{proof.topic} partition {proof.partition} offset {proof.offset}"
+    if failure is None:
+        print(f"proof holds: the record at {where} is in checkpoint {proof.checkpoint.id} signed at "
+              f"{proof.checkpoint.made_at}")
+        return 0
+    print(f"proof FAILS for the record at {where}: {failure}")
+    return 1
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser("audit", help="who changed what, when, in order")
     group = parser.add_subparsers(dest="audit_command", metavar="QUERY", required=True)
@@ -108,3 +135,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     checkpoint.add_argument("--witness", help="where the signed checkpoint is also written (default: EVP_AUDIT_WITNESS)")
     checkpoint.add_argument("--json", action="store_true")
     checkpoint.set_defaults(func=_checkpoint)
+    prove = group.add_parser("prove", help="a proof that one event is in a signed checkpoint, checkable offline")
+    prove.add_argument("event_id")
+    prove.add_argument("--witness", help="the witness folder (default: EVP_AUDIT_WITNESS)")
+    prove.add_argument("--out", help="write the proof to this file (default: print it)")
+    prove.set_defaults(func=_prove)
+    check = group.add_parser("check-proof", help="check a proof with the audit public key alone (no database, no broker)")
+    check.add_argument("proof")
+    check.add_argument("--public-key", help="the audit public key (default: EVP_AUDIT_PUBLIC_KEY_FILE)")
+    check.set_defaults(func=_check_proof)

@@ -16,6 +16,9 @@ that neither PostgreSQL nor Kafka holds. Contract:
 4. :meth:`Checkpoint.valid` checks a signature against the public key; a checkpoint whose
    signature fails was not made with the auditor's key.
 
+5. :func:`prove` writes, for one published event, the chain from its record to the
+   earliest signed head after it; :meth:`Proof.check` verifies it with the public key alone.
+
 ``evp audit verify --public-key`` then requires each valid checkpoint's heads to be on the
 topic, in the chain it follows: a history rewritten before a signed head no longer reaches
 it. Events after the newest checkpoint are chained but not yet signed.
@@ -23,6 +26,7 @@ it. Events after the newest checkpoint are chained but not yet signed.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -39,7 +43,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from events.adapters.files import write_bytes_atomically
 from events.errors import ConfigurationError, NotFound
 from events.event import Event
+from events.store import chain
 from events.store.client import EventStore
+from events.store.log import read_pinned
 
 CHECKPOINT_STREAM = "audit-checkpoints"
 PRIVATE_KEY_FILE, PUBLIC_KEY_FILE = "audit-key.pem", "audit-key.pub"
@@ -204,3 +210,106 @@ def unmet_heads(checkpoint: Checkpoint, links_at: Mapping[tuple[int, int], bytes
         elif links_at.get((partition, head.offset), b"").hex() != head.link:
             out.append((partition, head, "the record there has another link: the history up to it was rewritten"))
     return out
+
+
+# -- proofs --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Proof:
+    """That one record is in a signed head: checkable with the public key alone.
+
+    ``previous`` is the link before the record; ``following`` the digests of the records that
+    advanced the chain after it, up to the head the checkpoint signed. Folding them with
+    :func:`events.store.chain.link` from ``previous`` must reach the signed link.
+    """
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+    previous: bytes
+    following: tuple[bytes, ...]
+    checkpoint: Checkpoint
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "format": FORMAT, "topic": self.topic, "partition": self.partition, "offset": self.offset,
+            "record": {"key": _b64(self.key), "value": _b64(self.value),
+                       "headers": [[name, _b64(content)] for name, content in self.headers]},
+            "previous": self.previous.hex(), "following": [d.hex() for d in self.following],
+            "checkpoint": {"statement": self.checkpoint.statement, "signature": self.checkpoint.signature},
+        }, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Proof:
+        data = json.loads(text)
+        record = data["record"]
+        return cls(str(data["topic"]), int(data["partition"]), int(data["offset"]), _unb64(record["key"]),
+                   _unb64(record["value"]), tuple((str(n), _unb64(c) or b"") for n, c in record["headers"]),
+                   bytes.fromhex(data["previous"]), tuple(bytes.fromhex(d) for d in data["following"]),
+                   Checkpoint(str(data["checkpoint"]["statement"]), str(data["checkpoint"]["signature"])))
+
+    def check(self, public_key: Ed25519PublicKey) -> str | None:
+        """None when the proof holds; else what fails. Needs no database and no broker."""
+        if not self.checkpoint.valid(public_key):
+            return "the checkpoint's signature does not verify with this public key"
+        head = self.checkpoint.heads.get(self.partition)
+        if head is None or self.checkpoint.body.get("topic") != self.topic:
+            return f"the checkpoint signs no head of {self.topic} partition {self.partition}"
+        reached = chain.link(self.previous, chain.record_digest(self.key, self.value, self.headers))
+        if chain.link_header(self.headers) != reached:
+            return "the record's own link does not follow the previous link: the record was changed"
+        for digest in self.following:
+            reached = chain.link(reached, digest)
+        if reached.hex() != head.link:
+            return "the chain from the record does not reach the signed head"
+        return None
+
+
+def prove(store: EventStore, event_id: str, witness: Path | None) -> Proof:
+    """The proof that ``event_id``'s published record is in the earliest checkpoint after it.
+
+    Reads the record's partition from its start to the signed head (the chain is followed
+    record by record, re-sends skipped), so it costs the partition's length up to there.
+    """
+    row = store.ledger.connection.execute(
+        "SELECT partition, kafka_offset FROM evp_event_log WHERE event_id = %s::uuid", (event_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"no event {event_id} in the ledger")
+    partition, offset = int(row[0]), row[1]
+    if offset is None:
+        raise NotFound(f"event {event_id} is not published yet: no chain holds it")
+    later = [c for c in gather(store, witness)[0] if c.heads.get(partition, Head(-1, "")).offset >= offset]
+    if not later:
+        raise NotFound(f"no checkpoint covers partition {partition} offset {offset} yet (run `evp audit checkpoint`)")
+    checkpoint = min(later, key=lambda c: c.heads[partition].offset)
+    head = checkpoint.heads[partition]
+    previous, found, following = chain.GENESIS, None, []
+    seen: dict[bytes, bytes] = {}
+    for message in read_pinned(store.settings, store.settings.events_topic, {partition: (0, head.offset + 1)}):
+        claimed = chain.link_header(message.headers or [])
+        if claimed is None:
+            continue
+        digest = chain.record_digest(message.key, message.value, message.headers or [])
+        if seen.get(claimed) == digest:
+            continue  # a re-send
+        seen[claimed] = digest
+        if message.offset == offset:
+            found = message
+        elif found is not None:
+            following.append(digest)
+        else:
+            previous = claimed
+    if found is None:
+        raise NotFound(f"event {event_id}'s record at partition {partition} offset {offset} is not on the topic")
+    return Proof(store.settings.events_topic, partition, offset, found.key, found.value,
+                 tuple((k, v or b"") for k, v in (found.headers or [])), previous, tuple(following), checkpoint)
+
+
+def _b64(value: bytes | None) -> str | None:
+    return None if value is None else base64.b64encode(value).decode()
+
+
+def _unb64(value: str | None) -> bytes | None:
+    return None if value is None else base64.b64decode(value)

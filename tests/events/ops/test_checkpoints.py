@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,34 @@ def test_the_commands_make_and_check_a_checkpoint(store: EventStore, settings: S
     assert verified.returncode == 0, verified.stdout + verified.stderr
     result = json.loads(verified.stdout)
     assert result["intact"] and result["checkpoints_checked"] == 1
+
+
+def test_a_proof_shows_one_event_in_a_signed_head_and_fails_when_anything_changes(
+        store: EventStore, settings: Settings, tmp_path: Path, key: tuple[Ed25519PrivateKey, Path, Path]) -> None:
+    private, public, witness = key
+    submit(store, 5, "p")
+    store.ledger.connection.execute("INSERT INTO evp_outbox (position, partition) SELECT position, partition"
+                                    " FROM evp_events WHERE stream_id = 'sample-p1'")
+    store.flush()  # a re-publication in between: the chain goes on through it
+    submit(store, 5, "q")
+    checkpoints.make_checkpoint(store, private, witness)
+    event = store.read_stream("sample-p2", decrypt=False)[0].record
+    proof = checkpoints.prove(store, str(event.event_id), witness)
+    verifier = checkpoints.load_public_key(public)
+    assert proof.check(verifier) is None and proof.value == event.value
+    again = checkpoints.Proof.from_json(proof.to_json())
+    assert again.check(verifier) is None, "the proof survives its JSON form"
+
+    changed = replace(proof, value=(proof.value or b"") + b"\x00")
+    assert "record was changed" in (changed.check(verifier) or "")
+    if proof.following:
+        shortened = replace(proof, following=proof.following[1:])
+        assert "does not reach the signed head" in (shortened.check(verifier) or "")
+    assert "signature" in (proof.check(Ed25519PrivateKey.generate().public_key()) or "")
+
+    path = tmp_path / "proof.json"
+    path.write_text(proof.to_json(), encoding="utf-8")
+    offline = subprocess.run([sys.executable, "-m", "events.cli", "audit", "check-proof", str(path), "--public-key",
+                              str(public)], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"},
+                             cwd=tmp_path, timeout=60)
+    assert offline.returncode == 0 and "proof holds" in offline.stdout, offline.stdout + offline.stderr
