@@ -88,7 +88,7 @@ def _prove(args: argparse.Namespace, settings: Settings) -> int:
         proof = checkpoints.prove(store, args.event_id, _path(args.witness, "EVP_AUDIT_WITNESS"))
     if args.out:
         Path(args.out).write_text(proof.to_json() + "\n", encoding="utf-8")
-        print(f"proof for event {args.event_id} (partition {proof.partition} offset {proof.offset}, "
+        print(f"proof for event {args.event_id} (partition {proof.record.partition} offset {proof.record.offset}, "
               f"{len(proof.following)} links to checkpoint {proof.checkpoint.id}) written to {args.out}")
     else:
         print(proof.to_json())
@@ -101,7 +101,7 @@ def _check_proof(args: argparse.Namespace, settings: Settings) -> int:
     if public is None:
         raise ConfigurationError("checking a proof needs the audit public key (--public-key or EVP_AUDIT_PUBLIC_KEY_FILE)")
     failure = proof.check(checkpoints.load_public_key(public))
-    where = f"{proof.topic} partition {proof.partition} offset {proof.offset}"
+    where = f"{proof.record.topic} partition {proof.record.partition} offset {proof.record.offset}"
     if failure is None:
         print(f"proof holds: the record at {where} is in checkpoint {proof.checkpoint.id} signed at "
               f"{proof.checkpoint.made_at}")

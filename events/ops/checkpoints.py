@@ -46,6 +46,7 @@ from events.event import Event
 from events.store import chain
 from events.store.client import EventStore
 from events.store.log import read_pinned
+from events.store.source import Message
 
 CHECKPOINT_STREAM = "audit-checkpoints"
 PRIVATE_KEY_FILE, PUBLIC_KEY_FILE = "audit-key.pem", "audit-key.pub"
@@ -222,21 +223,17 @@ class Proof:
     :func:`events.store.chain.link` from ``previous`` must reach the signed link.
     """
 
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, bytes], ...]
+    record: Message
     previous: bytes
     following: tuple[bytes, ...]
     checkpoint: Checkpoint
 
     def to_json(self) -> str:
+        r = self.record
         return json.dumps({
-            "format": FORMAT, "topic": self.topic, "partition": self.partition, "offset": self.offset,
-            "record": {"key": _b64(self.key), "value": _b64(self.value),
-                       "headers": [[name, _b64(content)] for name, content in self.headers]},
+            "format": FORMAT, "topic": r.topic, "partition": r.partition, "offset": r.offset,
+            "record": {"key": _b64(r.key), "value": _b64(r.value),
+                       "headers": [[name, _b64(content)] for name, content in r.headers]},
             "previous": self.previous.hex(), "following": [d.hex() for d in self.following],
             "checkpoint": {"statement": self.checkpoint.statement, "signature": self.checkpoint.signature},
         }, indent=2)
@@ -245,20 +242,21 @@ class Proof:
     def from_json(cls, text: str) -> Proof:
         data = json.loads(text)
         record = data["record"]
-        return cls(str(data["topic"]), int(data["partition"]), int(data["offset"]), _unb64(record["key"]),
-                   _unb64(record["value"]), tuple((str(n), _unb64(c) or b"") for n, c in record["headers"]),
+        return cls(Message(str(data["topic"]), int(data["partition"]), int(data["offset"]), _unb64(record["key"]),
+                           _unb64(record["value"]), tuple((str(n), _unb64(c) or b"") for n, c in record["headers"])),
                    bytes.fromhex(data["previous"]), tuple(bytes.fromhex(d) for d in data["following"]),
                    Checkpoint(str(data["checkpoint"]["statement"]), str(data["checkpoint"]["signature"])))
 
     def check(self, public_key: Ed25519PublicKey) -> str | None:
         """None when the proof holds; else what fails. Needs no database and no broker."""
+        r = self.record
         if not self.checkpoint.valid(public_key):
             return "the checkpoint's signature does not verify with this public key"
-        head = self.checkpoint.heads.get(self.partition)
-        if head is None or self.checkpoint.body.get("topic") != self.topic:
-            return f"the checkpoint signs no head of {self.topic} partition {self.partition}"
-        reached = chain.link(self.previous, chain.record_digest(self.key, self.value, self.headers))
-        if chain.link_header(self.headers) != reached:
+        head = self.checkpoint.heads.get(r.partition)
+        if head is None or self.checkpoint.body.get("topic") != r.topic:
+            return f"the checkpoint signs no head of {r.topic} partition {r.partition}"
+        reached = chain.link(self.previous, chain.record_digest(r.key, r.value, r.headers))
+        if chain.link_header(r.headers) != reached:
             return "the record's own link does not follow the previous link: the record was changed"
         for digest in self.following:
             reached = chain.link(reached, digest)
@@ -303,8 +301,9 @@ def prove(store: EventStore, event_id: str, witness: Path | None) -> Proof:
             previous = claimed
     if found is None:
         raise NotFound(f"event {event_id}'s record at partition {partition} offset {offset} is not on the topic")
-    return Proof(store.settings.events_topic, partition, offset, found.key, found.value,
-                 tuple((k, v or b"") for k, v in (found.headers or [])), previous, tuple(following), checkpoint)
+    record = Message(store.settings.events_topic, partition, offset, found.key, found.value,
+                     tuple((k, v or b"") for k, v in (found.headers or [])))
+    return Proof(record, previous, tuple(following), checkpoint)
 
 
 def _b64(value: bytes | None) -> str | None:

@@ -9,15 +9,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from events.adapters.kafka import admin, ensure_event_topics, producer
-from events.errors import ConfigurationError, EvpError
+from events.adapters.kafka import producer
+from events.errors import ConfigurationError
 from events.event import Event
 from events.ops import checkpoints
 from events.ops.integrity import verify_log
@@ -25,6 +24,7 @@ from events.settings import Settings
 from events.store.chain import GENESIS, HEADER_CHAIN, link, record_digest
 from events.store.client import EventStore
 from events.store.log import end_offsets, read_pinned
+from tests.support.topics import recreate_events_topic
 
 pytestmark = pytest.mark.services
 
@@ -59,21 +59,6 @@ def test_an_audit_key_is_never_overwritten(tmp_path: Path) -> None:
         checkpoints.generate_key(tmp_path)
 
 
-def _recreate_topic(settings: Settings) -> None:
-    client = admin(settings)
-    try:
-        client.delete_topics([settings.events_topic])
-    finally:
-        client.close()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            ensure_event_topics(settings)
-            return
-        except EvpError:
-            time.sleep(0.5)
-
-
 def test_a_history_rewritten_in_both_copies_misses_the_signed_heads(store: EventStore, settings: Settings,
                                                                     key: tuple[Ed25519PrivateKey, Path, Path]) -> None:
     """Change one event in the ledger and on the topic and recompute every link: without the
@@ -87,7 +72,7 @@ def test_a_history_rewritten_in_both_copies_misses_the_signed_heads(store: Event
     victim = records[target][0]
     forged_value = victim.value[:-1] + bytes([victim.value[-1] ^ 1])
     conn = store.ledger.connection
-    _recreate_topic(settings)
+    recreate_events_topic(settings)
     kafka = producer(settings)
     heads: dict[int, tuple[int, bytes]] = {}
     for partition, found in sorted(records.items()):
@@ -155,11 +140,11 @@ def test_a_proof_shows_one_event_in_a_signed_head_and_fails_when_anything_change
     event = store.read_stream("sample-p2", decrypt=False)[0].record
     proof = checkpoints.prove(store, str(event.event_id), witness)
     verifier = checkpoints.load_public_key(public)
-    assert proof.check(verifier) is None and proof.value == event.value
+    assert proof.check(verifier) is None and proof.record.value == event.value
     again = checkpoints.Proof.from_json(proof.to_json())
     assert again.check(verifier) is None, "the proof survives its JSON form"
 
-    changed = replace(proof, value=(proof.value or b"") + b"\x00")
+    changed = replace(proof, record=proof.record._replace(value=(proof.record.value or b"") + b"\x00"))
     assert "record was changed" in (changed.check(verifier) or "")
     if proof.following:
         shortened = replace(proof, following=proof.following[1:])

@@ -5,17 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
 
 from events.store.client import EventStore
-from events.adapters.kafka import admin, ensure_event_topics, producer
-from events.errors import EvpError
+from events.adapters.kafka import producer
 from events.event import HEADER_EVENT_ID, HEADER_STREAM_VERSION, Event, kafka_headers
 from events.ops.integrity import verify_log
 from events.store.log import end_offsets, read_pinned
+from tests.support.topics import recreate_events_topic
 from events.settings import Settings
 from tests.support.plaintext import kafka_segments
 
@@ -105,18 +104,7 @@ def test_a_deleted_and_recreated_topic_is_truncated_not_intact(store: EventStore
     seed(store)
     published = store.ledger.connection.execute(
         "SELECT partition, count(*) FROM evp_event_log WHERE kafka_offset IS NOT NULL GROUP BY partition").fetchall()
-    client = admin(settings)
-    try:
-        client.delete_topics([settings.events_topic])
-    finally:
-        client.close()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # deletion is asynchronous in the broker
-        try:
-            ensure_event_topics(settings)
-            break
-        except EvpError:
-            time.sleep(0.5)
+    recreate_events_topic(settings)
     report = verify_log(store)
     assert report.records_read == 0 and not report.intact
     truncated = sorted(f.detail for f in report.findings if f.kind == "truncated")
@@ -183,18 +171,7 @@ def test_a_removed_record_breaks_its_partitions_chain_where_it_was(store: EventS
     store.flush()
     partition, end = next((p, e) for p, e in end_offsets(settings, settings.events_topic).items() if e)
     kept = [m for m in read_pinned(settings, settings.events_topic, {partition: (0, end)}) if m.offset != 3]
-    client = admin(settings)
-    try:
-        client.delete_topics([settings.events_topic])
-    finally:
-        client.close()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            ensure_event_topics(settings)
-            break
-        except EvpError:
-            time.sleep(0.5)
+    recreate_events_topic(settings)
     kafka = producer(settings)
     for m in kept:
         kafka.send(settings.events_topic, key=m.key, value=m.value, headers=list(m.headers), partition=partition)
