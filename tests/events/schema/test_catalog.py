@@ -21,6 +21,7 @@ EXPECTED = {
     "evp.platform.TrainingRunRecorded",
     "evp.platform.SubjectForgotten",
     "evp.platform.AuditQueried",
+    "evp.platform.AuditCheckpointed",
     "evp.platform.ProjectionRebuilt",
     # the digits release saga's commands and answers
     *(f"digits.{name}" for name in (
