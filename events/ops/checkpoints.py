@@ -70,8 +70,12 @@ class Checkpoint:
 
     @property
     def body(self) -> dict[str, Any]:
-        parsed: dict[str, Any] = json.loads(self.statement)
-        return parsed
+        """The statement parsed; empty when it is not a JSON object (then it cannot be valid either)."""
+        try:
+            parsed = json.loads(self.statement)
+        except ValueError:
+            return {}
+        return parsed if isinstance(parsed, dict) else {}
 
     @property
     def id(self) -> str:
@@ -98,8 +102,12 @@ class Checkpoint:
 
     @classmethod
     def from_json(cls, text: str) -> Checkpoint:
-        data = json.loads(text)
-        return cls(str(data["statement"]), str(data["signature"]))
+        """A witness file read back; a damaged one becomes a checkpoint that does not verify."""
+        try:
+            data = json.loads(text)
+            return cls(str(data["statement"]), str(data["signature"]))
+        except (ValueError, KeyError, TypeError):
+            return cls(text, "")
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -202,14 +210,15 @@ def watched_offsets(checkpoints: Iterable[Checkpoint]) -> dict[int, set[int]]:
 
 
 def unmet_heads(checkpoint: Checkpoint, links_at: Mapping[tuple[int, int], bytes],
-                ends: Mapping[int, int]) -> list[tuple[int, Head, str]]:
-    """Each head of ``checkpoint`` the topic does not have: (partition, head, why)."""
-    out: list[tuple[int, Head, str]] = []
+                ends: Mapping[int, int]) -> list[tuple[int, Head, str, str]]:
+    """Each head of ``checkpoint`` the topic does not have: (partition, head, finding kind, why)."""
+    out: list[tuple[int, Head, str, str]] = []
     for partition, head in sorted(checkpoint.heads.items()):
         if head.offset >= ends.get(partition, 0):
-            out.append((partition, head, f"the partition ends at offset {ends.get(partition, 0)}, before it"))
+            out.append((partition, head, "truncated", f"the partition ends at offset {ends.get(partition, 0)}, before it"))
         elif links_at.get((partition, head.offset), b"").hex() != head.link:
-            out.append((partition, head, "the record there has another link: the history up to it was rewritten"))
+            out.append((partition, head, "rewritten",
+                        "the record there has another link: the history up to it was rewritten"))
     return out
 
 

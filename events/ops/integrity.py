@@ -94,8 +94,7 @@ def _checkpoint_findings(checkpoints: list[Checkpoint], valid: list[Checkpoint],
             continue
         if checkpoint.id in only_witnessed:
             findings.append(Finding("missing", f"{name} is in the witness folder but not in the log"))
-        for partition, head, why in unmet_heads(checkpoint, links_at, ends):
-            kind = "truncated" if "ends at" in why else "rewritten"
+        for partition, head, kind, why in unmet_heads(checkpoint, links_at, ends):
             findings.append(Finding(kind, f"partition {partition} offset {head.offset}, signed by {name}: {why}"))
     return findings
 

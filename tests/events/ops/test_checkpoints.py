@@ -157,3 +157,15 @@ def test_a_proof_shows_one_event_in_a_signed_head_and_fails_when_anything_change
                               str(public)], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"},
                              cwd=tmp_path, timeout=60)
     assert offline.returncode == 0 and "proof holds" in offline.stdout, offline.stdout + offline.stderr
+
+
+def test_a_damaged_witness_file_is_a_finding_not_a_crash(store: EventStore,
+                                                         key: tuple[Ed25519PrivateKey, Path, Path]) -> None:
+    private, public, witness = key
+    submit(store, 3, "w")
+    checkpoints.make_checkpoint(store, private, witness)
+    [kept] = list((witness / store.settings.events_topic).iterdir())
+    (kept.parent / "checkpoint-damaged.json").write_text(kept.read_text()[:-40], encoding="utf-8")
+    report = verify_log(store, public_key=checkpoints.load_public_key(public), witness=witness)
+    assert [f.kind for f in report.findings] == ["checkpoint"], report.findings
+    assert report.checkpoints_checked == 1, "the intact checkpoint still counts"
