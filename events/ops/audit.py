@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from typing import Any
 
 from events.store.client import EventStore
@@ -48,9 +49,14 @@ def _entry(store: EventStore, record: RecordedEvent, decrypt: bool) -> AuditEntr
     )
 
 
-def stream_history(store: EventStore, stream_id: str, *, decrypt: bool = False) -> list[AuditEntry]:
-    """Every event of one stream, in version order. The read itself is recorded (``AuditQueried``)."""
-    entries = [_entry(store, r, decrypt) for r in store.ledger.read_stream(stream_id)]
+def stream_history(store: EventStore, stream_id: str, *, decrypt: bool = False, position: int | None = None,
+                   as_of: datetime | None = None) -> list[AuditEntry]:
+    """Every event of one stream, in version order; with ``position`` or ``as_of``, only those
+    it had then (:meth:`events.store.ledger.Ledger.read_stream_as_of`). The read itself is
+    recorded (``AuditQueried``)."""
+    records = (store.ledger.read_stream(stream_id) if position is None and as_of is None
+               else store.ledger.read_stream_as_of(stream_id, position=position, time=as_of))
+    entries = [_entry(store, r, decrypt) for r in records]
     _record_read(store, "stream", stream_id, None, decrypt, len(entries))
     return entries
 

@@ -21,6 +21,7 @@ append joins it (in a savepoint) and commits or rolls back with the caller's oth
 from __future__ import annotations
 
 import json
+from datetime import datetime
 import uuid
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -163,6 +164,23 @@ class Ledger:
         ).fetchall()
         if not rows and from_version <= 1:
             raise NotFound(f"stream {stream_id!r} does not exist")
+        return [row_to_event(r) for r in rows]
+
+    def read_stream_as_of(self, stream_id: str, *, position: int | None = None,
+                          time: datetime | None = None) -> list[RecordedEvent]:
+        """The stream as it was: its events at or below ledger ``position``, or recorded at or
+        before ``time`` (``recorded_at`` is when the appending transaction began), by index.
+
+        NotFound when the stream has no event yet at that point (or does not exist).
+        """
+        rows = self._conn.execute(
+            f"SELECT {EVENT_COLUMNS} FROM evp_event_log WHERE stream_id = %s AND (%s::bigint IS NULL OR position <= %s)"
+            " AND (%s::timestamptz IS NULL OR recorded_at <= %s) ORDER BY version",
+            (stream_id, position, position, time, time),
+        ).fetchall()
+        if not rows:
+            when = f"position {position}" if position is not None else f"{time.isoformat() if time else 'now'}"
+            raise NotFound(f"stream {stream_id!r} had no event yet at {when}")
         return [row_to_event(r) for r in rows]
 
     def read_stream_after(self, stream_id: str, version: int) -> list[RecordedEvent]:

@@ -10,6 +10,7 @@ import pytest
 
 from events.ops.audit import stream_history, subject_history
 from events.store.client import EventStore
+from events.errors import NotFound
 from events.event import NO_STREAM, Event
 from events.settings import Settings
 
@@ -69,3 +70,24 @@ def test_audit_reads_are_recorded_as_events(store: EventStore) -> None:
     assert reads[0]["results"] == 5 and reads[1]["results"] == 3
     # the next subject query shows that a1's history was read
     assert "AuditQueried" in [e.event_type for e in subject_history(store, "a1")]
+
+
+def test_a_stream_reads_as_it_was_at_a_position_or_a_time(store: EventStore, settings: Settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    seed(store)
+    second = store.read_stream("sample-1", decrypt=False)[1].record
+    assert [e.version for e in stream_history(store, "sample-1", position=second.position)] == [1, 2]
+    assert [e.version for e in stream_history(store, "sample-1", as_of=second.recorded_at)] == [1, 2]
+    with pytest.raises(NotFound, match="had no event yet"):
+        stream_history(store, "sample-1", position=1)  # position 1 is the annotator's registration
+
+    env = {**settings.to_env(), "PATH": "/usr/bin:/bin"}
+    shown = subprocess.run([sys.executable, "-m", "events.cli", "streams", "show", "sample-1", "--as-of",
+                            second.recorded_at.isoformat(), "--json"], capture_output=True, text=True, env=env,
+                           cwd=tmp_path, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    printed = json.loads(shown.stdout)
+    assert (printed["version"], printed["as_of_position"]) == (2, second.position)
+    assert [e["version"] for e in printed["events"]] == [1, 2]
+    bad = subprocess.run([sys.executable, "-m", "events.cli", "streams", "show", "sample-1", "--as-of", "yesterday"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert bad.returncode != 0 and "ISO 8601" in bad.stderr
