@@ -47,12 +47,12 @@ from events.event import HEADER_EVENT_TYPE
 from events.gc_pause import gc_paused
 from events.store.client import EventStore
 from events.store.log import BadRecord, LogRecord, end_offsets
+from events.store.source import Batch, InlineSource, PrefetchSource, open_codec
 from events.settings import Settings
 from projections import tables
 from projections.deadletter import POISON_ERRORS, STAGE_APPLY, STAGE_DECODE, DeadLetterQueue, describe_error
 from projections.fold import Refusal
 from projections.leases import PartitionLeases, lease_class
-from events.store.source import Batch, InlineSource, PrefetchSource, open_codec
 from projections.view import FORGOTTEN, Layout, View
 
 log = logging.getLogger(__name__)
@@ -342,6 +342,13 @@ class LogConsumer:
         self._positions.update(batch.positions)
         return batch
 
+    def _next_batch(self, timeout_ms: int) -> BatchOutcome | None:
+        """Poll and apply one batch with the collector paused (a batch allocates many small
+        containers, see :mod:`events.gc_pause`); None when the poll brought nothing."""
+        with gc_paused():
+            batch = self._poll(timeout_ms)
+            return self.process(batch) if batch.messages else None
+
     def positions(self) -> dict[int, int]:
         """Where the consumer will read next, per partition."""
         return dict(self._positions)
@@ -479,11 +486,9 @@ class LogConsumer:
             now = self.positions()
             if all(now[p] >= ends[p] for p in ends):
                 break
-            with gc_paused():  # a batch allocates many small containers (see events.gc_pause)
-                batch = self._poll(500)
-                if batch.messages:
-                    outcome = outcome + self.process(batch)
-            if batch.messages:
+            done = self._next_batch(500)
+            if done is not None:
+                outcome = outcome + done
                 last_progress = time.monotonic()
                 if on_progress is not None:
                     consumed = sum(min(pos, ends[p]) - begin[p] for p, pos in self.positions().items() if p in ends)
@@ -504,11 +509,9 @@ class LogConsumer:
         def step() -> None:
             self.open()
             self.rebalance()
-            with gc_paused():
-                batch = self._poll(500)
-                outcome = self.process(batch) if batch.messages else None
-            if outcome is not None and on_batch is not None:
-                on_batch(outcome)
+            done = self._next_batch(500)
+            if done is not None and on_batch is not None:
+                on_batch(done)
             self.between_batches()
 
         run_until_stopped(stop, step, recover=self._reset, log=log, name=self.owner)

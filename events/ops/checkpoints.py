@@ -292,22 +292,16 @@ def prove(store: EventStore, event_id: str, witness: Path | None) -> Proof:
         raise NotFound(f"no checkpoint covers partition {partition} offset {offset} yet (run `evp audit checkpoint`)")
     checkpoint = min(later, key=lambda c: c.heads[partition].offset)
     head = checkpoint.heads[partition]
-    previous, found, following = chain.GENESIS, None, []
-    seen: dict[bytes, bytes] = {}
+    walk, previous, found, following = chain.Walk(), chain.GENESIS, None, []
     for message in read_pinned(store.settings, store.settings.events_topic, {partition: (0, head.offset + 1)}):
-        claimed = chain.link_header(message.headers or [])
-        if claimed is None:
+        before = walk.head(partition)
+        kind, _, digest = walk.step(partition, message.key, message.value, message.headers or [])
+        if digest is None or kind == chain.RESENT:
             continue
-        digest = chain.record_digest(message.key, message.value, message.headers or [])
-        if seen.get(claimed) == digest:
-            continue  # a re-send
-        seen[claimed] = digest
         if message.offset == offset:
-            found = message
+            previous, found = before, message
         elif found is not None:
             following.append(digest)
-        else:
-            previous = claimed
     if found is None:
         raise NotFound(f"event {event_id}'s record at partition {partition} offset {offset} is not on the topic")
     record = Message(store.settings.events_topic, partition, offset, found.key, found.value,

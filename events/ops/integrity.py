@@ -51,7 +51,8 @@ from events.event import HEADER_EVENT_ID, HEADER_STREAM_VERSION, RecordedEvent
 from events.gc_pause import gc_paused
 from events.store.ledger import EVENT_COLUMNS, row_to_event
 from events.ops.checkpoints import Checkpoint, gather, unmet_heads, watched_offsets
-from events.store.chain import GENESIS, link, link_header, record_digest
+from events.store import chain
+from events.store.chain import link_header
 from events.store.log import Corrupt, end_offsets, read_pinned
 
 
@@ -83,6 +84,29 @@ class IntegrityReport:
         return "\n".join([*lines, f"{self.events_checked} events, {self.records_read} records{signed}: {self.verdict}"])
 
 
+def _absent(ledger: Mapping[uuid.UUID, RecordedEvent], seen: set[uuid.UUID], ends: Mapping[int, int],
+            corrupt: list[Corrupt]) -> list[Finding]:
+    """Published events the topic did not show: ``missing`` each, or ``truncated`` per partition
+    when they lie at or past its end; those in a corrupt range are already reported."""
+    findings: list[Finding] = []
+    beyond: dict[int, list[RecordedEvent]] = {}
+    for event_id, event in ledger.items():
+        if event_id in seen or event.offset is None:
+            continue
+        if event.offset >= ends.get(event.partition, 0):
+            beyond.setdefault(event.partition, []).append(event)
+        elif not any(c.partition == event.partition and c.start <= event.offset < c.end for c in corrupt):
+            findings.append(Finding("missing", f"event {event_id} ({event.stream_id} v{event.version}) was "
+                                               f"published at {event.partition}@{event.offset} but is not on the topic intact"))
+    for partition, gone in sorted(beyond.items()):
+        first = min(gone, key=lambda e: e.offset or 0)
+        findings.append(Finding("truncated", f"partition {partition} ends at offset {ends.get(partition, 0)}, "
+                                             f"but the ledger recorded {len(gone)} published event(s) at or after it "
+                                             f"(first: {first.event_id}, {first.stream_id} v{first.version} at offset "
+                                             f"{first.offset})"))
+    return findings
+
+
 def _checkpoint_findings(checkpoints: list[Checkpoint], valid: list[Checkpoint], only_witnessed: set[str],
                          links_at: Mapping[tuple[int, int], bytes], ends: Mapping[int, int]) -> list[Finding]:
     findings: list[Finding] = []
@@ -100,47 +124,25 @@ def _checkpoint_findings(checkpoints: list[Checkpoint], valid: list[Checkpoint],
 
 
 class _Chains:
-    """Each partition's hash chain, followed record by record in offset order (events/store/chain.py)."""
+    """Each partition's chain followed (:class:`events.store.chain.Walk`), and the links at signed heads."""
 
     def __init__(self, watched: Mapping[int, set[int]] | None = None) -> None:
+        self.walk = chain.Walk()
         self.watched = watched or {}  #: partition -> offsets whose link a checkpoint signed
         self.links_at: dict[tuple[int, int], bytes] = {}  #: (partition, offset) -> the link found there
-        self.heads: dict[int, bytes] = {}
-        self.links: dict[int, dict[bytes, bytes]] = {}  #: partition -> link -> digest, of the records chained so far
-        self.unreadable: set[int] = set()  #: partitions whose next record follows a corrupt range
-
-    def skipped(self, corrupt: Corrupt) -> None:
-        """A corrupt range was stepped over (reported as such): the next record's link is taken as it is."""
-        self.unreadable.add(corrupt.partition)
 
     def check(self, message: Any, where: str) -> list[Finding]:
         """The findings for one record: a link that does not follow, or no link once the chain began."""
-        partition = message.partition
-        claimed = link_header(message.headers or [])
-        if claimed is not None and message.offset in self.watched.get(partition, ()):
-            self.links_at[(partition, message.offset)] = claimed
-        if claimed is None:
-            if partition in self.heads:
-                return [Finding("unchained", f"{where}: a record without a chain link after the partition's chain "
-                                             "began (it was not published by a relay)")]
-            return []  # published before chains existed
-        digest = record_digest(message.key, message.value, message.headers or [])
-        seen = self.links.setdefault(partition, {})
-        if partition in self.unreadable:
-            self.unreadable.discard(partition)
-            self.heads[partition] = claimed
-            seen[claimed] = digest
-            return []
-        if claimed == link(self.heads.get(partition, GENESIS), digest):
-            self.heads[partition] = claimed
-            seen[claimed] = digest
-            return []
-        if seen.get(claimed) == digest:
-            return []  # a relay's re-send after a crash: the same record from the same head
-        self.heads[partition] = claimed  # follow the record's claim, so one break is reported once
-        seen[claimed] = digest
-        return [Finding("chain", f"{where}: its chain link does not follow the previous record's (a record before it "
-                                 "was removed, inserted or moved, or this one was changed)")]
+        found, claimed, _ = self.walk.step(message.partition, message.key, message.value, message.headers or [])
+        if claimed is not None and message.offset in self.watched.get(message.partition, ()):
+            self.links_at[(message.partition, message.offset)] = claimed
+        if found == chain.UNCHAINED:
+            return [Finding("unchained", f"{where}: a record without a chain link after the partition's chain "
+                                         "began (it was not published by a relay)")]
+        if found == chain.BROKEN:
+            return [Finding("chain", f"{where}: its chain link does not follow the previous record's (a record "
+                                     "before it was removed, inserted or moved, or this one was changed)")]
+        return []
 
 
 def verify_log(store: EventStore, progress: Callable[[int], None] | None = None, *,
@@ -174,7 +176,7 @@ def _verify(store: EventStore, progress: Callable[[int], None] | None, public_ke
 
     def on_corrupt(found: Corrupt) -> None:
         corrupt.append(found)
-        chains.skipped(found)
+        chains.walk.resync(found.partition)
 
     for message in read_pinned(settings, settings.events_topic, ranges, on_corrupt=on_corrupt):
         report.records_read += 1
@@ -208,24 +210,10 @@ def _verify(store: EventStore, progress: Callable[[int], None] | None, public_ke
             seen.add(event_id)
     report.findings.extend(
         Finding("corrupt", f"partition {c.partition} offsets {c.start}..{c.end - 1}: unreadable ({c.reason})") for c in corrupt)
+    ends = {p: end for p, (_, end) in ranges.items()}
     report.checkpoints_checked = len(valid)
-    report.findings.extend(_checkpoint_findings(checkpoints, valid, only_witnessed, chains.links_at,
-                                                {p: end for p, (_, end) in ranges.items()}))
-    beyond: dict[int, list[RecordedEvent]] = {}
-    for event_id, event in ledger.items():
-        if event_id in seen or event.offset is None:
-            continue
-        if event.offset >= ranges.get(event.partition, (0, 0))[1]:
-            beyond.setdefault(event.partition, []).append(event)
-        elif not any(c.partition == event.partition and c.start <= event.offset < c.end for c in corrupt):
-            report.findings.append(Finding("missing", f"event {event_id} ({event.stream_id} v{event.version}) was "
-                                                      f"published at {event.partition}@{event.offset} but is not on the topic intact"))
-    for partition, gone in sorted(beyond.items()):
-        first = min(gone, key=lambda e: e.offset or 0)
-        report.findings.append(Finding("truncated", f"partition {partition} ends at offset {ranges.get(partition, (0, 0))[1]}, "
-                                                    f"but the ledger recorded {len(gone)} published event(s) at or after it "
-                                                    f"(first: {first.event_id}, {first.stream_id} v{first.version} at offset "
-                                                    f"{first.offset})"))
+    report.findings.extend(_checkpoint_findings(checkpoints, valid, only_witnessed, chains.links_at, ends))
+    report.findings.extend(_absent(ledger, seen, ends, corrupt))
     gaps = conn.execute(
         "SELECT stream_id, count(*), max(version) FROM evp_events GROUP BY stream_id HAVING count(*) <> max(version)"
     ).fetchall()

@@ -60,3 +60,45 @@ def link_header(headers: Iterable[tuple[str, bytes]]) -> bytes | None:
             except (UnicodeDecodeError, ValueError):
                 return b""  # present but unreadable: never equal to a computed link
     return None
+
+
+#: What :meth:`Walk.step` found a record to be.
+FOLLOWS = "follows"  #: its link follows the partition's head: the chain goes on
+RESENT = "re-sent"  #: the same record from the same head again (step 4): nothing new
+BROKEN = "broken"  #: its link does not follow: the walk goes on from its link
+UNCHAINED = "unchained"  #: no link, after the partition's chain began
+BEFORE_CHAINS = "before chains"  #: no link, and none yet in the partition: published before chains
+
+
+class Walk:
+    """Follows each partition's chain record by record, in offset order (steps 2 and 4)."""
+
+    def __init__(self) -> None:
+        self.heads: dict[int, bytes] = {}
+        self._seen: dict[int, dict[bytes, bytes]] = {}  #: partition -> link -> digest, of the records chained
+        self._resync: set[int] = set()
+
+    def head(self, partition: int) -> bytes:
+        """The link the partition's next record must follow."""
+        return self.heads.get(partition, GENESIS)
+
+    def resync(self, partition: int) -> None:
+        """Records were skipped (unreadable): take the next record's link as it is."""
+        self._resync.add(partition)
+
+    def step(self, partition: int, key: bytes | None, value: bytes | None,
+             headers: Iterable[tuple[str, bytes]]) -> tuple[str, bytes | None, bytes | None]:
+        """(what the record is, the link it claims, its digest); the head moves unless it was re-sent."""
+        headers = list(headers)
+        claimed = link_header(headers)
+        if claimed is None:
+            return (UNCHAINED if partition in self.heads else BEFORE_CHAINS), None, None
+        digest = record_digest(key, value, headers)
+        seen = self._seen.setdefault(partition, {})
+        follows = partition in self._resync or claimed == link(self.head(partition), digest)
+        self._resync.discard(partition)
+        if not follows and seen.get(claimed) == digest:
+            return RESENT, claimed, digest
+        self.heads[partition] = claimed  # a break is followed from the record's own claim: reported once
+        seen[claimed] = digest
+        return (FOLLOWS if follows else BROKEN), claimed, digest

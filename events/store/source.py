@@ -92,8 +92,7 @@ class Batch:
 class InlineSource:
     """Fetch and decode in the calling thread, through the consumer's own KafkaConsumer."""
 
-    def __init__(self, settings: Settings, consumer: KafkaConsumer, codec: Codec | None, batch_size: int) -> None:
-        """``codec`` None: deliver the messages undecoded (``records`` empty; the prefetch process does so)."""
+    def __init__(self, settings: Settings, consumer: KafkaConsumer, codec: Codec, batch_size: int) -> None:
         self.settings, self._consumer, self._codec, self.batch_size = settings, consumer, codec, batch_size
         self._partitions: list[TopicPartition] = []
 
@@ -119,8 +118,7 @@ class InlineSource:
             polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=self.batch_size)
             positions = {tp.partition: self._consumer.position(tp) for tp in self._partitions}
         messages = [m for tp in sorted(polled, key=lambda t: t.partition) for m in polled[tp]]
-        codec = self._codec
-        return Batch(messages, [decode_record(codec, m) for m in messages] if codec is not None else (), positions)
+        return Batch(messages, [decode_record(self._codec, m) for m in messages], positions)
 
     def close(self) -> None:
         """The KafkaConsumer is its owner's to close."""
@@ -181,11 +179,12 @@ class PrefetchSource:
                 return Batch()
             if answer[0] == "batch" and answer[1] == self._epoch:
                 _, _, raw, decoded, positions = answer
-                topic, codec = self.settings.events_topic, self._codec_()
+                topic, codec = self.settings.events_topic, self._policies()
                 messages = [Message(topic, *fields) for fields in raw]
                 return Batch(messages, [_restore(codec, m, d) for m, d in zip(messages, decoded)], positions)
 
-    def _codec_(self) -> Codec:
+    def _policies(self) -> Codec:
+        """The codec the records' writer policies are looked up in (the process sends only schema ids)."""
         if self._codec is None:
             self._codec = open_codec(self.settings, self.catalog)
         return self._codec
@@ -249,6 +248,11 @@ def _restore(codec: Codec, message: Message, compact: Any) -> LogRecord | BadRec
                      schema_id, actor, occurred_at, data, codec.policy(schema_id))
 
 
+def _reply(data: Connection, *answer: Any) -> None:
+    """One answer to the consumer, as ``marshal`` data (plain values only)."""
+    data.send_bytes(marshal.dumps(answer))
+
+
 def _prefetch_main(control: Connection, data: Connection) -> None:
     """The process: follow assigns from ``control``, send batches and answers on ``data``."""
     consumer: KafkaConsumer | None = None
@@ -268,9 +272,9 @@ def _prefetch_main(control: Connection, data: Connection) -> None:
                 _, epoch, positions = control.recv()
                 try:
                     sent = source.assign(positions)
-                    data.send_bytes(marshal.dumps(("assigned", epoch, dict(sent))))
+                    _reply(data, "assigned", epoch, dict(sent))
                 except ServiceUnavailable as err:
-                    data.send_bytes(marshal.dumps(("error", err.service, err.target, err.reason)))
+                    _reply(data, "error", err.service, err.target, err.reason)
                     epoch = None
                 continue
             try:
@@ -280,17 +284,16 @@ def _prefetch_main(control: Connection, data: Connection) -> None:
                     if batch.messages or (batch.positions and batch.positions != sent):
                         raw = [(m.partition, m.offset, m.key, m.value, tuple(m.headers or ())) for m in batch.messages]
                         decoded = [_compact(r) for r in batch.records]
-                        payload: Any = ("batch", epoch, raw, decoded, dict(batch.positions))
-                        data.send_bytes(marshal.dumps(payload))
+                        _reply(data, "batch", epoch, raw, decoded, dict(batch.positions))
                         sent = batch.positions
             except ServiceUnavailable as err:
-                data.send_bytes(marshal.dumps(("error", err.service, err.target, err.reason)))
+                _reply(data, "error", err.service, err.target, err.reason)
                 epoch = None  # wait for the consumer to re-seek
     except (EOFError, OSError, KeyboardInterrupt):
         pass  # the consumer went away
     except Exception as err:  # noqa: BLE001 - a verdict (a bad setting, a bug): tell the consumer, then stop
         try:
-            data.send_bytes(marshal.dumps(("fatal", f"{type(err).__name__}: {err}")))
+            _reply(data, "fatal", f"{type(err).__name__}: {err}")
         except OSError:
             pass
         log.error("evp prefetch process failed:\n%s", traceback.format_exc())
@@ -300,10 +303,7 @@ def _prefetch_main(control: Connection, data: Connection) -> None:
 
 
 if __name__ == "__main__":
-    # Run the module's own copy, so what it pickles (Message) names events.store.source, not __main__.
-    from events.store.source import _prefetch_main as main
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # kafka-python warns when parsing a large fetch holds its event loop; this process has no other poller.
     logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
-    main(Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False))
+    _prefetch_main(Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False))
