@@ -18,16 +18,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 
 from tqdm import tqdm
 
-from events.cli.common import print_json, print_table
-from events.errors import EvpError
+from events.cli.common import add_point_options, point_of, print_json, print_table
+from events.errors import ConfigurationError, EvpError
 from events.project import catalog_for, require_project
 from events.settings import Settings
 from events.adapters import postgres
+from events.store.cut import cut_at
 from projections import tables
-from projections.rebuild import rebuild, shadow_name
+from projections.rebuild import PastRebuild, rebuild, rebuild_as_of, shadow_name
 from projections.roles import DEFAULT_PREFIX, check_views_schema, roles_exist, setup_roles
 from projections.runner import BatchOutcome, CatchUpResult, Progress, ProjectionRunner, projection_lag
 from projections.declarations import load_view
@@ -101,6 +103,15 @@ def _counts(result: CatchUpResult) -> str:
 
 
 def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
+    """A live rebuild (swapped in), or with ``--into``, the view as it was at a cut (never swapped)."""
+    position, until = point_of(args, "--until")
+    if args.into is not None:
+        return _rebuild_past(args, settings, position, until)
+    if position is not None or until is not None:
+        raise ConfigurationError(
+            f"{'--position' if position is not None else '--until'} rebuilds the view as it was, and needs --into SCHEMA: "
+            "a past view is replayed into a schema of its own and never replaces the live one"
+        )
     projection = _view(args, settings)
     schema = projection.layout(args.schema).schema
     prefix = args.role_prefix
@@ -125,6 +136,28 @@ def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
     rows = ", ".join(f"{table} {count}" for table, count in result.rows.items())
     print(f"rebuilt {result.schema} in {result.seconds:.1f}s: {_counts(result.replay)}; rows: {rows}")
     return 0
+
+
+def _rebuild_past(args: argparse.Namespace, settings: Settings, position: int | None, until: datetime | None) -> int:
+    projection = _view(args, settings)
+    with postgres.connect(settings.database_url, autocommit=True) as conn:
+        cut = cut_at(conn, settings.partitions, position=position, time=until)
+    with _progress_bar(f"rebuild {args.into} up to position {cut.position}") as on_progress:
+        result = rebuild_as_of(settings, projection, cut, into=args.into, schema=args.schema, on_progress=on_progress,
+                               prefetch=args.prefetch)
+    if args.json:
+        print_json({"view": projection.name, **result.as_dict()})
+        return 0
+    print(_past_summary(projection.name, result))
+    return 0
+
+
+def _past_summary(view: str, result: PastRebuild) -> str:
+    replay = result.replay
+    rows = ", ".join(f"{table} {count}" for table, count in result.rows.items())
+    return (f"view {view} {replay.cut.describe()} rebuilt into schema {result.schema} in {result.seconds:.1f}s "
+            f"(the live schema {result.live} untouched): {_counts(replay)}, {replay.beyond_cut} beyond the cut skipped; "
+            f"rows: {rows}")
 
 
 @contextmanager
@@ -194,7 +227,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     group.choices["run"].add_argument("--scale-out", action="store_true",
                                       help="share the topic's partitions with the view's other runners (leases)")
     add("catch-up", "apply everything up to the current end of the log, then exit", _catch_up, batch=True)
-    add("rebuild", "replay the log into a shadow schema and swap it in atomically", _rebuild)
+    add("rebuild", "replay the log into a shadow schema and swap it in atomically; with --into, the view as it was, "
+                   "beside the live one", _rebuild)
+    rebuild_parser = group.choices["rebuild"]
+    rebuild_parser.add_argument("--into", metavar="SCHEMA", default=None,
+                                help="replay only up to --until/--position (default: the ledger's last position) into "
+                                     "SCHEMA, a new or empty schema beside the live one; nothing is swapped")
+    add_point_options(rebuild_parser, "the view (with --into)", "--until")
     # A long-running runner prefetches by default; a one-off job starts the process only when asked
     # (it takes about a second to start: worth it for a long replay, not for a short one).
     for name, default in (("run", True), ("catch-up", False), ("rebuild", False)):

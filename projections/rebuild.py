@@ -6,6 +6,10 @@ transaction under the schema's advisory lock, the live schema is dropped and the
 renamed into its place. PostgreSQL's DDL is transactional: a reader sees the old tables
 until the commit and the new ones after it, never neither. A running runner notices at its
 next batch that the stored positions moved and re-seeks to the new schema's positions.
+
+:func:`rebuild_as_of` is the other kind: the view as it was at a cut of the log
+(:mod:`events.store.cut`), replayed into a schema of its own next to the live one, for an
+auditor to read. Nothing is swapped and the live schema is never touched.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from events.errors import ConfigurationError
 from events.event import Event
 from events.schema.catalog import Catalog
 from events.settings import Settings
-from projections.runner import CatchUpResult, Progress, ProjectionRunner, view_lock
-from projections.view import View
+from events.store.cut import Cut
+from projections.runner import CatchUpResult, CutCatchUp, Progress, ProjectionRunner, ensure_view_schema, view_lock
+from projections.view import Layout, View
 
 SHADOW_SUFFIX = "_rebuild"
 MAX_IDENTIFIER = 63  # PostgreSQL truncates longer names silently; refuse instead
@@ -39,6 +44,23 @@ class RebuildResult:
     replay: CatchUpResult
     rows: dict[str, int]
     seconds: float
+
+
+@dataclass(frozen=True)
+class PastRebuild:
+    """A view replayed up to a cut into ``schema``, beside the ``live`` one: the cut, what was
+    replayed (with the records beyond the cut skipped) and the row count of every table."""
+
+    schema: str
+    live: str
+    replay: CutCatchUp
+    rows: dict[str, int]
+    seconds: float
+
+    def as_dict(self) -> dict[str, object]:
+        return {"schema": self.schema, "live": self.live, "cut": self.replay.cut.as_dict(),
+                "replay": {k: v for k, v in self.replay.__dict__.items() if k != "cut"}, "rows": self.rows,
+                "seconds": self.seconds}
 
 
 def shadow_name(schema: str) -> str:
@@ -91,6 +113,86 @@ def rebuild(
         rows = table_counts(conn, live)
     _record(settings, view, live, replay)
     return RebuildResult(live, replay, rows, time.monotonic() - started)
+
+
+def rebuild_as_of(
+    settings: Settings,
+    view: View,
+    cut: Cut,
+    *,
+    into: str,
+    schema: str | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    prefetch: bool = False,
+) -> PastRebuild:
+    """Replay ``view`` from offset 0 up to ``cut`` into schema ``into``; the live schema stays as it is.
+
+    1. ``into`` must not be the live schema (``schema``, default the declared one), nor the
+       shadow a live rebuild replays into and renames, and must fit PostgreSQL's names:
+       ConfigurationError naming it otherwise;
+    2. under ``into``'s advisory lock, ``into`` must hold no table (ConfigurationError naming
+       it and its tables: a past view is written only into a schema of its own, never over
+       anything); the view's tables are created in the same transaction;
+    3. the log is consumed up to the cut's ends, skipping the records the cut does not admit
+       (:meth:`~projections.runner.LogConsumer.catch_up_to`);
+    4. a replay that fails leaves nothing behind: the tables it made are dropped (and ``into``
+       too when this call created it), so it can be run again;
+    5. nothing is swapped and nothing is recorded: a past view is a read of the log.
+    """
+    started = time.monotonic()
+    live = view.layout(schema).schema
+    layout = view.layout(into)
+    _refuse_into(live, into)
+    with postgres.connect(settings.database_url, autocommit=True) as conn:
+        created = _claim(conn, layout, live)
+        try:
+            with ProjectionRunner(settings, view, schema=into, prefetch=prefetch) as runner:
+                replay = runner.catch_up_to(cut, on_progress)
+        except BaseException:
+            try:
+                _discard(conn, into, created)
+            except psycopg.Error:  # the database is what failed: the original error says more
+                pass
+            raise
+        rows = table_counts(conn, into)
+    return PastRebuild(into, live, replay, rows, time.monotonic() - started)
+
+
+def _refuse_into(live: str, into: str) -> None:
+    """Step 1 of :func:`rebuild_as_of`."""
+    if into == live:
+        raise ConfigurationError(f"--into {into!r} is the live schema of the view: a past view never replaces the live one; "
+                                 "name a schema of its own")
+    if into == shadow_name(live):
+        raise ConfigurationError(f"--into {into!r} is the shadow schema a rebuild of {live!r} replays into and swaps in; "
+                                 "name a schema of its own")
+    if len(into.encode()) > MAX_IDENTIFIER:
+        raise ConfigurationError(f"--into {into!r} is too long for a PostgreSQL schema name ({MAX_IDENTIFIER} bytes at most)")
+
+
+def _claim(conn: psycopg.Connection[Any], layout: Layout, live: str) -> bool:
+    """Step 2 of :func:`rebuild_as_of`: whether the schema was created here."""
+    into = layout.schema
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(view_lock(into))
+        existed = cur.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (into,)).fetchone() is not None
+        held = [r[0] for r in cur.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = %s ORDER BY tablename LIMIT 6", (into,))]
+        if held:
+            shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
+            raise ConfigurationError(f"--into {into!r} already holds tables ({shown}): a past view of {layout.view!r} "
+                                     f"(live in {live!r}) is replayed only into an empty or new schema")
+        ensure_view_schema(conn, layout)
+    return not existed
+
+
+def _discard(conn: psycopg.Connection[Any], schema: str, created: bool) -> None:
+    """Step 4 of :func:`rebuild_as_of`: drop what a failed replay made."""
+    if created:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+        return
+    for (table,) in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = %s", (schema,)).fetchall():
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}.{} CASCADE").format(sql.Identifier(schema), sql.Identifier(table)))
 
 
 def _record(settings: Settings, view: View, schema: str, replay: CatchUpResult) -> None:

@@ -22,6 +22,8 @@ A crash anywhere before the commit leaves the effects and the positions as they 
 batch is simply read again: effects are applied exactly once. Positions live only in
 PostgreSQL (partitions are assigned by hand, no consumer-group commits), so the view and
 its position can never disagree. :class:`ProjectionRunner` is the loop for one declared view.
+:meth:`LogConsumer.catch_up_to` stops at a :class:`~events.store.cut.Cut` instead of the
+topic's end (a view as it was, :func:`projections.rebuild.rebuild_as_of`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from events.adapters.kafka import consumer as make_consumer, ensure_event_topics
 from events.event import HEADER_EVENT_TYPE
 from events.gc_pause import gc_paused
 from events.store.client import EventStore
+from events.store.cut import Cut
 from events.store.log import BadRecord, LogRecord, end_offsets
 from events.store.source import Batch, InlineSource, PrefetchSource, open_codec
 from events.settings import Settings
@@ -72,10 +75,12 @@ class BatchOutcome:
     applied: int = 0
     skipped: int = 0
     dead_lettered: int = 0
+    beyond_cut: int = 0  #: records below a cut's ends that the cut does not admit (:meth:`LogConsumer.catch_up_to`)
 
     def __add__(self, other: BatchOutcome) -> BatchOutcome:
         return BatchOutcome(
-            self.applied + other.applied, self.skipped + other.skipped, self.dead_lettered + other.dead_lettered
+            self.applied + other.applied, self.skipped + other.skipped, self.dead_lettered + other.dead_lettered,
+            self.beyond_cut + other.beyond_cut,
         )
 
 
@@ -87,6 +92,15 @@ class CatchUpResult:
     skipped: int
     dead_lettered: int
     seconds: float
+
+
+@dataclass(frozen=True)
+class CutCatchUp(CatchUpResult):
+    """A catch-up that stopped at ``cut``: also the records below its ends that it did not admit
+    (a relay's re-send of a later position), skipped and counted apart from the duplicates."""
+
+    cut: Cut
+    beyond_cut: int
 
 
 @dataclass(frozen=True)
@@ -229,6 +243,7 @@ class LogConsumer:
         self._topic_partitions: list[int] = []
         self._expected: dict[int, int] = {}
         self._dead_letters = DeadLetterQueue(settings, owner)
+        self._cut: Cut | None = None  #: while :meth:`catch_up_to` runs: the cut it stops at
 
     # -- what a consumer does -------------------------------------------------------------
     def create_tables(self, cur: psycopg.Cursor[Any]) -> None:
@@ -347,6 +362,8 @@ class LogConsumer:
         containers, see :mod:`events.gc_pause`); None when the poll brought nothing."""
         with gc_paused():
             batch = self._poll(timeout_ms)
+            if self._cut is not None:
+                batch = _below(batch, self._cut.ends)
             return self.process(batch) if batch.messages else None
 
     def positions(self) -> dict[int, int]:
@@ -399,9 +416,11 @@ class LogConsumer:
     def _apply_batch(self, cur: psycopg.Cursor[Any], batch: Batch) -> BatchOutcome:
         by_place = {(m.partition, m.offset): m for m in batch.messages}
         records: list[LogRecord] = []
-        dead = 0
+        dead = beyond = 0
         for message, decoded in zip(batch.messages, batch.records):
-            if isinstance(decoded, BadRecord):
+            if self._cut is not None and not self._cut.admits(message.headers or ()):
+                beyond += 1  # a re-send of a later position below the cut's end: not in the log up to the cut
+            elif isinstance(decoded, BadRecord):
                 self._dead_letters.send(message, decoded.reason, STAGE_DECODE)
                 dead += 1
             else:
@@ -411,7 +430,8 @@ class LogConsumer:
         for record, error in refused:
             self._dead_letters.send(by_place[(record.partition, record.offset)], describe_error(error), STAGE_APPLY)
         self._save_versions(cur, versions)
-        return BatchOutcome(applied=len(new) - len(refused), skipped=len(records) - len(new), dead_lettered=dead + len(refused))
+        return BatchOutcome(applied=len(new) - len(refused), skipped=len(records) - len(new),
+                            dead_lettered=dead + len(refused), beyond_cut=beyond)
 
     def _apply_records(self, cur: psycopg.Cursor[Any], records: Sequence[LogRecord]) -> list[tuple[LogRecord, BaseException]]:
         """Apply all at once; if the database refuses a value, again one by one. Returns the refused ones."""
@@ -478,6 +498,34 @@ class LogConsumer:
         assert self._consumer is not None
         with kafka_errors(self.settings):
             ends = {tp.partition: off for tp, off in self._consumer.end_offsets(self._partitions).items()}
+        outcome = self._consume_to(ends, on_progress)
+        return CatchUpResult(outcome.applied, outcome.skipped, outcome.dead_lettered, time.monotonic() - started)
+
+    def catch_up_to(self, cut: Cut, on_progress: Callable[[Progress], None] | None = None) -> CutCatchUp:
+        """Apply the log up to ``cut`` and no further (a past view, :func:`projections.rebuild.rebuild_as_of`).
+
+        1. each partition is read up to the cut's end (0 for a partition the cut does not
+           name), never past it: a record at or after the end is dropped from its batch
+           before the batch is applied, so the stored offsets stop at the ends;
+        2. a record below an end that the cut does not admit (its ``evp.position`` is above
+           the cut's: a relay re-sent it after a crash) is skipped and counted as
+           ``beyond_cut``; its offset is passed like any other;
+        3. everything else is applied as :meth:`catch_up` applies it (duplicates by stream
+           version skipped, bad records dead-lettered).
+        """
+        started = time.monotonic()
+        self.open()
+        self._cut = cut
+        try:
+            outcome = self._consume_to({tp.partition: cut.ends.get(tp.partition, 0) for tp in self._partitions},
+                                       on_progress)
+        finally:
+            self._cut = None
+        return CutCatchUp(outcome.applied, outcome.skipped, outcome.dead_lettered, time.monotonic() - started,
+                          cut=cut, beyond_cut=outcome.beyond_cut)
+
+    def _consume_to(self, ends: Mapping[int, int], on_progress: Callable[[Progress], None] | None) -> BatchOutcome:
+        """Apply batches until every partition's position reaches its end in ``ends``."""
         begin = self.positions()
         total = sum(max(0, ends[p] - begin[p]) for p in ends)
         outcome = BatchOutcome()
@@ -496,7 +544,7 @@ class LogConsumer:
             elif time.monotonic() - last_progress > STALL_TIMEOUT_S:
                 behind = {p: ends[p] - now[p] for p in ends if now[p] < ends[p]}
                 raise ServiceUnavailable("kafka", where(self.settings), f"no records for {STALL_TIMEOUT_S:.0f}s while behind {behind}")
-        return CatchUpResult(outcome.applied, outcome.skipped, outcome.dead_lettered, time.monotonic() - started)
+        return outcome
 
     def run(self, stop: threading.Event, on_batch: Callable[[BatchOutcome], None] | None = None) -> None:
         """Apply batches until ``stop`` is set, finishing the batch in hand.
@@ -585,6 +633,14 @@ class ProjectionRunner(LogConsumer):
         """An erasure redacts rows of any key: its batch holds the view alone."""
         forgotten = FORGOTTEN.encode()
         return any(key == HEADER_EVENT_TYPE and value == forgotten for m in messages for key, value in (m.headers or []))
+
+
+def _below(batch: Batch, ends: Mapping[int, int]) -> Batch:
+    """``batch`` without its records at or after their partition's end (positions unchanged)."""
+    kept = [(m, r) for m, r in zip(batch.messages, batch.records) if m.offset < ends.get(m.partition, 0)]
+    if len(kept) == len(batch.messages):
+        return batch
+    return Batch([m for m, _ in kept], [r for _, r in kept], batch.positions)
 
 
 def projection_lag(settings: Settings, schema: str) -> list[PartitionLag]:

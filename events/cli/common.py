@@ -1,16 +1,19 @@
-"""Small helpers the subcommands and scripts share: numbered steps, tables, JSON."""
+"""Small helpers the subcommands and scripts share: numbered steps, tables, JSON, points in time."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 from uuid import UUID
+
+from events.errors import ConfigurationError
 
 
 def _default(value: object) -> object:
@@ -53,3 +56,27 @@ class Steps:
         started = time.perf_counter()
         yield
         print(f"    done in {time.perf_counter() - started:.1f}s", flush=True)
+
+
+# -- points of the log (time travel) -------------------------------------------------------
+def parse_time(text: str, option: str = "--as-of") -> datetime:
+    """``text`` as an ISO 8601 time (UTC when it names no zone); ConfigurationError naming ``option``."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as err:
+        raise ConfigurationError(f"{option} {text!r} is not an ISO 8601 time (for example 2026-12-01T15:30:00+00:00)") from err
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def add_point_options(parser: argparse.ArgumentParser, what: str, time_option: str = "--as-of") -> None:
+    """``--position P`` or ``time_option TIME`` (one at most): ``what`` as it was then."""
+    when = parser.add_mutually_exclusive_group()
+    when.add_argument("--position", type=int, help=f"{what} as it was at this ledger position")
+    when.add_argument(time_option, help=f"{what} as it was at this time (ISO 8601; events recorded at or before it)")
+
+
+def point_of(args: argparse.Namespace, time_option: str = "--as-of") -> tuple[int | None, datetime | None]:
+    """The ``(position, time)`` the options of :func:`add_point_options` name (None, None: none given)."""
+    text = getattr(args, time_option.removeprefix("--").replace("-", "_"))
+    position: int | None = args.position
+    return position, parse_time(text, time_option) if text else None
