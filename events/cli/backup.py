@@ -1,4 +1,9 @@
-"""``evp backup create PATH``, ``evp backup verify PATH`` and ``evp backup restore PATH``.
+"""``evp backup create | list | verify | restore [LOCATION]``: a backup set in a folder or at any fsspec URL.
+
+``LOCATION`` defaults to ``EVP_BACKUP_TARGET``. ``create`` writes a full backup, or with
+``--incremental`` only what changed since the set's newest backup; ``verify`` checks every
+backup of the set and the links between them; ``restore`` restores a chain (the newest, or
+``--backup N``) into empty services and proves it equal (chain heads, view digests).
 
 A restore copies keys from a live keyring whose connection string usually holds a password.
 A command line is readable by every local user (``ps``, ``/proc/<pid>/cmdline``), so the
@@ -20,9 +25,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from events.ops.backup import BackupKey, Manifest, OnProgress, Progress, create_backup, verify_backup
+from events.adapters.storage import Storage
+from events.ops.backup import BackupKey, Manifest, OnProgress, Progress
+from events.ops.backup_set import create_backup, manifests, verify_set
 from events.ops.restore import restore_backup
-from events.cli.common import print_json
+from events.cli.common import print_json, print_table
 from events.errors import ConfigurationError
 from events.store.client import EventStore
 from events.privacy.keyring import PostgresKeyStore
@@ -54,38 +61,66 @@ def _progress() -> Iterator[OnProgress]:
             bar.close()
 
 
-def _describe(path: str, manifest: Manifest) -> str:
+def _location(args: argparse.Namespace) -> str:
+    chosen = args.location or os.environ.get("EVP_BACKUP_TARGET")
+    if not chosen:
+        raise ConfigurationError("no backup location: pass LOCATION (a folder or an fsspec URL such as s3://bucket/evp) "
+                                 "or set EVP_BACKUP_TARGET")
+    return str(chosen)
+
+
+def _describe(where: str, manifest: Manifest) -> str:
     ranges = ", ".join(f"{p}:[{s}, {e})" for p, (s, e) in sorted(manifest.ranges.items()))
-    return (f"backup {path}: {manifest.records} records of {manifest.topic} (partitions {ranges}), "
-            f"{manifest.schema_records} schema records, taken {manifest.created_at}\nsha256 {manifest.sha256}"
+    parent = f", continuing backup {manifest.parent.sequence}" if manifest.parent else ""
+    return (f"backup {where}: {manifest.kind}{parent}, cut at ledger position {manifest.position}: "
+            f"{manifest.records} records of {manifest.topic} (partitions {ranges}), {manifest.schema_records} schema "
+            f"records, {sum(manifest.state.values())} state rows, taken {manifest.created_at}\nsha256 {manifest.sha256}"
             + (f"\nmac {manifest.mac} (backup key {manifest.mac_key_id})" if manifest.mac else ""))
 
 
 def _create(args: argparse.Namespace, settings: Settings) -> int:
-    if not args.no_flush:  # events still in the outbox belong in the backup
-        with EventStore.open(settings) as store:
-            store.flush()
-    with _progress() as on_progress:
-        manifest = create_backup(settings, Path(args.path), on_progress=on_progress)
+    location = _location(args)
+    with EventStore.open(settings) as store, _progress() as on_progress:
+        # events still in the outbox belong in the backup: the cut publishes them first
+        publish = None if args.no_flush else store.flush
+        manifest = create_backup(settings, location, incremental=args.incremental, on_progress=on_progress,
+                                 publish=publish)
     if args.json:
         print_json(manifest.as_dict())
     else:
-        print(_describe(args.path, manifest))
+        print(_describe(Storage(location).describe(manifest.name), manifest))
+        for name, proof in sorted(manifest.proofs.items()):
+            print(f"recorded {name}: {', '.join(sorted(proof)) or 'none at the cut'}")
+    return 0
+
+
+def _list(args: argparse.Namespace, settings: Settings) -> int:
+    found = manifests(Storage(_location(args)))
+    if args.json:
+        print_json({"location": _location(args), "backups": [m.as_dict() for m in found]})
+        return 0
+    print_table([{"backup": m.sequence, "kind": m.kind, "parent": m.parent.sequence if m.parent else "-",
+                  "position": m.position, "records": m.records, "taken": m.created_at} for m in found],
+                ("backup", "kind", "parent", "position", "records", "taken"))
     return 0
 
 
 def _verify(args: argparse.Namespace, settings: Settings) -> int:
     key = None if args.corruption_only else BackupKey.from_settings(settings)
+    location = _location(args)
     with _progress() as on_progress:
-        manifest = verify_backup(Path(args.path), key, on_progress=on_progress)
+        report = verify_set(location, key, on_progress=on_progress)
     if args.json:
-        print_json({**manifest.as_dict(), "authenticated": key is not None})
-    elif key is None:
-        print(f"{_describe(args.path, manifest)}\nverified: counts and hash match (NOT authenticated: "
-              "--corruption-only does not detect an edited, re-hashed backup)")
-    else:
-        print(f"{_describe(args.path, manifest)}\nverified: authentic (MAC under backup key {manifest.mac_key_id}), "
-              "counts and hash match")
+        print_json({"location": location, "authenticated": key is not None,
+                    "backups": [m.as_dict() for m in report.backups]})
+        return 0
+    storage = Storage(location)
+    for manifest in report.backups:
+        print(_describe(storage.describe(manifest.name), manifest))
+    how = (f"authentic (MACs under backup key {report.backups[-1].mac_key_id})" if key is not None else
+           "NOT authenticated (--corruption-only does not detect an edited, re-hashed backup)")
+    print(f"verified {len(report.backups)} backups ({report.records} records): {how}, counts, hashes, chain links "
+          "and every incremental's link to its parent match")
     return 0
 
 
@@ -137,13 +172,13 @@ def _restore(args: argparse.Namespace, settings: Settings) -> int:
     keys = PostgresKeyStore(url) if url else None
     try:
         with _progress() as on_progress:
-            report = restore_backup(Path(args.path), settings, keys=keys, on_progress=on_progress)
+            report = restore_backup(_location(args), settings, keys=keys, on_progress=on_progress, sequence=args.backup)
     finally:
         if keys is not None:
             keys.close()
     if args.json:
-        print_json(asdict(report))
-        return 0
+        print_json({**asdict(report), "proved": report.proved})
+        return 0 if report.proved else 1
     print(report)
     if keys is None:
         print("no keys copied: personal fields decrypt only where this database's keyring holds their keys "
@@ -152,23 +187,30 @@ def _restore(args: argparse.Namespace, settings: Settings) -> int:
     if report.incomplete_streams:
         print(f"warning: {len(report.incomplete_streams)} streams lack early versions (the backup did not start at "
               f"offset 0): {', '.join(report.incomplete_streams[:5])}")
-    return 0
+    return 0 if report.proved else 1
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = subparsers.add_parser("backup", help="back up the event log to one file, verify it, restore it")
+    parser = subparsers.add_parser("backup", help="full and incremental backups of the log, verified, restorable")
     group = parser.add_subparsers(dest="backup_command", metavar="ACTION", required=True)
 
-    create = group.add_parser("create", help="pin the log's end offsets and write the events and schemas to PATH")
-    create.add_argument("--no-flush", action="store_true", help="do not publish the outbox first (Kafka only)")
+    create = group.add_parser("create", help="cut the log at one point and write it to LOCATION as the next backup")
+    create.add_argument("--incremental", action="store_true",
+                        help="only what changed since the newest backup at LOCATION (which it continues)")
+    create.add_argument("--no-flush", action="store_true",
+                        help="do not publish the outbox: wait for a running relay instead")
     create.set_defaults(func=_create)
 
-    verify = group.add_parser("verify", help="authenticate PATH (MAC under the backup key), re-read it, check counts and sha256")
+    listing = group.add_parser("list", help="the backups at LOCATION: sequence, kind, parent, cut, records")
+    listing.set_defaults(func=_list)
+
+    verify = group.add_parser("verify", help="authenticate every backup at LOCATION, re-read it, check hashes and links")
     verify.add_argument("--corruption-only", action="store_true",
                         help="without the backup key: check counts and sha256 only (finds corruption, not an edit)")
     verify.set_defaults(func=_verify)
 
-    restore = group.add_parser("restore", help="restore PATH into an empty topic and database (these settings)")
+    restore = group.add_parser("restore", help="restore a chain from LOCATION into an empty topic and database, prove it equal")
+    restore.add_argument("--backup", type=int, metavar="N", help="restore up to backup N (default: the newest)")
     source = restore.add_mutually_exclusive_group()
     source.add_argument("--keys-from-env", metavar="VAR",
                         help="copy wrapped data keys and tombstones from the keyring at the DATABASE_URL in $VAR")
@@ -178,6 +220,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         help="... at this DATABASE_URL, which must hold no password (argv is public)")
     restore.set_defaults(func=_restore)
 
-    for action in (create, verify, restore):
-        action.add_argument("path", metavar="PATH")
+    for action in (create, listing, verify, restore):
+        action.add_argument("location", metavar="LOCATION", nargs="?",
+                            help="a folder or fsspec URL (memory://, s3://...); default: EVP_BACKUP_TARGET")
         action.add_argument("--json", action="store_true", help="machine-readable output")

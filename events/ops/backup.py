@@ -1,25 +1,33 @@
-"""Backups of the event log: one self-checking file, restorable into empty services.
+"""Backups of the event log: a chain of self-checking files in a folder or at any fsspec URL.
 
-A backup is an Avro object container file (deflate) whose records are, in this order:
+A *backup set* is a storage location (:mod:`events.adapters.storage`) holding backups named
+``backup-<sequence>-<full|incremental>.evpbak``. A full backup holds the log from the
+topic's beginning; an incremental one holds only what came after its parent (the backup
+before it), so a restore reads a full backup and the incrementals after it, in order. Each
+backup is one Avro object container file (deflate) whose records are, in this order:
 
-1. every record of the schema registry's topic, so a restore into an empty cluster can
-   decode what it restores (the wire format embeds schema ids);
-2. every record of the events topic in ranges ``[start, end)`` per partition, partition by
-   partition in offset order, relay duplicates included. The end offsets are read once, at
-   the start, so the backup is a snapshot of the log however busy it is; the schemas topic
-   is pinned *after* the events topic, so every schema id an event uses is in the file.
+1. the schema registry's records in its range (all of them in a full backup, the new ones in
+   an incremental), so a restore into an empty cluster decodes what it restores (the wire
+   format embeds schema ids);
+2. the events topic's records in ``[start, end)`` per partition, partition by partition in
+   offset order, relay duplicates included;
+3. the ledger's state that is not in the log: unique-value reservations and aggregate
+   snapshots, whole in every backup (they grow with streams, not with events).
 
-The file's header metadata holds the :class:`Manifest`: format version, topics, ranges,
-record counts, creation time, a sha256 over the records in that canonical order (the
-self-check: it finds corruption) and a MAC over the manifest, sha256 included (the
-authentication: it finds an edit). The MAC is HMAC-SHA256 under the deployment's backup
-key (:class:`BackupKey`, kept beside the KEK but never rotated with it), so whoever edits
-the records and re-hashes them cannot make a manifest that verifies without that key;
-verifying needs the key for the same reason.
-The hash is only known once every record was read, and a container writes its header first,
-so the records are spooled to a temporary file next to the target and copied into the final
-container behind the manifest; the file appears under its name only complete (``fsync``,
-then ``os.replace``).
+Each backup is one consistent cut (:func:`create_backup`, steps 1-5): the state is read in
+one snapshot of the ledger at position P, the topic's ends are those of the :class:`~events.store.cut.Cut`
+at P, and every record below the ends is at or below P (a backup that finds a later one,
+re-sent by a crashed relay, cuts again). The file's header metadata holds the
+:class:`Manifest`: the cut (P, ranges, chain heads per partition), the parent's sequence
+and MAC, record counts, a sha256 over the records in canonical order (the self-check: it
+finds corruption), proofs recorded by other layers (view digests) and a MAC over all of it
+(the authentication: it finds an edit). The MAC is HMAC-SHA256 under the deployment's backup
+key (:class:`BackupKey`, kept beside the KEK but never rotated with it), so whoever edits the
+records and re-hashes them cannot make a manifest that verifies without that key; and since
+each manifest's MAC covers its parent's MAC, nobody can splice another chain in either.
+The records are spooled to a local temporary file, because the hash is known only once
+every record was read and a container writes its header first; the backup appears under its
+name only complete (:meth:`~events.adapters.storage.Storage.create`).
 
 Keys are never in a backup. Personal fields are ciphertext under each subject's data key,
 so forgetting a subject after a backup was taken makes that backup's copy of their data
@@ -37,31 +45,32 @@ import json
 import os
 import struct
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
-from pathlib import Path
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import IO, Any
 
 import fastavro
-from kafka import TopicPartition
 
-from events.errors import ConfigurationError, EvpError, IntegrityError, NotFound
 from events.adapters.files import write_atomically
-from events.adapters.kafka import consumer, kafka_errors
-from events.store.log import read_pinned
+from events.adapters.storage import Storage
+from events.errors import ConfigurationError, IntegrityError
+from events.event import HEADER_POSITION
+from events.store.chain import link_header
 from events.settings import Settings
 
 FORMAT = "evp-backup"
-FORMAT_VERSION = 2  #: 2: the manifest carries a MAC under the backup key; 1 had only the sha256 self-check
+FORMAT_VERSION = 3  #: 3: chains of backups, the cut and the ledger state; 2: a MAC under the backup key; 1: the sha256 only
 BACKUP_KEY_FILE = "backup.key"
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 MAC_ALGORITHM = "hmac-sha256"
 _MAC_DOMAIN = b"evp-backup-mac-v1"
 MANIFEST_KEY = "evp.backup.manifest"
-SCHEMAS, EVENTS = "SCHEMAS", "EVENTS"  #: a record's source topic, in file order
+SCHEMAS, EVENTS = "SCHEMAS", "EVENTS"  #: a record's source topic
+RESERVATIONS, SNAPSHOTS = "RESERVATIONS", "SNAPSHOTS"  #: ledger state (format 3)
+SOURCES = (SCHEMAS, EVENTS, RESERVATIONS, SNAPSHOTS)  #: in file order
+FULL, INCREMENTAL = "full", "incremental"
+SUFFIX = ".evpbak"
 
 #: How often long steps report progress, in records.
 PROGRESS_EVERY = 1000
@@ -72,9 +81,9 @@ RECORD_SCHEMA: dict[str, Any] = {
     "type": "record",
     "name": "BackupRecord",
     "namespace": "evp.backup",
-    "doc": "One Kafka record of the events topic or the schema registry's topic, as it was on the log.",
+    "doc": "One Kafka record of the events topic or the schema registry's topic, as it was on the log; or one row of the ledger's state (key and value JSON).",
     "fields": [
-        {"name": "source", "type": {"type": "enum", "name": "Source", "symbols": [SCHEMAS, EVENTS]}},
+        {"name": "source", "type": {"type": "enum", "name": "Source", "symbols": list(SOURCES)}},
         {"name": "partition", "type": "int"},
         {"name": "offset", "type": "long"},
         {"name": "timestamp", "type": "long", "doc": "The record's Kafka timestamp, epoch milliseconds."},
@@ -86,7 +95,7 @@ RECORD_SCHEMA: dict[str, Any] = {
         }}},
     ],
 }
-_PARSED = fastavro.parse_schema(RECORD_SCHEMA)
+PARSED_SCHEMA = fastavro.parse_schema(RECORD_SCHEMA)
 
 Ranges = Mapping[int, tuple[int, int]]
 
@@ -134,8 +143,8 @@ class BackupRecord:
 
     @property
     def order(self) -> tuple[int, int, int]:
-        """The canonical order: schema records first, then events by partition and offset."""
-        return (0 if self.source == SCHEMAS else 1, self.partition, self.offset)
+        """The canonical order: schema records, events by partition and offset, then the state."""
+        return (SOURCES.index(self.source), self.partition, self.offset)
 
     def canonical_bytes(self) -> bytes:
         """What the manifest's hash covers, independent of how the container encodes or compresses it."""
@@ -203,7 +212,7 @@ class BackupKey:
     def mac(self, manifest: Manifest) -> str:
         return hmac.new(self._key, manifest.signed_bytes(), hashlib.sha256).hexdigest()
 
-    def check(self, manifest: Manifest, path: Path) -> None:
+    def check(self, manifest: Manifest, path: str) -> None:
         """IntegrityError unless ``manifest`` carries a MAC made with this key."""
         if manifest.mac is None:
             raise IntegrityError(
@@ -223,6 +232,14 @@ class BackupKey:
 
 
 @dataclass(frozen=True)
+class Parent:
+    """The backup an incremental one continues: its sequence and its manifest's MAC."""
+
+    sequence: int
+    mac: str
+
+
+@dataclass(frozen=True)
 class Manifest:
     """What a backup holds; stored in the container's header, checked by :func:`verify_backup`."""
 
@@ -237,6 +254,13 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     mac: str | None = None  #: HMAC-SHA256 of :meth:`signed_bytes` under a :class:`BackupKey` (None in version 1)
     mac_key_id: str | None = None  #: the fingerprint of the backup key that made the MAC
+    sequence: int = 1  #: the backup's place in its set (format 3)
+    kind: str = FULL
+    parent: Parent | None = None  #: the backup this one continues (incremental only)
+    position: int | None = None  #: the ledger position of the cut: every event at or below it is in the chain
+    chain_heads: Mapping[int, str | None] = field(default_factory=dict)  #: each partition's chain link at its end
+    state: Mapping[str, int] = field(default_factory=dict)  #: ledger state rows, per source
+    proofs: Mapping[str, Any] = field(default_factory=dict)  #: what other layers recorded at the cut (view digests)
 
     @property
     def partitions(self) -> int:
@@ -246,8 +270,22 @@ class Manifest:
     def records(self) -> int:
         return sum(self.counts.values())
 
+    @property
+    def total(self) -> int:
+        """Every record in the file: schemas, events and state."""
+        return self.records + self.schema_records + sum(self.state.values())
+
+    @property
+    def name(self) -> str:
+        """The backup's file name in its set."""
+        return backup_name(self.sequence, self.kind)
+
+    @property
+    def ends(self) -> dict[int, int]:
+        return {p: end for p, (_, end) in self.ranges.items()}
+
     def as_dict(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "format": FORMAT, "format_version": self.format_version, "topic": self.topic,
             "schemas_topic": self.schemas_topic, "created_at": self.created_at, "sha256": self.sha256,
             "ranges": {str(p): list(r) for p, r in sorted(self.ranges.items())},
@@ -257,9 +295,17 @@ class Manifest:
             **({"mac": {"algorithm": MAC_ALGORITHM, "key_id": self.mac_key_id, "value": self.mac}}
                if self.mac is not None else {}),
         }
+        if self.format_version >= 3:
+            body |= {
+                "sequence": self.sequence, "kind": self.kind, "position": self.position,
+                "parent": {"sequence": self.parent.sequence, "mac": self.parent.mac} if self.parent else None,
+                "chain_heads": {str(p): h for p, h in sorted(self.chain_heads.items())},
+                "state": dict(sorted(self.state.items())), "proofs": dict(self.proofs),
+            }
+        return body
 
     def signed_bytes(self) -> bytes:
-        """What the MAC covers: the whole manifest (its sha256 included) but the MAC itself."""
+        """What the MAC covers: the whole manifest (its sha256 and its parent's MAC included) but the MAC itself."""
         body = self.as_dict()
         body.pop("mac", None)
         body["mac_key_id"] = self.mac_key_id
@@ -274,75 +320,118 @@ class Manifest:
             body = json.loads(text)
             if body.get("format") != FORMAT:
                 raise ValueError(f"format is {body.get('format')!r}, not {FORMAT!r}")
-            if body["format_version"] not in READABLE_VERSIONS:
-                raise ValueError(f"format version {body['format_version']} is not one of {READABLE_VERSIONS}")
+            version = body["format_version"]
+            if version not in READABLE_VERSIONS:
+                raise ValueError(f"format version {version} is not one of {READABLE_VERSIONS}")
             mac = body.get("mac")
-            if body["format_version"] >= 2:
+            if version >= 2:
                 if not isinstance(mac, dict) or mac.get("algorithm") != MAC_ALGORITHM:
-                    raise ValueError(f"format version {body['format_version']} needs a {MAC_ALGORITHM} mac, found {mac!r}")
+                    raise ValueError(f"format version {version} needs a {MAC_ALGORITHM} mac, found {mac!r}")
+            parent = body.get("parent")
+            kind = str(body.get("kind", FULL))
+            if kind not in (FULL, INCREMENTAL) or (kind == INCREMENTAL) != (parent is not None):
+                raise ValueError(f"kind {kind!r} with parent {parent!r}: only an incremental backup has a parent")
             return cls(
                 topic=str(body["topic"]), schemas_topic=str(body["schemas_topic"]),
                 ranges={int(p): (int(r[0]), int(r[1])) for p, r in body["ranges"].items()},
                 schema_range=(int(body["schema_range"][0]), int(body["schema_range"][1])),
                 counts={int(p): int(n) for p, n in body["counts"].items()},
                 schema_records=int(body["schema_records"]), sha256=str(body["sha256"]),
-                created_at=str(body["created_at"]), format_version=int(body["format_version"]),
+                created_at=str(body["created_at"]), format_version=int(version),
                 mac=str(mac["value"]) if mac else None, mac_key_id=str(mac["key_id"]) if mac else None,
+                sequence=int(body.get("sequence", 1)), kind=kind,
+                parent=Parent(int(parent["sequence"]), str(parent["mac"])) if parent else None,
+                position=None if body.get("position") is None else int(body["position"]),
+                chain_heads={int(p): (None if h is None else str(h)) for p, h in body.get("chain_heads", {}).items()},
+                state={str(k): int(n) for k, n in body.get("state", {}).items()},
+                proofs=dict(body.get("proofs", {})),
             )
-        except (ValueError, KeyError, TypeError, IndexError) as err:
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
             raise IntegrityError(f"the backup's manifest is malformed: {err}") from err
 
 
-class _Tally:
-    """Checks canonical order and pinned ranges, counts and hashes records as they pass.
+def backup_name(sequence: int, kind: str) -> str:
+    return f"backup-{sequence:06d}-{kind}{SUFFIX}"
+
+
+class Tally:
+    """Checks canonical order and pinned ranges, counts and hashes records, and follows chain links.
 
     Creating and verifying a backup both run records through this one class, so they cannot
     disagree on what the hash covers.
     """
 
-    def __init__(self, ranges: Ranges, schema_range: tuple[int, int]) -> None:
+    def __init__(self, ranges: Ranges, schema_range: tuple[int, int], heads: Mapping[int, str | None] | None = None) -> None:
         self._ranges, self._schema_range = ranges, schema_range
         self._hash = hashlib.sha256(f"{FORMAT}/{FORMAT_VERSION}\n".encode())
         self._last: tuple[int, int, int] | None = None
         self.counts: dict[int, int] = {p: 0 for p in ranges}
         self.schema_records = 0
+        self.state: dict[str, int] = {}
+        self.heads: dict[int, str | None] = {p: None for p in ranges}
+        self.heads.update(heads or {})
+        self.max_position = 0  #: the highest ``evp.position`` among the event records
 
     @property
     def seen(self) -> int:
-        return self.schema_records + sum(self.counts.values())
+        return self.schema_records + sum(self.counts.values()) + sum(self.state.values())
 
     def add(self, record: BackupRecord) -> None:
         where = f"record #{self.seen} ({record.source} partition {record.partition} offset {record.offset})"
+        if record.source not in SOURCES:
+            raise IntegrityError(f"{where} has an unknown source")
         if self._last is not None and record.order <= self._last:
-            raise IntegrityError(f"{where} is out of order: records must be schemas first, then events by partition and offset")
+            raise IntegrityError(f"{where} is out of order: records must be schemas, then events by partition and "
+                                 "offset, then the ledger's state")
         self._last = record.order
         if record.source == SCHEMAS:
             start, end = self._schema_range
             if record.partition != 0 or not start <= record.offset < end:
                 raise IntegrityError(f"{where} is outside the schemas range [{start}, {end}) of partition 0")
             self.schema_records += 1
-        else:
+        elif record.source == EVENTS:
             if record.partition not in self._ranges:
                 raise IntegrityError(f"{where}: the manifest pins no range for partition {record.partition}")
             start, end = self._ranges[record.partition]
             if not start <= record.offset < end:
                 raise IntegrityError(f"{where} is outside the pinned range [{start}, {end})")
             self.counts[record.partition] += 1
+            self._follow(record)
+        else:
+            if record.partition != 0 or record.offset != self.state.get(record.source, 0):
+                raise IntegrityError(f"{where}: state rows are numbered from 0 in partition 0")
+            self.state[record.source] = record.offset + 1
         self._hash.update(record.canonical_bytes())
+
+    def _follow(self, record: BackupRecord) -> None:
+        headers = [(k, v or b"") for k, v in record.headers]
+        claimed = link_header(headers)
+        if claimed is not None:
+            self.heads[record.partition] = claimed.hex()
+        for name, value in headers:
+            if name == HEADER_POSITION:
+                try:
+                    self.max_position = max(self.max_position, int(value))
+                except ValueError:
+                    pass
 
     def sha256(self) -> str:
         return self._hash.hexdigest()
 
-    def check(self, manifest: Manifest, path: Path) -> None:
+    def check(self, manifest: Manifest, where: str) -> None:
         """IntegrityError naming the first thing that differs from the manifest."""
         if self.schema_records != manifest.schema_records:
-            raise IntegrityError(f"backup {path}: {self.schema_records} schema records, the manifest says {manifest.schema_records}")
+            raise IntegrityError(f"backup {where}: {self.schema_records} schema records, the manifest says {manifest.schema_records}")
         for partition in sorted(manifest.counts):
             found, recorded = self.counts.get(partition, 0), manifest.counts[partition]
             if found != recorded:
-                raise IntegrityError(f"backup {path}: partition {partition} has {found} records, the manifest says {recorded}")
+                raise IntegrityError(f"backup {where}: partition {partition} has {found} records, the manifest says {recorded}")
+        for source in sorted(set(self.state) | set(manifest.state)):
+            if self.state.get(source, 0) != manifest.state.get(source, 0):
+                raise IntegrityError(f"backup {where}: {self.state.get(source, 0)} {source} rows, the manifest says "
+                                     f"{manifest.state.get(source, 0)}")
         if self.sha256() != manifest.sha256:
-            raise IntegrityError(f"backup {path}: records hash to sha256 {self.sha256()}, the manifest says {manifest.sha256}")
+            raise IntegrityError(f"backup {where}: records hash to sha256 {self.sha256()}, the manifest says {manifest.sha256}")
 
 
 def reporting(items: Iterable[BackupRecord], phase: str, total: int, on_progress: OnProgress | None) -> Iterator[BackupRecord]:
@@ -363,26 +452,23 @@ class BackupFile:
     :class:`IntegrityError` naming the file. One pass per instance (a container streams).
     """
 
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
+    def __init__(self, storage: Storage, name: str) -> None:
+        self.where = storage.describe(name)
+        self._file: IO[bytes] = storage.open(name)
         try:
-            self._file: IO[bytes] = self.path.open("rb")
-        except FileNotFoundError as err:
-            raise NotFound(f"backup {self.path} does not exist") from err
-        try:
-            self._reader = fastavro.reader(self._file, reader_schema=_PARSED)
+            self._reader = fastavro.reader(self._file, reader_schema=PARSED_SCHEMA)
             text = self._reader.metadata.get(MANIFEST_KEY)
         except Exception as err:  # noqa: BLE001 - fastavro reports a bad header in many ways
             self._file.close()
-            raise IntegrityError(f"backup {self.path} is not a readable evp backup: {type(err).__name__}: {err}") from err
+            raise IntegrityError(f"backup {self.where} is not a readable evp backup: {type(err).__name__}: {err}") from err
         if text is None:
             self._file.close()
-            raise IntegrityError(f"backup {self.path} has no manifest ({MANIFEST_KEY!r} is missing from its header)")
+            raise IntegrityError(f"backup {self.where} has no manifest ({MANIFEST_KEY!r} is missing from its header)")
         try:
             self.manifest = Manifest.from_json(text)
         except IntegrityError as err:
             self._file.close()
-            raise IntegrityError(f"backup {self.path}: {err}") from err
+            raise IntegrityError(f"backup {self.where}: {err}") from err
 
     def records(self) -> Iterator[BackupRecord]:
         read = 0
@@ -391,7 +477,7 @@ class BackupFile:
                 yield BackupRecord.from_avro(datum)
                 read += 1
         except Exception as err:  # noqa: BLE001 - corrupt or truncated blocks fail in many ways
-            raise IntegrityError(f"backup {self.path} is unreadable after record #{read}: {type(err).__name__}: {err}") from err
+            raise IntegrityError(f"backup {self.where} is unreadable after record #{read}: {type(err).__name__}: {err}") from err
 
     def close(self) -> None:
         self._file.close()
@@ -403,94 +489,35 @@ class BackupFile:
         self.close()
 
 
-def verify_backup(path: Path | str, key: BackupKey | None, *, on_progress: OnProgress | None = None) -> Manifest:
-    """Authenticate the manifest, re-read every record, recompute counts and the hash.
+def read_manifest(storage: Storage, name: str) -> Manifest:
+    with BackupFile(storage, name) as backup:
+        return backup.manifest
+
+
+def verify_file(storage: Storage, name: str, key: BackupKey | None, *, on_progress: OnProgress | None = None,
+                heads: Mapping[int, str | None] | None = None) -> Manifest:
+    """Authenticate one backup's manifest, re-read every record, recompute counts, hash and chain heads.
 
     1. with ``key``, check the manifest's MAC (an edited backup, re-hashed or not, fails
        here); ``key=None`` skips only this step: a check for corruption, not for tampering;
     2. re-read every record in canonical order within the pinned ranges;
-    3. compare counts and the sha256 with the (now authenticated) manifest.
+    3. compare counts and the sha256 with the (now authenticated) manifest;
+    4. (format 3) follow the chain links from ``heads`` (the parent's) to the manifest's heads.
 
-    IntegrityError names what differs.
+    IntegrityError names the file and what differs.
     """
-    with BackupFile(path) as backup:
+    with BackupFile(storage, name) as backup:
         manifest = backup.manifest
         if key is not None:
-            key.check(manifest, backup.path)
-        tally = _Tally(manifest.ranges, manifest.schema_range)
-        total = manifest.records + manifest.schema_records
-        for record in reporting(backup.records(), "verify", total, on_progress):
+            key.check(manifest, backup.where)
+        tally = Tally(manifest.ranges, manifest.schema_range, heads)
+        for record in reporting(backup.records(), f"verify {name}", manifest.total, on_progress):
             try:
                 tally.add(record)
             except IntegrityError as err:
-                raise IntegrityError(f"backup {backup.path}: {err}") from err
-        tally.check(manifest, backup.path)
-    return manifest
-
-
-# -- creating a backup ---------------------------------------------------------------------
-def _pin(settings: Settings, topic: str) -> dict[int, tuple[int, int]]:
-    """``[beginning, end)`` of every partition right now; NotFound if the topic does not exist."""
-    reader = consumer(settings)
-    try:
-        with kafka_errors(settings):
-            partitions = reader.partitions_for_topic(topic)
-            if not partitions:
-                raise NotFound(f"topic {topic!r} does not exist on {settings.kafka}")
-            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-            starts, ends = reader.beginning_offsets(tps), reader.end_offsets(tps)
-            return {tp.partition: (starts[tp], ends[tp]) for tp in tps}
-    finally:
-        reader.close()
-
-
-def _read_pinned(settings: Settings, topic: str, source: str, ranges: Ranges) -> Iterator[BackupRecord]:
-    """Every record in ``[start, end)`` of each partition, undecoded (see :func:`events.store.log.read_pinned`)."""
-    for message in read_pinned(settings, topic, ranges, max_poll_records=5000):
-        yield BackupRecord.from_message(source, message)
-
-
-def create_backup(settings: Settings, path: Path | str, *, on_progress: OnProgress | None = None,
-                  key: BackupKey | None = None) -> Manifest:
-    """Back up the events topic (pinned now) and the schema registry's topic into ``path``.
-
-    Refuses to overwrite an existing file. Reads Kafka only: publish the outbox first (the
-    ``evp backup create`` command does) to include events still waiting there. The manifest
-    is authenticated with ``key``, by default the deployment's backup key (created if missing).
-    """
-    path = Path(path)
-    key = key if key is not None else BackupKey.from_settings(settings, create=True)
-    if path.exists():
-        raise EvpError(f"backup {path} already exists; a backup is never overwritten")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ranges = _pin(settings, settings.events_topic)
-    try:  # pinned after the events: every schema id a pinned event uses is below this end
-        schema_range = _pin(settings, settings.schemas_topic)[0]
-    except NotFound:
-        schema_range = (0, 0)
-    created_at = datetime.now(UTC).isoformat()
-    tally = _Tally(ranges, schema_range)
-
-    def tallied() -> Iterator[dict[str, Any]]:
-        sources = (_read_pinned(settings, settings.schemas_topic, SCHEMAS, {0: schema_range}),
-                   _read_pinned(settings, settings.events_topic, EVENTS, ranges))
-        total = schema_range[1] - schema_range[0] + sum(end - start for start, end in ranges.values())
-        for record in reporting((r for source in sources for r in source), "read", total, on_progress):
-            tally.add(record)
-            yield record.to_avro()
-
-    with tempfile.TemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".spool") as spool:
-        fastavro.writer(spool, _PARSED, tallied(), codec="null")
-        spool.seek(0)
-        manifest = Manifest(
-            topic=settings.events_topic, schemas_topic=settings.schemas_topic, ranges=dict(ranges),
-            schema_range=schema_range, counts=dict(tally.counts), schema_records=tally.schema_records,
-            sha256=tally.sha256(), created_at=created_at, mac_key_id=key.key_id,
-        )
-        manifest = replace(manifest, mac=key.mac(manifest))
-        spooled = (BackupRecord.from_avro(d) for d in fastavro.reader(spool, reader_schema=_PARSED))
-        records = (r.to_avro() for r in reporting(spooled, "write", tally.seen, on_progress))
-        write_atomically(path, lambda out: fastavro.writer(
-            out, _PARSED, records, codec="deflate", metadata={MANIFEST_KEY: manifest.to_json()},
-        ))
+                raise IntegrityError(f"backup {backup.where}: {err}") from err
+        tally.check(manifest, backup.where)
+        if manifest.format_version >= 3 and dict(tally.heads) != dict(manifest.chain_heads):
+            raise IntegrityError(f"backup {backup.where}: its records end in chain heads {tally.heads}, the manifest says "
+                                 f"{dict(manifest.chain_heads)}")
     return manifest

@@ -1,19 +1,26 @@
-"""Restoring a backup (see :mod:`events.ops.backup`) into empty services.
+"""Restoring a backup chain (see :mod:`events.ops.backup_set`) into empty services, then proving it equal.
 
 Contract of :func:`restore_backup` (into the *current* settings, typically a new topic
 prefix and a new database):
 
-1. authenticate and verify the whole file first (its MAC under the backup key of
-   ``settings``, or ``backup_key``); refuse unless the target's events topic and ledger are
-   empty and its schema registry holds nothing but (a prefix of) the backup's schemas;
+1. authenticate and verify every backup of the chain first (full backup, then each
+   incremental up to the one asked for: MACs under the backup key of ``settings``, or
+   ``backup_key``, hashes, links); refuse unless the target's events topic and ledger are
+   empty and its schema registry holds nothing but (a prefix of) the chain's schemas;
 2. copy wrapped data keys and tombstones from a live key store, when one is given;
 3. append the schema records (same ids; subjects renamed to the target topic);
 4. produce every event record with its key, headers, value and timestamp to its partition,
    in offset order, with the idempotent producer, and wait for every acknowledgement;
 5. in one PostgreSQL transaction rebuild the ledger from the records — one row per
-   ``(stream, version)`` (relay duplicates skipped), with the new Kafka offsets and no outbox
-   rows — and the streams' versions. Erasures recorded in the log are applied to the
-   target's key store, so a key copied from an older key backup cannot undo them.
+   ``(stream, version)`` (relay duplicates skipped), with the new Kafka offsets, their chain
+   links and each partition's chain head, and no outbox rows — the streams' versions, and the
+   newest backup's reservations and aggregate snapshots. Erasures recorded in the log are
+   applied to the target's key store (and release the subject's reservations), so a key
+   copied from an older key backup cannot undo them;
+6. prove the restore equal: re-read the restored topic and follow its hash chains, whose
+   heads must equal the backup's; then each proof provider (the projections' view digests)
+   rebuilds what it recorded at the cut and compares. Each comparison is in the report
+   (:attr:`RestoreReport.proofs`); ``evp backup restore`` exits 1 unless all are equal.
 
 A restore that dies halfway leaves a non-empty topic, so a rerun refuses: restore again
 under a new topic prefix and into a new database (or delete the half-restored ones).
@@ -26,10 +33,12 @@ import uuid
 from array import array
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 from events.adapters import postgres
 from events.schema.catalog import Catalog
@@ -46,20 +55,24 @@ from events.event import (
 from events.adapters.kafka import ensure_event_topics, kafka_errors, producer
 from events.privacy.keyring import KeyStore, PostgresKeyStore
 from events.store.ledger import check_stream_id, check_text
-from events.store.log import end_offsets
+from events.store.log import end_offsets, read_pinned
 from events.schema.registry import KafkaSchemaLog, SchemaRegistry
+from events.adapters.storage import Storage
 from events.ops.backup import (
     EVENTS,
     PRODUCE_CHUNK,
+    RESERVATIONS,
     SCHEMAS,
+    SNAPSHOTS,
     BackupFile,
     BackupKey,
     BackupRecord,
     Manifest,
     OnProgress,
     reporting,
-    verify_backup,
 )
+from events.ops.backup_set import ProofCheck, ProofProvider, chain_to, proof_providers, verify_chain
+from events.store.chain import FOLLOWS, RESENT, Walk, link_header
 from events.settings import Settings
 
 @dataclass(frozen=True)
@@ -77,13 +90,33 @@ class RestoreReport:
     keys_copied: int = 0
     erasures_applied: tuple[str, ...] = ()  #: subjects whose SubjectForgotten is in the log
     incomplete_streams: tuple[str, ...] = field(default=())  #: streams whose versions do not start at 1 or have gaps
+    backups: tuple[int, ...] = ()  #: the sequences of the backups read, full backup first
+    position: int | None = None  #: the ledger position of the newest backup's cut
+    reservations: int = 0
+    snapshots: int = 0  #: aggregate snapshots restored
+    proofs: tuple[ProofCheck, ...] = ()  #: chain heads and view digests, recorded vs found
+
+    @property
+    def proved(self) -> bool:
+        """Whether every proof the backup recorded holds in the restored copy."""
+        return all(check.equal for check in self.proofs)
 
     def __str__(self) -> str:
         offsets = "offsets preserved" if self.offsets_preserved else "offsets shifted (the backup did not start at offset 0)"
-        return (f"restored {self.records} records to {self.topic} ({offsets}), {self.schema_records} schema records, "
-                f"{self.ledger_events} ledger events in {self.streams} streams ({self.duplicates} relay duplicates "
-                f"skipped, {self.foreign} foreign records left out of the ledger), {self.keys_copied} keys copied, "
-                f"{len(self.erasures_applied)} erasures applied")
+        lines = [
+            f"restored backups {', '.join(map(str, self.backups))} (cut at ledger position {self.position}): "
+            f"{self.records} records to {self.topic} ({offsets}), {self.schema_records} schema records, "
+            f"{self.ledger_events} ledger events in {self.streams} streams ({self.duplicates} relay duplicates "
+            f"skipped, {self.foreign} foreign records left out of the ledger), {self.reservations} reservations, "
+            f"{self.snapshots} aggregate snapshots, {self.keys_copied} keys copied, "
+            f"{len(self.erasures_applied)} erasures applied",
+        ]
+        for check in self.proofs:
+            verdict = "equal" if check.equal else f"DIFFERENT: backup {check.recorded}, restored {check.found}"
+            lines.append(f"  {check.proof} {check.name}: {verdict}" + (f" ({check.detail})" if check.detail else ""))
+        if self.proofs:
+            lines.append("proved equal to the backup" if self.proved else "NOT equal to the backup")
+        return "\n".join(lines)
 
 
 def copy_keys(source: KeyStore, target: KeyStore) -> int:
@@ -139,15 +172,31 @@ def _refuse_non_empty(settings: Settings, conn: psycopg.Connection[Any], manifes
         )
 
 
-def _schema_records_to_write(path: Path, manifest: Manifest, settings: Settings, log: KafkaSchemaLog) -> list[tuple[bytes, bytes]]:
-    """The backup's registry records not yet in the target's log; refuses a log holding anything else."""
-    wanted: list[tuple[bytes, bytes]] = []
-    with BackupFile(path) as backup:
-        for record in backup.records():
-            if record.source != SCHEMAS:
-                break  # schema records come first
-            value = retarget_schema_record(record.value or b"", manifest.topic, settings.events_topic)
-            wanted.append((record.key or b"", value))
+class _Chain:
+    """The backups a restore reads (full backup first), as one stream of records per source."""
+
+    def __init__(self, storage: Storage, manifests: list[Manifest]) -> None:
+        self.storage, self.manifests = storage, manifests
+        self.last = manifests[-1]
+        self.where = storage.describe(self.last.name) + (f" (and the {len(manifests) - 1} backups it continues)"
+                                                          if len(manifests) > 1 else "")
+
+    def records(self, source: str) -> Iterator[BackupRecord]:
+        """Every record of ``source`` in chain order; the state (reservations, snapshots) only from the newest."""
+        pieces = self.manifests[-1:] if source in (RESERVATIONS, SNAPSHOTS) else self.manifests
+        for manifest in pieces:
+            with BackupFile(self.storage, manifest.name) as backup:
+                yield from (r for r in backup.records() if r.source == source)
+
+    @property
+    def events(self) -> int:
+        return sum(m.records for m in self.manifests)
+
+
+def _schema_records_to_write(chain: _Chain, settings: Settings, log: KafkaSchemaLog) -> list[tuple[bytes, bytes]]:
+    """The chain's registry records not yet in the target's log; refuses a log holding anything else."""
+    wanted = [(record.key or b"", retarget_schema_record(record.value or b"", chain.last.topic, settings.events_topic))
+              for record in chain.records(SCHEMAS)]
     present = log.read_all()
     if present != wanted[:len(present)]:
         raise EvpError(
@@ -166,8 +215,8 @@ class _Placement:
     produced: int = 0
 
 
-def _produce(path: Path, settings: Settings, manifest: Manifest, on_progress: OnProgress | None) -> _Placement:
-    placement = _Placement({p: array("q") for p in manifest.ranges})
+def _produce(chain: _Chain, settings: Settings, on_progress: OnProgress | None) -> _Placement:
+    placement = _Placement({p: array("q") for p in chain.last.ranges})
     sender = producer(settings, linger_ms=20)
     pending: list[tuple[BackupRecord, Any]] = []
 
@@ -185,20 +234,18 @@ def _produce(path: Path, settings: Settings, manifest: Manifest, on_progress: On
         pending.clear()
 
     try:
-        with BackupFile(path) as backup:
-            events = (r for r in backup.records() if r.source == EVENTS)
-            for record in reporting(events, "produce", manifest.records, on_progress):
-                with kafka_errors(settings):
-                    future = sender.send(
-                        settings.events_topic, key=record.key, value=record.value, partition=record.partition,
-                        timestamp_ms=record.timestamp,
-                        # kafka-python cannot send a null header value; evp never writes one
-                        headers=[(k, v if v is not None else b"") for k, v in record.headers],
-                    )
-                pending.append((record, future))
-                if len(pending) >= PRODUCE_CHUNK:
-                    settle()
-            settle()
+        for record in reporting(chain.records(EVENTS), "produce", chain.events, on_progress):
+            with kafka_errors(settings):
+                future = sender.send(
+                    settings.events_topic, key=record.key, value=record.value, partition=record.partition,
+                    timestamp_ms=record.timestamp,
+                    # kafka-python cannot send a null header value; evp never writes one
+                    headers=[(k, v if v is not None else b"") for k, v in record.headers],
+                )
+            pending.append((record, future))
+            if len(pending) >= PRODUCE_CHUNK:
+                settle()
+        settle()
     finally:
         sender.close()
     return placement
@@ -209,11 +256,12 @@ CREATE TEMP TABLE evp_restore (
     position bigint, stream_id text NOT NULL, version bigint NOT NULL, event_id uuid NOT NULL,
     event_type text NOT NULL, schema_id integer NOT NULL, value bytea NOT NULL, actor text NOT NULL,
     subject_id text, subject_ids text[] NOT NULL, occurred_at timestamptz NOT NULL, recorded_at timestamptz NOT NULL,
-    partition integer NOT NULL, kafka_offset bigint NOT NULL
+    partition integer NOT NULL, kafka_offset bigint NOT NULL, chain bytea
 ) ON COMMIT DROP
 """
 _COLUMNS = ("position, stream_id, version, event_id, event_type, schema_id, value, actor, subject_id, subject_ids, "
             "occurred_at, recorded_at, partition, kafka_offset")
+_STAGED = f"{_COLUMNS}, chain"
 _SEQUENCE = "pg_get_serial_sequence('evp_events', 'position')"
 _INSERT = f"""
 INSERT INTO evp_events ({_COLUMNS})
@@ -239,9 +287,10 @@ class _LedgerRow:
     recorded_at: datetime
     partition: int
     kafka_offset: int
+    chain: bytes | None  #: the record's link in its partition's hash chain
 
     def as_tuple(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, name.strip()) for name in _COLUMNS.split(","))
+        return tuple(getattr(self, name.strip()) for name in _STAGED.split(","))
 
 
 class _RowBuilder:
@@ -271,7 +320,7 @@ class _RowBuilder:
                 value=record.value, actor=actor, subject_id=subject, subject_ids=subjects,
                 occurred_at=datetime.fromisoformat(headers[HEADER_OCCURRED_AT].decode()),
                 recorded_at=datetime.fromtimestamp(record.timestamp / 1000, UTC),
-                partition=record.partition, kafka_offset=offset,
+                partition=record.partition, kafka_offset=offset, chain=link_header(list(headers.items())),
             )
         except (KeyError, ValueError, UnicodeDecodeError, DecodeError, InvalidEvent):
             return None
@@ -300,22 +349,34 @@ class _LedgerOutcome:
     streams: int
     erasures: tuple[str, ...]
     incomplete: tuple[str, ...]
+    state: dict[str, int]
+
+
+_PUBLISHED = """
+INSERT INTO evp_published (position, kafka_offset, chain)
+SELECT e.position, e.kafka_offset, r.chain FROM evp_events e
+  JOIN evp_restore r ON r.stream_id = e.stream_id AND r.version = e.version AND r.kafka_offset = e.kafka_offset
+ WHERE r.chain IS NOT NULL
+"""
 
 
 def _rebuild_ledger(
-    conn: psycopg.Connection[Any], path: Path, manifest: Manifest, placement: _Placement, builder: _RowBuilder,
+    conn: psycopg.Connection[Any], chain: _Chain, placement: _Placement, builder: _RowBuilder,
     keys: KeyStore, erasure_type: str, on_progress: OnProgress | None,
 ) -> _LedgerOutcome:
     staged = foreign = 0
     erased: set[str] = set()
+    heads: dict[int, tuple[int, bytes]] = {}  #: partition -> (offset, link) of its last chained record
     with conn.transaction():
         conn.execute(_STAGE)
-        with conn.cursor() as cur, cur.copy(f"COPY evp_restore ({_COLUMNS}) FROM STDIN") as copy, BackupFile(path) as backup:
-            index = {p: 0 for p in manifest.ranges}
-            events = (r for r in backup.records() if r.source == EVENTS)
-            for record in reporting(events, "ledger", manifest.records, on_progress):
+        with conn.cursor() as cur, cur.copy(f"COPY evp_restore ({_STAGED}) FROM STDIN") as copy:
+            index = {p: 0 for p in chain.last.ranges}
+            for record in reporting(chain.records(EVENTS), "ledger", chain.events, on_progress):
                 offset = placement.offsets[record.partition][index[record.partition]]
                 index[record.partition] += 1
+                claimed = link_header([(k, v or b"") for k, v in record.headers])
+                if claimed:
+                    heads[record.partition] = (offset, claimed)
                 row = builder.row(record, offset)
                 if row is None:
                     foreign += 1
@@ -324,15 +385,19 @@ def _rebuild_ledger(
                 staged += 1
                 if row.event_type == erasure_type and row.subject_id:
                     erased.add(row.subject_id)
-        _check_consistent(conn, path)
+        _check_consistent(conn, chain.where)
         for subject in sorted(erased):  # before the commit: an erasure in the log holds once the events are back
             keys.erase(subject)
         conn.execute(f"SELECT setval({_SEQUENCE}, (SELECT coalesce(max(position), 0) + 1 FROM evp_restore), false)")
         try:
             written = conn.execute(_INSERT).rowcount
         except psycopg.errors.UniqueViolation as err:
-            raise IntegrityError(f"backup {path}: two events claim one ledger position: {err.diag.message_detail}") from err
+            raise IntegrityError(f"backup {chain.where}: two events claim one ledger position: {err.diag.message_detail}") from err
         conn.execute(f"SELECT setval({_SEQUENCE}, (SELECT coalesce(max(position), 0) + 1 FROM evp_events), false)")
+        conn.execute(_PUBLISHED)
+        for partition, (offset, link) in sorted(heads.items()):  # where the restored relays go on chaining
+            conn.execute("INSERT INTO evp_chain_heads (partition, kafka_offset, chain) VALUES (%s, %s, %s)",
+                         (partition, offset, link))
         streams = conn.execute(
             "INSERT INTO evp_streams (stream_id, version) SELECT stream_id, max(version) FROM evp_events GROUP BY stream_id"
             " ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version, updated_at = now()"
@@ -341,64 +406,120 @@ def _rebuild_ledger(
             "SELECT stream_id FROM evp_events GROUP BY stream_id HAVING min(version) <> 1 OR max(version) <> count(*)"
             " ORDER BY stream_id"
         ).fetchall()
-    return _LedgerOutcome(written, staged, foreign, streams, tuple(sorted(erased)), tuple(r[0] for r in incomplete))
+        state = _restore_state(conn, chain, erased)
+    return _LedgerOutcome(written, staged, foreign, streams, tuple(sorted(erased)), tuple(r[0] for r in incomplete), state)
 
 
-def _check_consistent(conn: psycopg.Connection[Any], path: Path) -> None:
+def _restore_state(conn: psycopg.Connection[Any], chain: _Chain, erased: set[str]) -> dict[str, int]:
+    """Step 5: the newest backup's reservations (but an erased subject's) and aggregate snapshots."""
+    restored = {RESERVATIONS: 0, SNAPSHOTS: 0}
+    for record in chain.records(RESERVATIONS):
+        scope, value = json.loads(record.key or b"null")
+        row = json.loads(record.value or b"null")
+        if row.get("subject_id") in erased:
+            continue
+        conn.execute("INSERT INTO evp_reservations (scope, value, stream_id, reserved_at, subject_id)"
+                     " VALUES (%s, %s, %s, %s, %s)",
+                     (scope, value, row["stream_id"], _at(record.timestamp), row.get("subject_id")))
+        restored[RESERVATIONS] += 1
+    for record in chain.records(SNAPSHOTS):
+        stream_id, version = json.loads(record.key or b"null")
+        row = json.loads(record.value or b"null")
+        conn.execute("INSERT INTO evp_aggregate_snapshots (stream_id, version, state, taken_at) VALUES (%s, %s, %s, %s)",
+                     (stream_id, version, Jsonb(row["state"]), _at(record.timestamp)))
+        restored[SNAPSHOTS] += 1
+    return restored
+
+
+def _at(epoch_ms: int) -> datetime:
+    return datetime.fromtimestamp(epoch_ms / 1000, UTC)
+
+
+def _check_consistent(conn: psycopg.Connection[Any], where: str) -> None:
     """Duplicates must be true re-sends: one event id per (stream, version), one place per event id."""
     clash = conn.execute(
         "SELECT stream_id, version FROM evp_restore GROUP BY stream_id, version HAVING count(DISTINCT event_id) > 1 LIMIT 1"
     ).fetchone()
     if clash is not None:
-        raise IntegrityError(f"backup {path}: stream {clash[0]!r} version {clash[1]} holds two different events")
+        raise IntegrityError(f"backup {where}: stream {clash[0]!r} version {clash[1]} holds two different events")
     moved = conn.execute(
         "SELECT event_id FROM evp_restore GROUP BY event_id HAVING count(DISTINCT (stream_id, version)) > 1 LIMIT 1"
     ).fetchone()
     if moved is not None:
-        raise IntegrityError(f"backup {path}: event {moved[0]} appears at two different stream positions")
+        raise IntegrityError(f"backup {where}: event {moved[0]} appears at two different stream positions")
+
+
+def _restored_heads(settings: Settings, chain: _Chain, placement: _Placement) -> dict[int, str | None]:
+    """Step 6: the restored topic re-read from Kafka, its chains followed to their heads."""
+    ranges = {p: (min(o), max(o) + 1) for p, o in placement.offsets.items() if o}
+    walk = Walk()
+    for partition, (start, _) in chain.manifests[0].ranges.items():
+        if start > 0:  # the chain began before the full backup (retention): its first link is taken as it is
+            walk.resync(partition)
+    heads: dict[int, str | None] = {p: None for p in chain.last.ranges}
+    for message in read_pinned(settings, settings.events_topic, ranges):
+        what, claimed, _ = walk.step(message.partition, message.key, message.value, message.headers or [])
+        if claimed is not None and what in (FOLLOWS, RESENT):
+            heads[message.partition] = claimed.hex()
+        elif claimed is not None:
+            heads[message.partition] = f"broken at offset {message.offset}"
+    return heads
 
 
 def restore_backup(
-    path: Path | str, settings: Settings, *, keys: KeyStore | None = None, on_progress: OnProgress | None = None,
-    backup_key: BackupKey | None = None,
+    location: str | Path, settings: Settings, *, keys: KeyStore | None = None, on_progress: OnProgress | None = None,
+    backup_key: BackupKey | None = None, sequence: int | None = None,
+    providers: Mapping[str, ProofProvider] | None = None,
 ) -> RestoreReport:
-    """Restore a backup into the services of ``settings``; see the module docstring for the contract.
+    """Restore the backup chain ending at ``sequence`` (default: the newest) at ``location`` into the services of
+    ``settings``; see the module docstring for the contract.
 
     ``keys`` is a live key store to copy wrapped data keys and tombstones from (the restored
     ledger's database holds the target key store); without it, personal fields decrypt only
     where the target's key store already holds their keys. ``backup_key`` authenticates the
-    backup; by default it is the backup key of ``settings`` (which must exist: copy
-    ``backup.key`` with the KEK when restoring elsewhere).
+    backups; by default it is the backup key of ``settings`` (which must exist: copy
+    ``backup.key`` with the KEK when restoring elsewhere). ``providers`` prove the restore
+    equal (default: the installed :func:`~events.ops.backup_set.proof_providers`).
     """
-    path = Path(path)
+    storage = Storage(location)
     mac_key = backup_key if backup_key is not None else BackupKey.from_settings(settings)
-    manifest = verify_backup(path, mac_key, on_progress=on_progress)
+    chain = _Chain(storage, verify_chain(storage, chain_to(storage, sequence), mac_key, on_progress=on_progress))
     catalog = Catalog.platform()  # events are read with the schemas they were written with
     conn = postgres.connect(settings.database_url, autocommit=True)
     target_keys = PostgresKeyStore(settings.keyring_url)
     try:
         postgres.migrate(conn)
-        _refuse_non_empty(settings, conn, manifest)
+        _refuse_non_empty(settings, conn, chain.last)
         schema_log = KafkaSchemaLog(settings)
         try:
-            schemas = _schema_records_to_write(path, manifest, settings, schema_log)
+            schemas = _schema_records_to_write(chain, settings, schema_log)
             target_keys.ensure_schema()
             copied = copy_keys(keys, target_keys) if keys is not None else 0
             for key, value in schemas:
                 schema_log.append(key, value)
             ensure_event_topics(settings)
-            placement = _produce(path, settings, manifest, on_progress)
+            placement = _produce(chain, settings, on_progress)
             builder = _RowBuilder(Codec(SchemaRegistry(schema_log), catalog, settings.events_topic))
-            outcome = _rebuild_ledger(conn, path, manifest, placement, builder, target_keys,
+            outcome = _rebuild_ledger(conn, chain, placement, builder, target_keys,
                                       catalog.full_name("SubjectForgotten"), on_progress)
         finally:
             schema_log.close()
     finally:
         target_keys.close()
         conn.close()
-    return RestoreReport(
+    heads = _restored_heads(settings, chain, placement)
+    recorded = {p: h for p, h in chain.last.chain_heads.items()}
+    checks = [ProofCheck("chain", f"partition {p}", str(recorded.get(p)), str(heads.get(p)))
+              for p in sorted(recorded)] if chain.last.format_version >= 3 else []
+    for name, provider in (proof_providers() if providers is None else providers).items():
+        if name in chain.last.proofs:
+            checks += provider.check(settings, chain.last.proofs[name])
+    report = RestoreReport(
         topic=settings.events_topic, records=placement.produced, schema_records=len(schemas),
         ledger_events=outcome.written, duplicates=outcome.staged - outcome.written, foreign=outcome.foreign,
         streams=outcome.streams, offsets_preserved=placement.preserved, keys_copied=copied,
         erasures_applied=outcome.erasures, incomplete_streams=outcome.incomplete,
+        backups=tuple(m.sequence for m in chain.manifests), position=chain.last.position,
+        reservations=outcome.state[RESERVATIONS], snapshots=outcome.state[SNAPSHOTS], proofs=tuple(checks),
     )
+    return report

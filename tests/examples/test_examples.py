@@ -22,7 +22,9 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 import pytest
 
-from events.ops.backup import BackupFile, create_backup
+from events.adapters.storage import Storage
+from events.ops.backup import BackupFile
+from events.ops.backup_set import create_backup
 from events.settings import Settings
 from tests.support.examples import CLINIC, DIGITS
 from tests.support.plaintext import (
@@ -95,9 +97,9 @@ def test_the_example_runs_end_to_end_and_leaks_no_personal_data(
 
     backup = tmp_path / "backup"
     backup.mkdir()
-    create_backup(settings.with_(project=example.folder), backup / "log.evpbak")
+    made = create_backup(settings.with_(project=example.folder), backup / "set")
     # The container is deflate-compressed: scan its records' bytes as well as the file.
-    with BackupFile(backup / "log.evpbak") as opened, (backup / "records.bin").open("wb") as out:
+    with BackupFile(Storage(backup / "set"), made.name) as opened, (backup / "records.bin").open("wb") as out:
         for record in opened.records():
             out.write((record.key or b"") + (record.value or b"") + b"".join(v or b"" for _, v in record.headers))
     dump = pg_dump_files(settings.database_url, tmp_path / "dump")

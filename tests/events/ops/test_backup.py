@@ -29,6 +29,7 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
+from events.adapters.storage import Storage
 from events.ops.backup import (
     MANIFEST_KEY,
     RECORD_SCHEMA,
@@ -36,10 +37,10 @@ from events.ops.backup import (
     BackupKey,
     BackupRecord,
     Manifest,
-    _Tally,
-    create_backup,
-    verify_backup,
+    Tally,
+    verify_file,
 )
+from events.ops.backup_set import create_backup
 from events.ops.restore import RestoreReport, copy_keys, restore_backup, retarget_schema_record
 from events.store.client import EventStore
 from events.errors import ConcurrencyError, ConfigurationError, EvpError, IntegrityError
@@ -65,7 +66,8 @@ class Source:
     marker: str  #: non-personal, travels in every SampleSubmitted: the scanner's control
     resent: int  #: events the relay published twice
     snapshot_id: str
-    backup: Path
+    backup: Path  #: the backup set (a folder)
+    file: Path  #: its one (full) backup
     samples: dict[Any, Any]  #: the samples view, projected from the source after the backup
 
     @property
@@ -102,9 +104,23 @@ def resend(store: EventStore, where: str) -> int:
     return count
 
 
+def open_file(path: Path) -> BackupFile:
+    return BackupFile(Storage(path.parent), path.name)
+
+
+def verify_backup(path: Path, key: BackupKey | None) -> Manifest:
+    """One backup file verified on its own (the set's checks are in test_backup_set.py)."""
+    return verify_file(Storage(path.parent), path.name, key)
+
+
+def backup_file(settings: Settings, folder: Path) -> Path:
+    """A new full backup in ``folder``; its file."""
+    return folder / create_backup(settings, folder).name
+
+
 def record_bytes(path: Path) -> bytes:
     """Every key, value and header of a backup, decompressed: what a reader of the file can see."""
-    with BackupFile(path) as backup:
+    with open_file(path) as backup:
         return b"\n".join(
             part for r in backup.records()
             for part in (r.key or b"", r.value or b"", *(k.encode() + (v or b"") for k, v in r.headers))
@@ -132,9 +148,9 @@ def source(services: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iter
             store.flush()
             resent = resend(store, "stream_id LIKE 'annotator-%' OR version = 2")
             snapshot_id = create_snapshot(store, load_dataset(project(DIGITS), "digits")).snapshot_id
-        backup = folder / "log.evpbak"
-        create_backup(settings, backup)
-        yield Source(settings, people, marker, resent, snapshot_id, backup, samples_view(settings))
+        backup = folder / "backups"
+        file = backup_file(settings, backup)
+        yield Source(settings, people, marker, resent, snapshot_id, backup, file, samples_view(settings))
 
 
 @contextmanager
@@ -169,14 +185,14 @@ def stream_ids(settings: Settings) -> list[str]:
 
 
 def manifest_of(path: Path) -> Manifest:
-    with BackupFile(path) as backup:
+    with open_file(path) as backup:
         return backup.manifest
 
 
 def first_offsets(path: Path) -> dict[uuid.UUID, tuple[int, int]]:
     """Where each event id first appears in a backup (offsets are preserved by the restore)."""
     found: dict[uuid.UUID, tuple[int, int]] = {}
-    with BackupFile(path) as backup:
+    with open_file(path) as backup:
         for r in backup.records():
             headers = dict(r.headers)
             if r.source == "EVENTS":
@@ -198,9 +214,9 @@ def ledger_state(settings: Settings) -> tuple[Any, ...]:
 # -- the round trip ------------------------------------------------------------------------
 def test_every_stream_comes_back_with_the_same_events_and_personal_data(source: Source, restored: tuple[Settings, RestoreReport]) -> None:
     target, report = restored
-    assert verify_backup(source.backup, source.key) == manifest_of(source.backup)
+    assert verify_backup(source.file, source.key) == manifest_of(source.file)
     streams = stream_ids(source.settings)
-    first_copies = first_offsets(source.backup)
+    first_copies = first_offsets(source.file)
     assert stream_ids(target) == streams and len(streams) >= 3 * (1 + SAMPLES_EACH) + 1
     with EventStore.open(source.settings) as before, EventStore.open(target) as after:
         for stream in streams:
@@ -228,7 +244,7 @@ def test_relay_duplicates_stay_on_the_topic_but_enter_the_ledger_once(source: So
     source_events = ledger_state(source.settings)[0][0]
     assert source.resent > 0
     assert report.duplicates == source.resent
-    assert report.records == source_events + source.resent == manifest_of(source.backup).records
+    assert report.records == source_events + source.resent == manifest_of(source.file).records
     assert report.ledger_events == source_events == ledger_state(target)[0][0]
 
 
@@ -273,11 +289,11 @@ def header_end(data: bytes) -> int:
 
 
 def test_a_byte_flipped_anywhere_in_the_records_fails_verification(source: Source, tmp_path_factory: pytest.TempPathFactory) -> None:
-    data = source.backup.read_bytes()
+    data = source.file.read_bytes()
     start = header_end(data)
     tampered = tmp_path_factory.mktemp("tampered") / "flipped.evpbak"
 
-    with BackupFile(source.backup) as original:
+    with open_file(source.file) as original:
         records = [r.canonical_bytes() for r in original.records()]
 
     @hsettings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -292,14 +308,14 @@ def test_a_byte_flipped_anywhere_in_the_records_fails_verification(source: Sourc
                 continue
             # Not refused: then the flip hit bits the deflate stream ignores (the padding
             # after its final block), and every record reads exactly as it was written.
-            with BackupFile(tampered) as read:
+            with open_file(tampered) as read:
                 assert [r.canonical_bytes() for r in read.records()] == records, f"flip at {at} went unnoticed"
 
     flipped()
 
 
 def test_truncated_and_re_encoded_backups_fail_verification_naming_what_differs(source: Source, tmp_path: Path) -> None:
-    data = source.backup.read_bytes()
+    data = source.file.read_bytes()
     truncated = tmp_path / "truncated.evpbak"
     for cut in (len(data) - 1, len(data) // 2, header_end(data)):
         truncated.write_bytes(data[:cut])
@@ -307,9 +323,9 @@ def test_truncated_and_re_encoded_backups_fail_verification_naming_what_differs(
             verify_backup(truncated, source.key)
 
     # A forger who re-encodes the records validly but keeps the manifest is caught by the hash…
-    with BackupFile(source.backup) as backup:
+    with open_file(source.file) as backup:
         manifest, records = backup.manifest, list(backup.records())
-    last = records[-1]
+    last = next(r for r in reversed(records) if r.source == "EVENTS")
     value = last.value or b"\x00"
     changed = BackupRecord(last.source, last.partition, last.offset, last.timestamp, last.key,
                            value[:-1] + bytes([value[-1] ^ 1]), last.headers)
@@ -321,35 +337,33 @@ def test_truncated_and_re_encoded_backups_fail_verification_naming_what_differs(
                             [r.to_avro() for r in body], codec="deflate", metadata={MANIFEST_KEY: manifest.to_json()})
         return path
 
+    at = records.index(last)
     with pytest.raises(IntegrityError, match="sha256"):
-        verify_backup(forge("changed.evpbak", records[:-1] + [changed]), source.key)
+        verify_backup(forge("changed.evpbak", records[:at] + [changed] + records[at + 1:]), source.key)
     # …and one who drops a record by the counts.
     with pytest.raises(IntegrityError, match=f"partition {last.partition} has"):
-        verify_backup(forge("dropped.evpbak", records[:-1]), source.key)
+        verify_backup(forge("dropped.evpbak", records[:at] + records[at + 1:]), source.key)
     with pytest.raises(IntegrityError, match="out of order"):
-        verify_backup(forge("reordered.evpbak", records[-1:] + records[:-1]), source.key)
+        verify_backup(forge("reordered.evpbak", [last] + records[:at] + records[at + 1:]), source.key)
 
 
 def rehashed(manifest: Manifest, records: list[BackupRecord]) -> Manifest:
     """The manifest a forger writes for edited records: counts and sha256 recomputed, without the KEK."""
-    tally = _Tally(manifest.ranges, manifest.schema_range)
+    tally = Tally(manifest.ranges, manifest.schema_range)
     for record in records:
         tally.add(record)
-    return Manifest(
-        topic=manifest.topic, schemas_topic=manifest.schemas_topic, ranges=manifest.ranges,
-        schema_range=manifest.schema_range, counts=dict(tally.counts), schema_records=tally.schema_records,
-        sha256=tally.sha256(), created_at=manifest.created_at, mac=manifest.mac, mac_key_id=manifest.mac_key_id,
-    )
+    return replace(manifest, counts=dict(tally.counts), schema_records=tally.schema_records, sha256=tally.sha256(),
+                   state=dict(tally.state), chain_heads=dict(tally.heads))
 
 
 def test_an_edited_and_re_hashed_backup_fails_authentication(source: Source, tmp_path: Path) -> None:
-    with BackupFile(source.backup) as backup:
+    with open_file(source.file) as backup:
         manifest, records = backup.manifest, list(backup.records())
     assert manifest.mac is not None and manifest.mac_key_id == source.key.key_id
-    last = records[-1]
+    at, last = next((i, r) for i, r in reversed(list(enumerate(records))) if r.source == "EVENTS")
     value = last.value or b"\x00"
-    edited = records[:-1] + [BackupRecord(last.source, last.partition, last.offset, last.timestamp, last.key,
-                                          value[:-1] + bytes([value[-1] ^ 1]), last.headers)]
+    edited = records[:at] + [BackupRecord(last.source, last.partition, last.offset, last.timestamp, last.key,
+                                          value[:-1] + bytes([value[-1] ^ 1]), last.headers)] + records[at + 1:]
 
     def write(name: str, body: list[BackupRecord], forged: Manifest) -> Path:
         path = tmp_path / name
@@ -365,9 +379,10 @@ def test_an_edited_and_re_hashed_backup_fails_authentication(source: Source, tmp
     with pytest.raises(IntegrityError, match=rf"backup {re.escape(str(path))} fails authentication.*edited"):
         verify_backup(path, source.key)
     # A record dropped and the counts fixed: the same.
-    dropped = rehashed(manifest, records[:-1])
+    without = records[:at] + records[at + 1:]
+    dropped = rehashed(manifest, without)
     with pytest.raises(IntegrityError, match="fails authentication"):
-        verify_backup(write("dropped.evpbak", records[:-1], dropped), source.key)
+        verify_backup(write("dropped.evpbak", without, dropped), source.key)
     # Re-MACed under the forger's own key, claiming the right key id: still refused.
     own = BackupKey.generate()
     claimed = replace(forged, mac=own.mac(forged))
@@ -379,11 +394,11 @@ def test_an_edited_and_re_hashed_backup_fails_authentication(source: Source, tmp
     with pytest.raises(IntegrityError, match=rf"authenticated under backup key {own.key_id}.*{source.key.key_id}"):
         verify_backup(write("their-key.evpbak", edited, theirs), source.key)
     # The original still verifies; the MAC is not derivable from what the file shows.
-    assert verify_backup(source.backup, source.key) == manifest
+    assert verify_backup(source.file, source.key) == manifest
     assert source.key.mac(manifest) == manifest.mac
     key_file = source.settings.kek_path.parent / "backup.key"
     assert key_file.stat().st_mode & 0o777 == 0o600
-    assert key_file.read_text().strip() not in source.backup.read_bytes().decode("latin-1")
+    assert key_file.read_text().strip() not in source.file.read_bytes().decode("latin-1")
     assert "key_id" in repr(source.key) and manifest.mac not in repr(source.key)
 
 
@@ -436,8 +451,7 @@ def test_forgetting_someone_reaches_backups_taken_before(services: Settings, set
     people = tuple(make_people(rng, 2))
     marker = random_marker(rng, "backup")
     seed_people(store, people, marker)
-    before_erasure = tmp_path / "before.evpbak"
-    create_backup(settings, before_erasure)
+    before_erasure = backup_file(settings, tmp_path / "before")
     personal = PlaintextScanner(n for p in people for n in p.personal)
     control = PlaintextScanner([marker])
     sources = {"file": before_erasure.read_bytes(), "records": record_bytes(before_erasure)}
@@ -452,12 +466,11 @@ def test_forgetting_someone_reaches_backups_taken_before(services: Settings, set
         stale = old_keys.get(forgotten.annotator_id)
         assert stale is not None and not stale.erased  # that copy alone could still decrypt them
         assert personal.scan({"file": before_erasure.read_bytes(), "records": record_bytes(before_erasure)}) == {}
-        after_erasure = tmp_path / "after.evpbak"
-        create_backup(settings, after_erasure)
+        after_erasure = backup_file(settings, tmp_path / "after")
 
         for backup, keys in ((before_erasure, live_keys), (after_erasure, old_keys)):
-            with private_settings(services, tmp_path / f"restored-{backup.stem}", kek_file=settings.kek_path) as target:
-                report = restore_backup(backup, target, keys=keys)
+            with private_settings(services, tmp_path / f"restored-{backup.parent.name}", kek_file=settings.kek_path) as target:
+                report = restore_backup(backup.parent, target, keys=keys)
                 with EventStore.open(target) as copy:
                     gone = copy.read_stream(forgotten.stream_id)[0].data
                     assert (gone["name"], gone["email"]) == (REDACTED, REDACTED), backup.name
@@ -469,20 +482,22 @@ def test_forgetting_someone_reaches_backups_taken_before(services: Settings, set
 
 # -- the command line ----------------------------------------------------------------------
 def test_cli_creates_and_verifies_a_backup_and_reports_tampering(source: Source, tmp_path: Path) -> None:
-    path = tmp_path / "cli.evpbak"
-    created = run_cli(source.settings, "backup", "create", str(path))
+    folder = tmp_path / "cli"
+    created = run_cli(source.settings, "backup", "create", str(folder))
     assert created.returncode == 0, created.stderr
+    (path,) = folder.iterdir()
     manifest = verify_backup(path, source.key)
     assert f"sha256 {manifest.sha256}" in created.stdout and f"mac {manifest.mac}" in created.stdout
-    assert manifest.records == manifest_of(source.backup).records
+    assert manifest.records == manifest_of(source.file).records
 
-    verified = run_cli(source.settings, "backup", "verify", str(path))
+    verified = run_cli(source.settings, "backup", "verify", str(folder))
     assert verified.returncode == 0, verified.stderr
-    assert f"verified: authentic (MAC under backup key {source.key.key_id})" in verified.stdout
+    assert f"verified 1 backups ({manifest.records} records): authentic (MACs under backup key {source.key.key_id})" \
+        in verified.stdout
 
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    broken = run_cli(source.settings, "backup", "verify", str(path))
+    broken = run_cli(source.settings, "backup", "verify", str(folder))
     assert broken.returncode == 1 and "evp: error:" in broken.stderr and str(path) in broken.stderr
 
     refused = run_cli(source.settings, "backup", "restore", str(source.backup))
@@ -533,8 +548,8 @@ def test_a_backup_still_authenticates_after_the_kek_is_rotated(settings: Setting
         store.append("sample-r", Event("SampleSubmitted", {"sample_id": "r", "annotator_id": "a",
                                                            "features": [0.0] * 64, "label": 1}))
         store.flush()
-    path = tmp_path / "before-rotation.evpbak"
-    manifest = create_backup(settings, path)
+    path = backup_file(settings, tmp_path / "before-rotation")
+    manifest = manifest_of(path)
     old_kek = settings.kek_path.read_bytes()
     rotated = run_cli(settings, "keys", "rotate")
     assert rotated.returncode == 0, rotated.stdout + rotated.stderr
