@@ -93,25 +93,40 @@ def write_shards(table: Table, folder: Path, rows_per_shard: int = ROWS_PER_SHAR
     return infos
 
 
-def read_shards(folder: Path, infos: Sequence[ShardInfo], columns: Sequence[Column]) -> Table:
+def read_shards(folder: Path, infos: Sequence[ShardInfo], columns: Sequence[Column], *,
+                owner: str | None = None) -> Table:
     """Read and verify shards against their recorded hashes and columns; refuse any mismatch.
 
     1. every listed shard must exist (a missing one is an IntegrityError, never skipped);
     2. its sha256 must equal the recorded one;
     3. its header must describe exactly ``columns`` and its row count the recorded one.
+    Every shard is checked even after one failed; one IntegrityError names each failure by
+    the shard's file name, with the recorded and found values, after ``owner`` (what the
+    shards belong to, e.g. ``snapshot snap-…``; default: the shard's path).
     """
     parts: list[Table] = []
+    problems: list[str] = []
     for info in infos:
         path = folder / info.name
+        name = f"{owner}: shard {info.name}" if owner else f"shard {path}"
         if not path.is_file():
-            raise IntegrityError(f"shard {path} is missing")
+            problems.append(f"{name} is missing" + (f" from {folder}" if owner else ""))
+            continue
         blob = path.read_bytes()
         digest = hashlib.sha256(blob).hexdigest()
         if digest != info.sha256:
-            raise IntegrityError(f"shard {path} has sha256 {digest[:16]}…, the snapshot recorded {info.sha256[:16]}…")
-        part = decode_shard(blob, str(path))
+            problems.append(f"{name} has sha256 {digest}, the snapshot recorded {info.sha256}")
+            continue
+        try:
+            part = decode_shard(blob, name)
+        except IntegrityError as err:
+            problems.append(str(err))
+            continue
         if part.columns != tuple(columns) or len(part) != info.rows:
-            raise IntegrityError(f"shard {path} describes {len(part)} rows of {[c.describe() for c in part.columns]}, "
-                                 f"the snapshot recorded {info.rows} of {[c.describe() for c in columns]}")
+            problems.append(f"{name} describes {len(part)} rows of {[c.describe() for c in part.columns]}, "
+                            f"the snapshot recorded {info.rows} of {[c.describe() for c in columns]}")
+            continue
         parts.append(part)
+    if problems:
+        raise IntegrityError("; ".join(problems))
     return Table.concat(columns, parts)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,10 +16,15 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 from events.errors import IntegrityError, NotFound
 from events.event import Event
 from events.store.client import EventStore
+from events.settings import Settings
+from tests.support.cli import evp
 from tests.support.examples import DIGITS, project
+from trainer import snapshot as snapshot_module
 from trainer.dataset import content_hash
+from trainer.shards import write_shards
 from trainer.snapshot import (
-    MANIFEST, check_shards, create_snapshot, load_dataset, load_manifest, load_table, snapshot_dir, verify_snapshot,
+    MANIFEST, SnapshotManifest, check_shards, create_snapshot, load_dataset, load_manifest, load_table, snapshot_dir,
+    verify_snapshot,
 )
 
 pytestmark = pytest.mark.services
@@ -125,6 +135,154 @@ def test_a_changed_dataset_version_is_refused_on_verify(store: EventStore, monke
     with pytest.raises(IntegrityError, match="cut by dataset 'digits' version 1; digits.datasets:Digits is now "
                                              "'digits' version 2"):
         verify_snapshot(store, manifest.snapshot_id, PROJECT)
+
+
+# -- tampering: each is a failure that names the snapshot, what differs and where ----------------
+Change = Callable[[dict[str, Any]], None]
+
+
+@pytest.fixture
+def cut(store: EventStore, monkeypatch: pytest.MonkeyPatch) -> SnapshotManifest:
+    """A snapshot of 29 rows in four shards (8 rows each), cut through the commands' own code."""
+    monkeypatch.setattr(snapshot_module, "write_shards", functools.partial(write_shards, rows_per_shard=8))
+    fill(store)
+    manifest = create_snapshot(store, DATASET)
+    assert len(manifest.shards) == 4
+    return manifest
+
+
+def change_local_copy(store: EventStore, snapshot_id: str, change: Change) -> None:
+    """Edit the manifest.json beside the shards."""
+    path = snapshot_dir(store, snapshot_id) / MANIFEST
+    data = json.loads(path.read_text(encoding="utf-8"))
+    change(data)
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+
+def change_record(store: EventStore, snapshot_id: str, change: Change) -> None:
+    """Edit the SnapshotCreated event in the ledger (re-encoded with its own schema): the log's record."""
+    [event] = store.read_stream(f"snapshot-{snapshot_id}", decrypt=False)
+    data = dict(event.data)
+    change(data)
+    value = store.codec.encode(event.record.event_type, data).value
+    store.ledger.connection.execute("UPDATE evp_events SET value = %s WHERE event_id = %s",
+                                    (value, event.record.event_id))
+
+
+def set_content_hash(value: str) -> Change:
+    return lambda data: data.update(content_hash=value)
+
+
+def move_end(partition: int, end: int) -> Change:
+    def change(data: dict[str, Any]) -> None:
+        data["ranges"] = [{**r, "end": end} if r["partition"] == partition else r for r in data["ranges"]]
+    return change
+
+
+def verify_fails(settings: Settings, snapshot_id: str) -> str:
+    """`evp snapshot verify` exits 1; the error it printed on stderr (after the progress bar)."""
+    outcome = evp(settings, "snapshot", "verify", snapshot_id)
+    assert outcome.code == 1 and "verified" not in outcome.out, outcome
+    heading = f"evp: error: snapshot {snapshot_id} does not verify:\n"
+    assert heading in outcome.err, outcome.err
+    return outcome.err[outcome.err.index(heading):]
+
+
+def test_a_clean_snapshot_verifies_through_the_command(store: EventStore, settings: Settings,
+                                                       cut: SnapshotManifest) -> None:
+    outcome = evp(settings, "snapshot", "verify", cut.snapshot_id)
+    assert outcome.code == 0, outcome
+    assert outcome.out.startswith(f"snapshot {cut.snapshot_id}: verified (32 records re-read, 4 shards checked, "
+                                  f"content hash {cut.content_hash})")
+    assert len(check_shards(snapshot_dir(store, cut.snapshot_id))) == 29
+
+
+def test_a_changed_content_hash_in_the_local_copy_fails_both_checks(store: EventStore, settings: Settings,
+                                                                    cut: SnapshotManifest) -> None:
+    forged = "0" * 64
+    change_local_copy(store, cut.snapshot_id, set_content_hash(forged))
+    with pytest.raises(IntegrityError) as offline:  # the offline check trusts the copy: the shards disagree
+        check_shards(snapshot_dir(store, cut.snapshot_id))
+    assert str(offline.value) == (f"snapshot {cut.snapshot_id}: the shards' rows hash to content hash "
+                                  f"{cut.content_hash}, the snapshot recorded {forged}")
+    err = verify_fails(settings, cut.snapshot_id)  # verify reads the log's record, and names the copy's difference
+    assert err.count("\n- ") == 1, err
+    assert (f"- snapshot {cut.snapshot_id}: manifest.json holds content_hash = \"{forged}\", the SnapshotCreated "
+            f"event in the log records \"{cut.content_hash}\" (the log is the record)") in err
+
+
+def test_a_changed_content_hash_in_the_log_fails_verify_and_names_the_copy_that_disagrees(
+        store: EventStore, settings: Settings, cut: SnapshotManifest) -> None:
+    forged = "f" * 64
+    change_record(store, cut.snapshot_id, set_content_hash(forged))
+    assert load_manifest(store, cut.snapshot_id).content_hash == forged
+    err = verify_fails(settings, cut.snapshot_id)
+    lines = err.splitlines()[1:]
+    assert lines == [
+        f"- snapshot {cut.snapshot_id}: re-reading Kafka gives content hash {cut.content_hash[:16]}…, recorded "
+        f"{forged[:16]}…",
+        f"- snapshot {cut.snapshot_id}: the shards' rows hash to content hash {cut.content_hash}, the snapshot "
+        f"recorded {forged}",
+        f"- snapshot {cut.snapshot_id}: manifest.json holds content_hash = \"{cut.content_hash}\", the "
+        f"SnapshotCreated event in the log records \"{forged}\" (the log is the record)",
+    ], err
+
+
+def test_a_pinned_range_moved_over_records_the_dataset_skips_is_named_by_its_count(
+        store: EventStore, settings: Settings, cut: SnapshotManifest) -> None:
+    """The next record after the pinned end is the SnapshotCreated itself: folding it changes no row,
+    so the content hash agrees; the record count and the schema ids do not."""
+    record = store.read_stream(f"snapshot-{cut.snapshot_id}", decrypt=False)[0].record
+    assert record.offset == cut.ranges[record.partition][1]
+    moved = move_end(record.partition, record.offset + 1)
+    change_record(store, cut.snapshot_id, moved)
+    change_local_copy(store, cut.snapshot_id, moved)  # both copies changed alike
+    err = verify_fails(settings, cut.snapshot_id)
+    ranges = ", ".join(f"{p}:[0, {e + (p == record.partition)})" for p, (_, e) in sorted(cut.ranges.items()))
+    assert err.splitlines()[1:] == [
+        f"- snapshot {cut.snapshot_id}: re-reading the pinned ranges {ranges} gives record count 33, the snapshot "
+        "recorded 32",
+        f"- snapshot {cut.snapshot_id}: re-reading the pinned ranges {ranges} gives schema ids "
+        f"{sorted({*cut.schema_ids, record.schema_id})}, the snapshot recorded {list(cut.schema_ids)}",
+    ], err
+
+
+def test_a_pinned_range_past_the_topics_end_is_named_without_waiting_for_records(
+        store: EventStore, settings: Settings, cut: SnapshotManifest) -> None:
+    partition, (_, end) = max(cut.ranges.items(), key=lambda item: item[1][1])
+    change_record(store, cut.snapshot_id, move_end(partition, end + 100))
+    err = verify_fails(settings, cut.snapshot_id)
+    found = store.read_stream(f"snapshot-{cut.snapshot_id}", decrypt=False)[0].record
+    topic_end = end + (found.partition == partition)  # the SnapshotCreated record may sit past the pinned end
+    assert (f"- snapshot {cut.snapshot_id} pins partition {partition} offsets [0, {end + 100}), but the partition "
+            f"ends at offset {topic_end}: records the snapshot was cut from are gone from the topic, or the pinned "
+            "range was changed") in err
+    index = sorted(cut.ranges).index(partition)
+    assert (f"manifest.json holds ranges[{index}].end = {end}, the SnapshotCreated event in the log records "
+            f"{end + 100}") in err
+
+
+def test_a_deleted_shard_is_named_and_the_others_still_checked(store: EventStore, settings: Settings,
+                                                              cut: SnapshotManifest) -> None:
+    folder = snapshot_dir(store, cut.snapshot_id)
+    (folder / cut.shards[1].name).unlink()
+    err = verify_fails(settings, cut.snapshot_id)
+    assert err.splitlines()[1:] == [f"- snapshot {cut.snapshot_id}: shard shard-00001.bin is missing from {folder}"]
+    with pytest.raises(IntegrityError, match=f"^snapshot {cut.snapshot_id}: shard shard-00001.bin is missing"):
+        check_shards(folder)
+
+
+def test_a_changed_shard_is_named_with_both_hashes(store: EventStore, settings: Settings,
+                                                   cut: SnapshotManifest) -> None:
+    folder = snapshot_dir(store, cut.snapshot_id)
+    path = folder / cut.shards[2].name
+    blob = bytearray(path.read_bytes())
+    blob[-1] ^= 1
+    path.write_bytes(bytes(blob))
+    err = verify_fails(settings, cut.snapshot_id)
+    found = hashlib.sha256(bytes(blob)).hexdigest()
+    assert err.splitlines()[1:] == [f"- snapshot {cut.snapshot_id}: shard shard-00002.bin has sha256 {found}, the "
+                                    f"snapshot recorded {cut.shards[2].sha256}"]
 
 
 # One store for all examples: each example writes to its own streams (a fresh tag), and the
