@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from events.cli.common import print_json
+from events.cli.common import add_point_options, point_of, print_json
 from events.project import require_project
 from events.settings import Settings
 from events.store.client import EventStore
@@ -22,14 +22,18 @@ from trainer.progress import bar, step_bar
 def _create(args: argparse.Namespace, settings: Settings) -> int:
     from trainer.snapshot import create_snapshot, load_dataset
 
+    position, as_of = point_of(args)
     project = require_project(settings, "evp snapshot create")
     dataset = load_dataset(project, args.dataset)
     with EventStore.open(settings) as store, bar("reading events", unit="rec") as advance:
-        manifest = create_snapshot(store, dataset, advance)
+        manifest = create_snapshot(store, dataset, advance, position=position, as_of=as_of)
     if args.json:
         print_json(manifest.to_event())
     else:
-        print(f"snapshot {manifest.snapshot_id}: dataset {manifest.dataset} v{manifest.dataset_version}, "
+        ends = ", ".join(f"{p}:{end}" for p, (_, end) in sorted(manifest.ranges.items()))
+        then = "" if manifest.cut_position is None else \
+            f" as of ledger position {manifest.cut_position} (topic ends {ends or 'none'})"
+        print(f"snapshot {manifest.snapshot_id}: dataset {manifest.dataset} v{manifest.dataset_version}{then}, "
               f"{manifest.row_count} rows from {manifest.record_count} records, content hash {manifest.content_hash}")
     return 0
 
@@ -90,6 +94,7 @@ def register_snapshot(subparsers: argparse._SubParsersAction) -> None:  # type: 
     create = group.add_parser("create", help="pin the topic's offsets, fold a dataset, write shards")
     create.add_argument("--dataset", required=True, help="a dataset of the project (evp.toml name or module:attr)")
     create.add_argument("--json", action="store_true")
+    add_point_options(create, "the dataset")
     create.set_defaults(func=_create)
     verify = group.add_parser("verify", help="re-read Kafka and check the content hash and every shard")
     verify.add_argument("snapshot_id")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
-from fastavro import parse_schema
+from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
 from tests.support.examples import catalog as examples_catalog
 from events.schema.catalog import Catalog, canonical_json
+from events.schema.compatibility import check_backward
 from events.errors import SchemaError
 from projections.sagas.machine import TRANSITIONS
 
@@ -130,3 +133,16 @@ def test_a_personal_field_must_carry_its_whole_type_since_it_is_encrypted_alone(
     ]}
     with pytest.raises(SchemaError, match="secret_kind"):
         Catalog([schema])
+
+
+def test_snapshots_recorded_before_cuts_still_decode_without_a_cut_position() -> None:
+    current = CATALOG.schema("SnapshotCreated")
+    older = {**current, "fields": [f for f in current["fields"] if f["name"] != "cut_position"]}
+    check_backward("SnapshotCreated", current, older)  # the field has a null default: BACKWARD compatible
+    datum = {"snapshot_id": "snap-0", "topic": "t", "dataset": "d", "dataset_version": 1, "declaration": "m:D",
+             "row_id": "id", "columns": [], "ranges": [{"partition": 0, "start": 0, "end": 3}], "schema_ids": [1],
+             "content_hash": "h", "record_count": 3, "row_count": 2, "shards": []}
+    out = io.BytesIO()
+    schemaless_writer(out, parse_schema(older), datum)
+    read = schemaless_reader(io.BytesIO(out.getvalue()), parse_schema(older), parse_schema(current))
+    assert read == {**datum, "cut_position": None}
