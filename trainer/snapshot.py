@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from events.adapters.files import write_bytes_atomically
-from events.errors import ConfigurationError, IntegrityError, InvalidDataset, NotFound
+from events.errors import ConfigurationError, IntegrityError, NotFound
 from events.gc_pause import gc_paused
 from events.event import Event
 from events.ids import uuid7
@@ -263,34 +263,132 @@ class Verification:
 
 def verify_snapshot(store: EventStore, snapshot_id: str, project: Project,
                     progress: Progress | None = None) -> Verification:
-    """Re-read the pinned ranges, re-fold, compare the content hash, then check every shard.
+    """Check a snapshot against Kafka and its shards; the ``SnapshotCreated`` event is the record.
 
-    1. the dataset named in the snapshot must still have the recorded name and version;
-    2. the re-fold must give the recorded content hash;
-    3. every shard must be present, with its recorded sha256, columns and row count;
-    4. the shards' rows must hash to the content hash too.
-    Any failure is an IntegrityError naming what differs.
+    1. every pinned range must lie within its partition of the topic (the partition exists and
+       ends at or after the range's end);
+    2. the dataset named in the snapshot must still have the recorded name and version;
+    3. re-folding the pinned ranges must give the recorded content hash, record count, schema
+       ids and row count (skipped when step 1 or 2 failed: the ranges cannot be read as recorded);
+    4. every shard must be present, with its recorded sha256, columns and row count, and the
+       shards' rows must hash to the content hash (:func:`check_shards`);
+    5. the local ``manifest.json``, when there is one, must say what the log says (it is only a
+       copy, but :func:`check_shards` trusts it on a machine without Kafka).
+
+    Every step runs even after another failed; one IntegrityError then names each failure, with
+    the snapshot id and the recorded and found values.
     """
     manifest = load_manifest(store, snapshot_id)
-    _, fold = _refold(store, manifest, project, progress)
-    check_shards(snapshot_dir(store, snapshot_id), manifest)
-    return Verification(snapshot_id, manifest.content_hash, fold.records, len(manifest.shards))
+    folder = snapshot_dir(store, snapshot_id)
+    problems = _range_problems(store, manifest)
+    records = 0
+    if not problems:
+        try:
+            table, fold = _refold(store, manifest, project, progress)
+        except IntegrityError as err:
+            problems.append(str(err))
+        else:
+            records = fold.records
+            problems.extend(_fold_problems(manifest, fold, table))
+    try:
+        check_shards(folder, manifest)
+    except IntegrityError as err:
+        problems.append(str(err))
+    problems.extend(_copy_problems(folder, manifest))
+    if problems:
+        raise IntegrityError(f"snapshot {snapshot_id} does not verify:\n" + "\n".join(f"- {p}" for p in problems))
+    return Verification(snapshot_id, manifest.content_hash, records, len(manifest.shards))
+
+
+def _range_problems(store: EventStore, manifest: SnapshotManifest) -> list[str]:
+    """Step 1: each pinned range the topic cannot serve (reading it would wait for records that never come)."""
+    topic = store.settings.events_topic
+    ends = end_offsets(store.settings, topic)
+    problems: list[str] = []
+    for partition, (start, end) in sorted(manifest.ranges.items()):
+        pinned = f"snapshot {manifest.snapshot_id} pins partition {partition} offsets [{start}, {end})"
+        if partition not in ends:
+            problems.append(f"{pinned}, but topic {topic} has no partition {partition}")
+        elif not 0 <= start <= end:
+            problems.append(f"{pinned}, which is not a range of offsets")
+        elif end > ends[partition]:
+            problems.append(f"{pinned}, but the partition ends at offset {ends[partition]}: records the snapshot was "
+                            "cut from are gone from the topic, or the pinned range was changed")
+    return problems
+
+
+def _fold_problems(manifest: SnapshotManifest, fold: Fold, table: Table) -> list[str]:
+    """Step 3 past the content hash: what a re-fold counted that the snapshot recorded otherwise.
+
+    A range moved over records the dataset does not handle keeps the content hash: the record
+    count and the schema ids still tell.
+    """
+    found = {"record count": fold.records, "schema ids": list(sorted(fold.schema_ids)), "row count": len(table)}
+    recorded = {"record count": manifest.record_count, "schema ids": list(manifest.schema_ids),
+                "row count": manifest.row_count}
+    return [f"snapshot {manifest.snapshot_id}: re-reading the pinned ranges {_shown_ranges(manifest)} gives {what} "
+            f"{found[what]}, the snapshot recorded {recorded[what]}" for what in found if found[what] != recorded[what]]
+
+
+def _shown_ranges(manifest: SnapshotManifest) -> str:
+    return ", ".join(f"{p}:[{s}, {e})" for p, (s, e) in sorted(manifest.ranges.items())) or "(none)"
+
+
+def _copy_problems(folder: Path, manifest: SnapshotManifest) -> list[str]:
+    """Step 5: each field where the local ``manifest.json`` differs from the log's record."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return []  # a copy, not the record: verify reads the log's
+    try:
+        local = read_manifest_file(path)
+    except IntegrityError as err:
+        return [str(err)]
+    return [f"snapshot {manifest.snapshot_id}: {MANIFEST} holds {where} = {json.dumps(found)}, the SnapshotCreated "
+            f"event in the log records {json.dumps(recorded)} (the log is the record)"
+            for where, recorded, found in _differences("", manifest.to_event(), local.to_event())]
+
+
+def _differences(where: str, recorded: Any, found: Any) -> Iterable[tuple[str, Any, Any]]:
+    """(path, recorded, found) for each leaf where two JSON values differ, e.g. ``shards[0].sha256``."""
+    if isinstance(recorded, dict) and isinstance(found, dict):
+        for key in sorted(set(recorded) | set(found)):
+            yield from _differences(f"{where}.{key}" if where else key, recorded.get(key), found.get(key))
+    elif isinstance(recorded, list) and isinstance(found, list) and len(recorded) == len(found):
+        for index, (one, other) in enumerate(zip(recorded, found)):
+            yield from _differences(f"{where}[{index}]", one, other)
+    elif recorded != found:
+        yield where, recorded, found
+
+
+def read_manifest_file(path: Path) -> SnapshotManifest:
+    """A local ``manifest.json``; IntegrityError naming it when it is not a manifest."""
+    try:
+        return SnapshotManifest.from_event(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError, ConfigurationError) as err:
+        raise IntegrityError(f"{path} is not a readable snapshot manifest: {err!r}") from err
 
 
 def check_shards(folder: Path, manifest: SnapshotManifest | None = None) -> Table:
-    """Verify shards without Kafka: against ``manifest``, or the ``manifest.json`` beside them."""
+    """Verify shards without Kafka: against ``manifest``, or the ``manifest.json`` beside them.
+
+    1. every shard the manifest lists must be present, with its recorded sha256, columns and
+       row count (:func:`trainer.shards.read_shards`: every shard is checked, a missing one too);
+    2. the shards' rows must hash to the manifest's content hash and number its row count.
+    Any failure is an IntegrityError naming the snapshot, the shard and the recorded and found values.
+    """
     if manifest is None:
         path = folder / MANIFEST
         if not path.is_file():
             raise NotFound(f"no {MANIFEST} in {folder}")
-        manifest = SnapshotManifest.from_event(json.loads(path.read_text(encoding="utf-8")))
-    table = read_shards(folder, manifest.shards, manifest.columns)
+        manifest = read_manifest_file(path)
+    table = read_shards(folder, manifest.shards, manifest.columns, owner=f"snapshot {manifest.snapshot_id}")
     actual = content_hash(manifest.identity(), table)
     if actual != manifest.content_hash:
-        raise IntegrityError(f"snapshot {manifest.snapshot_id}: the shards hold content hash {actual[:16]}…, "
-                             f"recorded {manifest.content_hash[:16]}…")
+        raise IntegrityError(f"snapshot {manifest.snapshot_id}: the shards' rows hash to content hash {actual}, "
+                             f"the snapshot recorded {manifest.content_hash}")
     if len(table) != manifest.row_count:
-        raise InvalidDataset("row_count", f"shards hold {len(table)} rows, the snapshot recorded {manifest.row_count}")
+        raise IntegrityError(f"snapshot {manifest.snapshot_id}: the shards hold {len(table)} rows, the snapshot "
+                             f"recorded {manifest.row_count}")
     return table
 
 
