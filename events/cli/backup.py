@@ -3,7 +3,8 @@
 ``LOCATION`` defaults to ``EVP_BACKUP_TARGET``. ``create`` writes a full backup, or with
 ``--incremental`` only what changed since the set's newest backup; ``verify`` checks every
 backup of the set and the links between them; ``restore`` restores a chain (the newest, or
-``--backup N``) into empty services and proves it equal (chain heads, view digests).
+``--backup N``) into empty services and proves it equal (chain heads, view digests);
+``drill`` does that into a fresh sandbox of the same services (a restore test to run often).
 
 A restore copies keys from a live keyring whose connection string usually holds a password.
 A command line is readable by every local user (``ps``, ``/proc/<pid>/cmdline``), so the
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from events.adapters.storage import Storage
 from events.ops.backup import BackupKey, Manifest, OnProgress, Progress
 from events.ops.backup_set import create_backup, manifests, verify_set
+from events.ops.drill import DEFAULT_SANDBOX, restore_drill
 from events.ops.restore import restore_backup
 from events.cli.common import print_json, print_table
 from events.errors import ConfigurationError
@@ -122,6 +124,19 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
     print(f"verified {len(report.backups)} backups ({report.records} records): {how}, counts, hashes, chain links "
           "and every incremental's link to its parent match")
     return 0
+
+
+def _drill(args: argparse.Namespace, settings: Settings) -> int:
+    location = _location(args)
+    with _progress() as on_progress:
+        target, report = restore_drill(settings, location, sandbox=args.sandbox, on_progress=on_progress)
+    if args.json:
+        print_json({**asdict(report), "proved": report.proved, "database": describe_database(target.database_url)})
+    else:
+        print(report)
+        print(f"the restored copy stays in database {describe_database(target.database_url)}, topics "
+              f"{target.topic_prefix}.* (until the next drill named {args.sandbox})")
+    return 0 if report.proved else 1
 
 
 def keys_url_from_argv(url: str) -> str:
@@ -220,7 +235,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         help="... at this DATABASE_URL, which must hold no password (argv is public)")
     restore.set_defaults(func=_restore)
 
-    for action in (create, listing, verify, restore):
+    drill = group.add_parser("drill", help="restore LOCATION into a fresh sandbox of these services and prove it equal")
+    drill.add_argument("--sandbox", default=DEFAULT_SANDBOX,
+                       help=f"the sandbox's name: its database, topics and home (default: {DEFAULT_SANDBOX})")
+    drill.set_defaults(func=_drill)
+
+    for action in (create, listing, verify, restore, drill):
         action.add_argument("location", metavar="LOCATION", nargs="?",
                             help="a folder or fsspec URL (memory://, s3://...); default: EVP_BACKUP_TARGET")
         action.add_argument("--json", action="store_true", help="machine-readable output")

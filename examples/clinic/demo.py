@@ -17,7 +17,9 @@ them carelessly, so a colleague revises those. Each run gets a fresh sandbox, th
    first completes; the second's retraining keeps failing, so the saga compensates back to
    the erasure and parks for an operator; their view rows are redacted, the next snapshot
    no longer holds their scans;
-7. checks that the log was not tampered with.
+7. signs the chain heads with an audit key and checks that the log was not tampered with;
+8. backs the log up, verifies the backup and restores it into a fresh database, proving the
+   copy equal (chain heads, view digests).
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ from events.cli.common import Steps, format_table, print_table
 from events.errors import EvpError
 from events.event import NO_STREAM, Event
 from events.ops.audit import subject_history
+from events.ops import checkpoints
+from events.ops.backup import BackupKey
+from events.ops.backup_set import create_backup, verify_set
+from events.ops.drill import restore_drill
 from events.ops.integrity import verify_log
 from events.ops.sandbox import fresh_sandbox
 from events.project import Project
@@ -216,14 +222,26 @@ def run(settings: Settings, epochs: int | None) -> int:
             after = create_snapshot(store, dataset)
             print(f"    the next snapshot holds {after.row_count} scans (was {manifest.row_count})")
 
-        with step("audit: was the log tampered with? (the topic against the ledger)"):
-            integrity = verify_log(store)
+        with step("audit: was the log tampered with? (signed chain heads, the chains, the topic against the ledger)"):
+            private, public = checkpoints.generate_key(settings.home / "auditor")  # the auditor's, kept elsewhere
+            witness = settings.home / "witness"
+            checkpoints.make_checkpoint(store, checkpoints.load_private_key(private), witness)
+            integrity = verify_log(store, public_key=checkpoints.load_public_key(public), witness=witness)
             print(textwrap.indent(str(integrity), "    "))
+
+        with step("backup: the log, its state and the views' digests; verified; restored into a fresh database"):
+            backups = settings.home / "backups"
+            catch_up_views(settings, project)
+            made = create_backup(settings, backups, publish=store.flush)
+            verify_set(backups, BackupKey.from_settings(settings))
+            print(f"    {made.name}: {made.records} records up to ledger position {made.position}, verified")
+            _, drill = restore_drill(settings, backups, sandbox="evp_demo_clinic_restored")
+            print(textwrap.indent(str(drill), "    "))
     accuracy = trained.metrics["accuracy"]
     ok = (accuracy >= 0.9 and outcome.identical and integrity.intact and withdrawn
-          and after.row_count == manifest.row_count - 2)
+          and after.row_count == manifest.row_count - 2 and drill.proved)
     print(f"\nclinic demo {'finished' if ok else 'FAILED'}: accuracy {accuracy:.4f}, replay {verdict}, "
-          f"log {integrity.verdict}")
+          f"log {integrity.verdict}, backup {'proved equal' if drill.proved else 'NOT equal'}")
     return 0 if ok else 1
 
 

@@ -89,6 +89,7 @@ def test_the_example_runs_end_to_end_and_leaks_no_personal_data(
 
     summary = stdout.strip().splitlines()[-1]
     assert "demo finished" in summary and "replay identical" in summary and "log intact" in summary, summary
+    assert "backup proved equal" in summary, summary
     accuracy = float(summary.split("accuracy ")[1].split(",")[0])
     assert accuracy >= 0.9
     # The demo's sagas, as an operator finds them afterwards with the command line.

@@ -263,3 +263,27 @@ def test_the_cli_lists_verifies_and_restores_a_chain(services: Settings, digits_
         assert "views samples: equal" in restored.stdout and "proved equal to the backup" in restored.stdout
     missing = run_cli(digits_settings, "backup", "list")
     assert missing.returncode == 1 and "EVP_BACKUP_TARGET" in missing.stderr
+
+
+def test_a_restore_drill_proves_the_set_in_a_sandbox_of_its_own(digits_settings: Settings, tmp_path: Path) -> None:
+    import json
+
+    from events.settings import with_database
+    from tests.conftest import delete_topics, drop_database
+    from tests.support.plaintext import run_cli
+
+    with EventStore.open(digits_settings) as store:
+        grow(store, random.Random(11), 3)
+    view_digest(digits_settings)
+    create_backup(digits_settings, tmp_path / "set")
+    sandbox = f"evp_test_drill_{uuid.uuid4().hex[:8]}"
+    drilled = run_cli(digits_settings, "backup", "drill", "--sandbox", sandbox, "--json", str(tmp_path / "set"))
+    try:
+        assert drilled.returncode == 0, drilled.stdout + drilled.stderr
+        body = json.loads(drilled.stdout)
+        assert body["proved"] and {c["name"] for c in body["proofs"]} >= {"samples", "partition 0"}
+        assert sandbox in body["database"]
+    finally:
+        sandboxed = digits_settings.with_(database_url=with_database(digits_settings.database_url, sandbox))
+        drop_database(digits_settings, sandboxed.database_url)
+        delete_topics(digits_settings.with_(topic_prefix=sandbox.replace("_", "") + "-"))
