@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import random
 import uuid
-from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any
 
 import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 from psycopg import sql
 
-from events.cli.main import main
 from events.errors import ConfigurationError
 from events.settings import Settings
 from events.store.client import EventStore
@@ -28,31 +25,13 @@ from events.store.cut import Cut, cut_at
 from projections.rebuild import rebuild_as_of
 from projections.runner import ProjectionRunner
 from projections.tables import digest
+from tests.support.cli import evp
+from tests.support.cuts import recorded_at, resend
 from tests.support.views import SAMPLES_SCHEMA, ExpectedSamples, SamplesView, corrected, random_op, sample_rows, submitted
 
 pytestmark = pytest.mark.services
 
 State = dict[str, dict[str, Any]]
-
-
-class Evp(Protocol):
-    def __call__(self, *argv: str) -> tuple[int, str, str]: ...
-
-
-@pytest.fixture
-def evp(settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Iterator[Evp]:
-    """``evp ARGV`` through :func:`events.cli.main.main`, with the test's settings as its environment."""
-    for name in [n for n in os.environ if n.startswith("EVP_")]:
-        monkeypatch.delenv(name)
-    for name, value in settings.to_env().items():
-        monkeypatch.setenv(name, value)
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        code = main(list(argv))
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    yield run
 
 
 def _history(store: EventStore, rng: random.Random, prefix: str, count: int) -> list[tuple[int, State]]:
@@ -96,7 +75,7 @@ def test_a_view_rebuilt_until_a_position_is_the_fold_of_the_events_up_to_it(
 
 
 def test_the_command_rebuilds_until_a_position_and_digest_reads_the_schema(
-    store: EventStore, conn: psycopg.Connection[Any], evp: Evp,
+    store: EventStore, settings: Settings, conn: psycopg.Connection[Any],
 ) -> None:
     states = _history(store, random.Random(11), "c-", 30)
     position, expected = states[17]
@@ -104,9 +83,10 @@ def test_the_command_rebuilds_until_a_position_and_digest_reads_the_schema(
         live.catch_up()
     live_digest = digest(conn, SamplesView())
 
-    code, out, err = evp("projections", "rebuild", "samples", "--position", str(position), "--into", "audit_c", "--json")
-    assert code == 0, err
-    answer = json.loads(out)
+    done = evp(settings, "projections", "rebuild", "samples", "--position", str(position), "--into", "audit_c",
+                         "--json")
+    assert done.code == 0, done.err
+    answer = json.loads(done.out)
     cut = _cut(store, position)
     assert answer["cut"] == cut.as_dict() and answer["cut"]["position"] == position
     assert (answer["schema"], answer["live"], answer["view"]) == ("audit_c", SAMPLES_SCHEMA, "samples")
@@ -114,38 +94,28 @@ def test_the_command_rebuilds_until_a_position_and_digest_reads_the_schema(
     assert sample_rows(conn, "audit_c") == expected
     assert digest(conn, SamplesView()) == live_digest, "the live view is untouched"
 
-    code, out, _ = evp("projections", "digest", "samples", "--schema", "audit_c", "--json")
-    assert code == 0
-    assert json.loads(out)["sha256"] == digest(conn, SamplesView(), "audit_c").sha256
+    done = evp(settings, "projections", "digest", "samples", "--schema", "audit_c", "--json")
+    assert done.code == 0
+    assert json.loads(done.out)["sha256"] == digest(conn, SamplesView(), "audit_c").sha256
 
     # a time maps to the last position recorded by then; the text answer names it and the ends
     then, expected_then = states[9]
-    recorded_at = conn.execute("SELECT recorded_at FROM evp_events WHERE position = %s", (then,)).fetchone()[0]  # type: ignore[index]
-    code, out, err = evp("projections", "rebuild", "samples", "--until", recorded_at.isoformat(), "--into", "audit_t")
-    assert code == 0, err
-    assert f"as of {recorded_at.isoformat()}: ledger position {then} (topic ends" in out
-    assert "into schema audit_t" in out and f"the live schema {SAMPLES_SCHEMA} untouched" in out
-    assert "0 beyond the cut skipped" in out
+    moment = recorded_at(store, then)
+    done = evp(settings, "projections", "rebuild", "samples", "--until", moment.isoformat(), "--into", "audit_t")
+    assert done.code == 0, done.err
+    assert f"as of {moment.isoformat()}: ledger position {then} (topic ends" in done.out
+    assert "into schema audit_t" in done.out and f"the live schema {SAMPLES_SCHEMA} untouched" in done.out
+    assert "0 beyond the cut skipped" in done.out
     assert sample_rows(conn, "audit_t") == expected_then
 
     # --into alone: the view at the ledger's last position, equal to the live one
-    code, out, err = evp("projections", "rebuild", "samples", "--into", "audit_now", "--json")
-    assert code == 0, err
-    assert json.loads(out)["cut"]["position"] == states[-1][0]
+    done = evp(settings, "projections", "rebuild", "samples", "--into", "audit_now", "--json")
+    assert done.code == 0, done.err
+    assert json.loads(done.out)["cut"]["position"] == states[-1][0]
     assert digest(conn, SamplesView(), "audit_now").sha256 == live_digest.sha256
 
 
 # -- a relay's re-send below an end ---------------------------------------------------------------
-def resend(store: EventStore, positions: list[int]) -> None:
-    """What a relay does after a crash between Kafka's acknowledgement and clearing the outbox:
-    the events are sent again (after what it had sent since) and the ledger records the new offsets."""
-    with store.ledger.connection.transaction():
-        store.ledger.connection.execute(
-            "INSERT INTO evp_outbox (position, partition) SELECT position, partition FROM evp_events"
-            " WHERE position = ANY(%s)", (positions,))
-    assert store.flush() == len(positions)
-
-
 def test_a_later_record_below_an_end_is_skipped_and_counted(store: EventStore, settings: Settings,
                                                              conn: psycopg.Connection[Any]) -> None:
     stream = "sample-r1"
@@ -163,7 +133,7 @@ def test_a_later_record_below_an_end_is_skipped_and_counted(store: EventStore, s
 
 # -- refusals ---------------------------------------------------------------------------------
 def test_a_past_view_never_lands_on_the_live_schema_or_on_tables(
-    store: EventStore, settings: Settings, conn: psycopg.Connection[Any], evp: Evp,
+    store: EventStore, settings: Settings, conn: psycopg.Connection[Any],
 ) -> None:
     states = _history(store, random.Random(3), "f-", 6)
     position = states[2][0]
@@ -172,11 +142,11 @@ def test_a_past_view_never_lands_on_the_live_schema_or_on_tables(
     before = digest(conn, SamplesView())
 
     for option in (("--position", str(position)), ("--until", "2026-01-01T00:00:00+00:00")):
-        code, _, err = evp("projections", "rebuild", "samples", *option)
-        assert code == 1 and f"{option[0]} rebuilds the view as it was, and needs --into SCHEMA" in err
-        assert "never replaces the live one" in err
-    code, _, err = evp("projections", "rebuild", "samples", "--until", "yesterday", "--into", "x")
-    assert code == 1 and "--until 'yesterday' is not an ISO 8601 time" in err
+        done = evp(settings, "projections", "rebuild", "samples", *option)
+        assert done.code == 1 and f"{option[0]} rebuilds the view as it was, and needs --into SCHEMA" in done.err
+        assert "never replaces the live one" in done.err
+    done = evp(settings, "projections", "rebuild", "samples", "--until", "yesterday", "--into", "x")
+    assert done.code == 1 and "--until 'yesterday' is not an ISO 8601 time" in done.err
 
     cut = _cut(store, position)
     with pytest.raises(ConfigurationError, match=f"--into '{SAMPLES_SCHEMA}' is the live schema of the view"):
@@ -185,14 +155,14 @@ def test_a_past_view_never_lands_on_the_live_schema_or_on_tables(
         rebuild_as_of(settings, SamplesView(), cut, into=f"{SAMPLES_SCHEMA}_rebuild")
     with pytest.raises(ConfigurationError, match="--into 'mine' is the live schema"):
         rebuild_as_of(settings, SamplesView(), cut, into="mine", schema="mine")
-    code, _, err = evp("projections", "rebuild", "samples", "--position", str(position), "--into", SAMPLES_SCHEMA)
-    assert code == 1 and f"--into '{SAMPLES_SCHEMA}' is the live schema" in err
+    done = evp(settings, "projections", "rebuild", "samples", "--position", str(position), "--into", SAMPLES_SCHEMA)
+    assert done.code == 1 and f"--into '{SAMPLES_SCHEMA}' is the live schema" in done.err
 
     conn.execute("CREATE SCHEMA busy")
     conn.execute("CREATE TABLE busy.notes (note text)")
     conn.execute("INSERT INTO busy.notes VALUES ('keep me')")
-    code, _, err = evp("projections", "rebuild", "samples", "--position", str(position), "--into", "busy")
-    assert code == 1 and "--into 'busy' already holds tables (notes)" in err
+    done = evp(settings, "projections", "rebuild", "samples", "--position", str(position), "--into", "busy")
+    assert done.code == 1 and "--into 'busy' already holds tables (notes)" in done.err
     assert conn.execute("SELECT note FROM busy.notes").fetchall() == [("keep me",)]
     assert [r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'busy'")] == ["notes"]
     rebuild_as_of(settings, SamplesView(), cut, into="past_once")

@@ -8,45 +8,26 @@ re-materializing missing shards) must skip what the cut skipped.
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
-from typing import Protocol
 
 import pytest
 
-from events.cli.main import main
 from events.errors import NotFound
 from events.event import Event
 from events.settings import Settings
 from events.store.client import EventStore
+from tests.support.cli import evp
+from tests.support.cuts import recorded_at, resend
 from tests.support.examples import DIGITS, project
+from tests.support.training import digits
 from trainer.dataset import content_hash
+from trainer.recipe import load_recipe
+from trainer.runs import replay_run, train_snapshot
 from trainer.snapshot import create_snapshot, load_dataset, load_manifest, load_table, snapshot_dir, verify_snapshot
 
 pytestmark = pytest.mark.services
 
 PROJECT = project(DIGITS)
 DATASET = load_dataset(PROJECT, "digits")
-
-
-class Evp(Protocol):
-    def __call__(self, *argv: str) -> tuple[int, str, str]: ...
-
-
-@pytest.fixture
-def evp(settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Iterator[Evp]:
-    """``evp ARGV`` through :func:`events.cli.main.main`, with the test's settings as its environment."""
-    for name in [n for n in os.environ if n.startswith("EVP_")]:
-        monkeypatch.delenv(name)
-    for name, value in settings.to_env().items():
-        monkeypatch.setenv(name, value)
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        code = main(list(argv))
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    yield run
 
 
 def submit(store: EventStore, i: int, label: int) -> int:
@@ -76,7 +57,7 @@ def later_changes(store: EventStore) -> None:
 
 
 def test_a_snapshot_as_of_a_position_is_the_live_snapshot_taken_then_and_verifies(
-    store: EventStore, evp: Evp,
+    store: EventStore, settings: Settings,
 ) -> None:
     for i in range(20):
         submit(store, i, i % 10)
@@ -95,17 +76,16 @@ def test_a_snapshot_as_of_a_position_is_the_live_snapshot_taken_then_and_verifie
         (snapshot_dir(store, past.snapshot_id) / shard.name).unlink()
     assert content_hash(DATASET.identity(), load_table(store, past.snapshot_id, PROJECT)) == live.content_hash
 
-    recorded_at = store.ledger.connection.execute(
-        "SELECT recorded_at FROM evp_events WHERE position = %s", (position,)).fetchone()[0]  # type: ignore[index]
-    code, out, err = evp("snapshot", "create", "--dataset", "digits", "--as-of", recorded_at.isoformat(), "--json")
-    assert code == 0, err
-    by_time = json.loads(out)
+    done = evp(settings, "snapshot", "create", "--dataset", "digits", "--as-of", recorded_at(store, position).isoformat(),
+               "--json")
+    assert done.code == 0, done.err
+    by_time = json.loads(done.out)
     assert (by_time["content_hash"], by_time["cut_position"]) == (live.content_hash, position)
-    code, out, err = evp("snapshot", "create", "--dataset", "digits", "--position", str(position))
-    assert code == 0, err
-    assert f"as of ledger position {position} (topic ends" in out and live.content_hash in out
-    code, out, err = evp("snapshot", "verify", by_time["snapshot_id"])
-    assert code == 0 and "verified" in out, err
+    done = evp(settings, "snapshot", "create", "--dataset", "digits", "--position", str(position))
+    assert done.code == 0, done.err
+    assert f"as of ledger position {position} (topic ends" in done.out and live.content_hash in done.out
+    done = evp(settings, "snapshot", "verify", by_time["snapshot_id"])
+    assert done.code == 0 and "verified" in done.out, done.err
 
     now = create_snapshot(store, DATASET)
     assert now.content_hash != live.content_hash and now.row_count == 24
@@ -116,10 +96,7 @@ def test_a_relay_re_send_below_the_end_is_not_in_the_as_of_snapshot(store: Event
     second = correct(store, 1, 5)
     correct(store, 1, 8)  # after the cut, on the topic before the re-send
     store.flush()
-    with store.ledger.connection.transaction():  # a relay crashed before it recorded the first two: sent again
-        store.ledger.connection.execute("INSERT INTO evp_outbox (position, partition) SELECT position, partition"
-                                        " FROM evp_events WHERE position = ANY(%s)", ([first, second],))
-    assert store.flush() == 2
+    resend(store, [first, second])  # a relay crashed before it recorded the first two
     past = create_snapshot(store, DATASET, position=second)
     table = load_table(store, past.snapshot_id)
     assert list(table.row_ids) == ["s001"] and int(table["label"][0]) == 5
@@ -127,12 +104,30 @@ def test_a_relay_re_send_below_the_end_is_not_in_the_as_of_snapshot(store: Event
     assert verify_snapshot(store, past.snapshot_id, PROJECT).records_read == 2
 
 
-def test_an_as_of_before_the_ledger_began_is_named(store: EventStore, evp: Evp) -> None:
+def test_an_as_of_before_the_ledger_began_is_named(store: EventStore, settings: Settings) -> None:
     submit(store, 1, 1)
     store.flush()
-    code, _, err = evp("snapshot", "create", "--dataset", "digits", "--as-of", "2001-01-01T00:00:00")
-    assert code == 1 and "no event recorded at or before 2001-01-01T00:00:00+00:00" in err
-    code, _, err = evp("snapshot", "create", "--dataset", "digits", "--as-of", "last week")
-    assert code == 1 and "--as-of 'last week' is not an ISO 8601 time" in err
+    done = evp(settings, "snapshot", "create", "--dataset", "digits", "--as-of", "2001-01-01T00:00:00")
+    assert done.code == 1 and "no event recorded at or before 2001-01-01T00:00:00+00:00" in done.err
+    done = evp(settings, "snapshot", "create", "--dataset", "digits", "--as-of", "last week")
+    assert done.code == 1 and "--as-of 'last week' is not an ISO 8601 time" in done.err
     with pytest.raises(NotFound, match="no ledger position -1"):
         create_snapshot(store, DATASET, position=-1)
+
+
+def test_a_run_on_an_as_of_snapshot_replays_identically_from_the_re_read_log(store: EventStore) -> None:
+    table = digits()
+    positions = [store.append(f"sample-{i}", Event("SampleSubmitted", {
+        "sample_id": table.row_ids[i], "annotator_id": "a1", "features": table["features"][i].tolist(),
+        "label": int(table["label"][i])})).positions[0] for i in range(160)]
+    store.flush()
+    cut = positions[119]
+    resend(store, positions[80:120])  # the cut's ends now reach past the 40 events after it
+    past = create_snapshot(store, DATASET, position=cut)
+    assert past.row_count == 120
+    recipe = load_recipe(PROJECT, "mlp")
+    run = train_snapshot(store, PROJECT, recipe, past.snapshot_id, recipe.parse_config(["epochs=2", "device=cpu"]))
+    for shard in past.shards:  # the replay re-materializes the rows from Kafka, through the cut
+        (snapshot_dir(store, past.snapshot_id) / shard.name).unlink()
+    outcome = replay_run(store, PROJECT, run.run_id)
+    assert outcome.identical, outcome.differences()
