@@ -125,10 +125,11 @@ def test_a_later_record_below_an_end_is_skipped_and_counted(store: EventStore, s
     store.flush()
     resend(store, [first, second])  # the cut's end of this partition is now past the third event's record
     cut = _cut(store, second)
-    result = rebuild_as_of(settings, SamplesView(), cut, into="past_resend")
-    assert result.replay.beyond_cut == 1 and result.replay.skipped == 2 and result.replay.applied == 2
-    row = sample_rows(conn, "past_resend")["r1"]
-    assert (row["label"], row["corrections"], row["version"]) == (2, 1, 2)
+    for into, prefetch in (("past_inline", False), ("past_prefetched", True)):  # both sources filter alike
+        result = rebuild_as_of(settings, SamplesView(), cut, into=into, prefetch=prefetch)
+        assert result.replay.beyond_cut == 1 and result.replay.skipped == 2 and result.replay.applied == 2
+        row = sample_rows(conn, into)["r1"]
+        assert (row["label"], row["corrections"], row["version"]) == (2, 1, 2)
 
 
 # -- refusals ---------------------------------------------------------------------------------
