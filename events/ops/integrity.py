@@ -9,7 +9,8 @@ copies consistently, in two systems with separate access control.
 Findings (each names the event or record):
 
 - ``altered``: the topic's bytes for an event differ from the ledger's, or its record
-  carries another stream version in its header (the one consumers dedupe on);
+  carries another stream version in its header (the one consumers dedupe on) or another
+  ledger position (two events reordered in the ledger keep their bytes, streams and links);
 - ``forged``: a record on the topic that the ledger never appended (unknown event id, or
   an id recorded under another stream or version);
 - ``missing``: a published event (the ledger holds its offset) that the topic no longer has;
@@ -47,7 +48,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from events.store.client import EventStore
-from events.event import HEADER_EVENT_ID, HEADER_STREAM_VERSION, RecordedEvent
+from events.event import HEADER_EVENT_ID, HEADER_POSITION, HEADER_STREAM_VERSION, RecordedEvent
 from events.gc_pause import gc_paused
 from events.store.ledger import EVENT_COLUMNS, row_to_event
 from events.ops.checkpoints import Checkpoint, gather, unmet_heads, watched_offsets
@@ -201,6 +202,11 @@ def _verify(store: EventStore, progress: Callable[[int], None] | None, public_ke
         elif headers.get(HEADER_STREAM_VERSION) != str(event.version).encode():
             report.findings.append(Finding("altered", f"{where}: event {event_id} ({event.stream_id} v{event.version}) "
                                                       f"carries stream version header {headers.get(HEADER_STREAM_VERSION)!r}"))
+            seen.add(event_id)
+        elif headers.get(HEADER_POSITION) != str(event.position).encode():
+            report.findings.append(Finding("altered", f"{where}: event {event_id} ({event.stream_id} v{event.version}) "
+                                                      f"carries position header {headers.get(HEADER_POSITION)!r}, the "
+                                                      f"ledger records position {event.position}"))
             seen.add(event_id)
         elif message.offset == event.offset and event_id in links and link_header(message.headers or []) != links[event_id]:
             report.findings.append(Finding("altered", f"{where}: event {event_id} ({event.stream_id} v{event.version}) "

@@ -1,4 +1,9 @@
-"""`evp audit verify` finds altered, forged and missing events, and says so when all is intact."""
+"""`evp audit verify` finds altered, forged and missing events, and says so when all is intact.
+
+Each tamper test names the finding's kind and where it is (partition and offset, event id or
+stream and version), shows that the check went on past it, and runs the command too
+(:func:`tests.support.cli.verified`: the same findings, exit status 1).
+"""
 
 from __future__ import annotations
 
@@ -12,11 +17,13 @@ import pytest
 from events.store.client import EventStore
 from events.adapters.kafka import producer
 from events.event import HEADER_EVENT_ID, HEADER_STREAM_VERSION, Event, kafka_headers
-from events.ops.integrity import verify_log
+from events.ops.integrity import Finding, verify_log
 from events.store.log import end_offsets, read_pinned
-from tests.support.topics import recreate_events_topic
+from tests.support.cli import verified
+from tests.support.topics import (
+    events_segments, record_batches, recreate_events_topic, republish, segment_partition, spoil, topic_records,
+)
 from events.settings import Settings
-from tests.support.plaintext import kafka_segments
 
 pytestmark = pytest.mark.services
 
@@ -34,11 +41,24 @@ def kinds(store: EventStore) -> list[str]:
     return sorted(f.kind for f in verify_log(store).findings)
 
 
+def located(findings: list[Finding]) -> list[tuple[str, str]]:
+    """Each finding's kind and the place it names first (``partition P offset O``, up to its colon)."""
+    return [(f.kind, f.detail.split(":")[0]) for f in findings]
+
+
+def submit_each(store: EventStore, count: int, tag: str) -> None:
+    """``count`` events, each published on its own: one record batch per event."""
+    for i in range(count):
+        store.append(f"sample-{tag}{i}", Event("SampleSubmitted", {"sample_id": f"{tag}{i}", "annotator_id": "a1",
+                                                                    "features": [float(i)] * 64, "label": i % 10}))
+        store.flush()
+
+
 def test_an_untouched_log_is_intact_even_with_relay_re_sends(store: EventStore) -> None:
     seed(store)
     store.ledger.connection.execute("INSERT INTO evp_outbox (position, partition) SELECT position, partition FROM evp_events")
     assert store.flush() == 7  # every event now twice on the topic
-    report = verify_log(store)
+    report = verified(store)
     assert report.intact, report.findings
     assert (report.events_checked, report.records_read) == (7, 14)
 
@@ -91,13 +111,17 @@ def test_a_copy_with_another_version_header_is_named_not_passed_as_a_re_send(sto
     original = store.read_stream("sample-4", decrypt=False)[0].record
     client = producer(settings)
     headers = [(k, v) for k, v in kafka_headers(original) if k != HEADER_STREAM_VERSION]
-    client.send(settings.events_topic, key=b"sample-4", value=original.value,
-                headers=[*headers, (HEADER_STREAM_VERSION, b"7")], partition=original.partition).get(timeout=30)
+    sent = client.send(settings.events_topic, key=b"sample-4", value=original.value,
+                       headers=[*headers, (HEADER_STREAM_VERSION, b"7")], partition=original.partition).get(timeout=30)
     client.close()
-    report = verify_log(store)
-    assert sorted(f.kind for f in report.findings) == ["altered", "unchained"], report.findings
-    altered = next(f.detail for f in report.findings if f.kind == "altered")
-    assert "sample-4 v1" in altered and "b'7'" in altered
+    store.append("sample-4", Event("SampleRetracted", {"sample_id": "s4", "annotator_id": "a1", "reason": "r"}), 1)
+    store.flush()  # published after the copy: still read, and its chain still follows the relay's
+    report = verified(store)
+    where = f"partition {original.partition} offset {sent.offset}"
+    assert located(report.findings) == [("unchained", where), ("altered", where)], report.findings
+    assert report.findings[1].detail == (f"{where}: event {original.event_id} (sample-4 v1) carries stream version "
+                                         "header b'7'")
+    assert (report.records_read, report.events_checked) == (9, 8)
 
 
 def test_a_deleted_and_recreated_topic_is_truncated_not_intact(store: EventStore, settings: Settings) -> None:
@@ -105,26 +129,41 @@ def test_a_deleted_and_recreated_topic_is_truncated_not_intact(store: EventStore
     published = store.ledger.connection.execute(
         "SELECT partition, count(*) FROM evp_event_log WHERE kafka_offset IS NOT NULL GROUP BY partition").fetchall()
     recreate_events_topic(settings)
-    report = verify_log(store)
+    report = verified(store)
     assert report.records_read == 0 and not report.intact
     truncated = sorted(f.detail for f in report.findings if f.kind == "truncated")
     assert [f.kind for f in report.findings] == ["truncated"] * len(published)
     for (partition, count), detail in zip(sorted(published), truncated):
         assert detail.startswith(f"partition {partition} ends at offset 0") and f"recorded {count} published" in detail
 
+    # The relay goes on publishing into the new topic, chained on from the heads it recorded:
+    # those records are read and checked; the events the ledger placed where they now sit are missing.
+    for i in range(6):
+        store.append(f"sample-n{i}", Event("SampleSubmitted", {"sample_id": f"n{i}", "annotator_id": "a1",
+                                                                "features": [3.0] * 64, "label": i}))
+    store.flush()
+    ends = end_offsets(settings, settings.events_topic)
+    old = store.ledger.connection.execute(
+        "SELECT event_id, partition, kafka_offset FROM evp_event_log WHERE stream_id NOT LIKE 'sample-n%'").fetchall()
+    report = verified(store)
+    assert report.records_read == 6
+    found = {kind: sorted(f.detail for f in report.findings if f.kind == kind)
+             for kind in ("chain", "missing", "truncated")}
+    assert sum(map(len, found.values())) == len(report.findings), report.findings
+    assert [d.split(":")[0] for d in found["chain"]] == [
+        f"partition {p} offset 0" for p, end in sorted(ends.items()) if end]
+    assert sorted(d.split(" was published at ")[1].split(" ")[0] for d in found["missing"]) == sorted(
+        f"{p}@{offset}" for _, p, offset in old if offset < ends[p])
+    assert {d.split(" ")[1] for d in found["missing"]} == {str(e) for e, p, offset in old if offset < ends[p]}
+    assert [d.split(" ends")[0] for d in found["truncated"]] == [
+        f"partition {p}" for p in sorted({p for _, p, offset in old if offset >= ends[p]})]
+
 
 def test_a_flipped_byte_in_a_segment_is_a_corrupt_range_and_the_check_goes_on(store: EventStore,
                                                                             settings: Settings) -> None:
-    for i in range(30):
-        store.append(f"sample-c{i}", Event("SampleSubmitted", {"sample_id": f"c{i}", "annotator_id": "a1",
-                                                               "features": [float(i)] * 64, "label": i % 10}))
-        store.flush()  # one record batch per event, so one flipped byte spoils one batch
-    segments = [p for p in kafka_segments(settings) if p.parent.name.startswith(settings.events_topic + "-")
-                and p.stat().st_size > 0]
-    if not segments:
-        pytest.fail("the broker's segments are not on this machine: the test needs the local broker")
-    segment = max(segments, key=lambda p: p.stat().st_size)
-    partition = int(segment.parent.name.rsplit("-", 1)[1])
+    submit_each(store, 30, "c")  # one record batch per event, so one flipped byte spoils one batch
+    segment = max(events_segments(settings), key=lambda p: p.stat().st_size)
+    partition = segment_partition(segment)
     data = bytearray(segment.read_bytes())
     data[len(data) // 2] ^= 0xFF  # inside some record batch of the partition
     segment.write_bytes(bytes(data))
@@ -133,6 +172,24 @@ def test_a_flipped_byte_in_a_segment_is_a_corrupt_range_and_the_check_goes_on(st
     assert len(corrupt) == 1 and corrupt[0].detail.startswith(f"partition {partition} offsets "), report.findings
     assert [f.kind for f in report.findings] == ["corrupt"], "nothing else: the events in the range are not 'missing'"
     assert report.records_read >= 29, "every other record was read and checked"
+
+
+def test_every_byte_flipped_in_a_sample_of_records_is_each_a_corrupt_range(store: EventStore,
+                                                                           settings: Settings) -> None:
+    """Every third record of one partition spoiled where the broker keeps it, the first one included:
+    each is named with its offset, and every other record is read and checked."""
+    submit_each(store, 30, "s")
+    segment = max(events_segments(settings), key=lambda p: p.stat().st_size)
+    partition = segment_partition(segment)
+    batches = record_batches(segment)
+    assert len(batches) >= 6 and all(b.first_offset == b.last_offset for b in batches), batches
+    sample = batches[::3]
+    for batch in sample:
+        spoil(batch)
+    report = verified(store)
+    assert located(report.findings) == [("corrupt", f"partition {partition} offsets {b.first_offset}..{b.last_offset}")
+                                        for b in sample], report.findings
+    assert report.records_read == 30 - len(sample)
 
 
 def test_a_relay_crash_between_ack_and_commit_re_sends_the_same_links(store: EventStore, settings: Settings,
@@ -169,14 +226,54 @@ def test_a_removed_record_breaks_its_partitions_chain_where_it_was(store: EventS
         store.append("sample-x", Event("SampleSubmitted", {"sample_id": "x", "annotator_id": "a1",
                                                            "features": [float(i)] * 64, "label": i % 10}), i)
     store.flush()
-    partition, end = next((p, e) for p, e in end_offsets(settings, settings.events_topic).items() if e)
-    kept = [m for m in read_pinned(settings, settings.events_topic, {partition: (0, end)}) if m.offset != 3]
-    recreate_events_topic(settings)
-    kafka = producer(settings)
-    for m in kept:
-        kafka.send(settings.events_topic, key=m.key, value=m.value, headers=list(m.headers), partition=partition)
-    kafka.flush()
-    kafka.close()
-    report = verify_log(store)
-    broken = [f for f in report.findings if f.kind == "chain"]
-    assert [f.detail.split(":")[0] for f in broken] == [f"partition {partition} offset 3"], report.findings
+    [(partition, records)] = topic_records(settings).items()
+    republish(settings, {partition: [m for m in records if m.offset != 3]})
+    report = verified(store)
+    removed = store.read_stream("sample-x", decrypt=False)[3].record
+    assert located(report.findings) == [("chain", f"partition {partition} offset 3"),
+                                        ("missing", f"event {removed.event_id} (sample-x v4) was published at "
+                                                    f"{partition}@3 but is not on the topic intact")], report.findings
+    assert report.records_read == 7
+
+
+def test_two_records_swapped_on_the_topic_break_the_chain_where_each_moved(store: EventStore,
+                                                                          settings: Settings) -> None:
+    for i in range(8):
+        store.append("sample-o", Event("SampleSubmitted", {"sample_id": "o", "annotator_id": "a1",
+                                                           "features": [float(i)] * 64, "label": i % 10}), i)
+    store.flush()
+    [(partition, records)] = topic_records(settings).items()
+    republish(settings, {partition: [*records[:2], records[5], *records[3:5], records[2], *records[6:]]})
+    report = verified(store)
+    # The record now at 2 does not follow 1, nor 3 the record moved away; and likewise at 5 and 6.
+    assert located(report.findings) == [("chain", f"partition {partition} offset {o}") for o in (2, 3, 5, 6)]
+    assert report.records_read == 8
+
+
+def test_two_events_swapped_in_the_ledger_are_each_altered(store: EventStore) -> None:
+    """Their bytes, streams and links stay as they were: the records' headers tell.
+
+    Swapped ledger positions (the global order a cut and time travel read) and swapped stream versions."""
+    seed(store)
+    conn = store.ledger.connection
+    first, second = (store.read_stream(s, decrypt=False)[0].record for s in ("sample-1", "sample-2"))
+    for table in ("evp_events", "evp_published"):
+        conn.execute(f"UPDATE {table} SET position = -1 WHERE position = %s", (first.position,))
+        conn.execute(f"UPDATE {table} SET position = %s WHERE position = %s", (first.position, second.position))
+        conn.execute(f"UPDATE {table} SET position = %s WHERE position = -1", (second.position,))
+    submitted, corrected = (e.record for e in store.read_stream("sample-0", decrypt=False))
+    conn.execute("UPDATE evp_events SET version = 3 WHERE event_id = %s", (submitted.event_id,))
+    conn.execute("UPDATE evp_events SET version = 1 WHERE event_id = %s", (corrected.event_id,))
+    conn.execute("UPDATE evp_events SET version = 2 WHERE event_id = %s", (submitted.event_id,))
+    report = verified(store)
+    expected = [
+        (first, f"event {first.event_id} (sample-1 v1) carries position header b'{first.position}', the ledger "
+                f"records position {second.position}"),
+        (second, f"event {second.event_id} (sample-2 v1) carries position header b'{second.position}', the ledger "
+                 f"records position {first.position}"),
+        (submitted, f"event {submitted.event_id} (sample-0 v2) carries stream version header b'1'"),
+        (corrected, f"event {corrected.event_id} (sample-0 v1) carries stream version header b'2'"),
+    ]
+    assert sorted((f.kind, f.detail) for f in report.findings) == sorted(
+        ("altered", f"partition {r.partition} offset {r.offset}: {detail}") for r, detail in expected)
+    assert report.records_read == 7
