@@ -15,16 +15,14 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from events.adapters.kafka import producer
 from events.errors import ConfigurationError
 from events.event import Event
 from events.ops import checkpoints
 from events.ops.integrity import verify_log
 from events.settings import Settings
-from events.store.chain import GENESIS, HEADER_CHAIN, link, record_digest
 from events.store.client import EventStore
-from events.store.log import end_offsets, read_pinned
-from tests.support.topics import recreate_events_topic
+from tests.support.cli import verified
+from tests.support.topics import make_ledger_agree, republish, topic_records
 
 pytestmark = pytest.mark.services
 
@@ -65,38 +63,22 @@ def test_a_history_rewritten_in_both_copies_misses_the_signed_heads(store: Event
     public key the log reads as intact; with it, each signed head after the change is named."""
     private, public, witness = key
     submit(store, 8, "r")
-    checkpoints.make_checkpoint(store, private, witness)
-    ends = end_offsets(settings, settings.events_topic)
-    records = {p: list(read_pinned(settings, settings.events_topic, {p: (0, e)})) for p, e in ends.items() if e}
+    made = checkpoints.make_checkpoint(store, private, witness)
+    records = topic_records(settings)
     target = next(p for p, found in records.items() if len(found) >= 2)
     victim = records[target][0]
-    forged_value = victim.value[:-1] + bytes([victim.value[-1] ^ 1])
-    conn = store.ledger.connection
-    recreate_events_topic(settings)
-    kafka = producer(settings)
-    heads: dict[int, tuple[int, bytes]] = {}
-    for partition, found in sorted(records.items()):
-        previous = GENESIS
-        for message in found:
-            value = forged_value if message is victim else message.value
-            headers = [(k, v) for k, v in message.headers if k != HEADER_CHAIN]
-            previous = link(previous, record_digest(message.key, value, headers))
-            sent = kafka.send(settings.events_topic, key=message.key, value=value, partition=partition,
-                              headers=[*headers, (HEADER_CHAIN, previous.hex().encode())]).get(timeout=30)
-            conn.execute("UPDATE evp_published SET chain = %s WHERE position = %s",
-                         (previous, int(dict(message.headers)["evp.position"])))
-            heads[partition] = (sent.offset, previous)
-    kafka.close()
-    conn.execute("UPDATE evp_events SET value = %s WHERE position = %s",
-                 (forged_value, int(dict(victim.headers)["evp.position"])))
-    for partition, (offset, chained) in heads.items():
-        conn.execute("UPDATE evp_chain_heads SET kafka_offset = %s, chain = %s WHERE partition = %s",
-                     (offset, chained, partition))
+    forged = victim._replace(value=(victim.value or b"")[:-1] + bytes([(victim.value or b"\0")[-1] ^ 1]))
+    sent = republish(settings, {p: [forged if m is victim else m for m in found] for p, found in records.items()},
+                     rechain=True)
+    make_ledger_agree(store.ledger.connection, sent)
 
-    assert verify_log(store).intact, "both copies and every chain agree: only the signature can tell"
-    report = verify_log(store, public_key=checkpoints.load_public_key(public), witness=witness)
-    assert {f.kind for f in report.findings} == {"rewritten"}, report.findings
-    assert any(f.detail.startswith(f"partition {target} offset ") for f in report.findings)
+    assert verified(store).intact, "both copies and every chain agree: only the signature can tell"
+    report = verified(store, public_key=public, witness=witness)
+    head = made.heads[target]
+    assert [(f.kind, f.detail) for f in report.findings] == [(
+        "rewritten", f"partition {target} offset {head.offset}, signed by checkpoint {made.id} (made at "
+                     f"{made.made_at}): the record there has another link: the history up to it was rewritten")]
+    assert report.records_read == sum(map(len, records.values())), "every record was read and checked"
 
 
 def test_a_checkpoint_signed_with_another_key_is_named(store: EventStore, tmp_path: Path,
@@ -169,3 +151,80 @@ def test_a_damaged_witness_file_is_a_finding_not_a_crash(store: EventStore,
     report = verify_log(store, public_key=checkpoints.load_public_key(public), witness=witness)
     assert [f.kind for f in report.findings] == ["checkpoint"], report.findings
     assert report.checkpoints_checked == 1, "the intact checkpoint still counts"
+
+
+# -- truncation after the last checkpoint ---------------------------------------------------------
+def published_after(store: EventStore, position: int) -> list[tuple[str, str, int, int, int]]:
+    """(event id, stream, version, partition, offset) of each event published past ledger ``position``."""
+    rows = store.ledger.connection.execute(
+        "SELECT event_id::text, stream_id, version, partition, kafka_offset FROM evp_event_log WHERE position > %s"
+        " ORDER BY partition, kafka_offset", (position,)).fetchall()
+    return [(str(e), str(s), int(v), int(p), int(o)) for e, s, v, p, o in rows]
+
+
+def drop_from_ledger(store: EventStore, position: int) -> None:
+    """Delete every event past ledger ``position``, as if the ledger had never recorded them."""
+    for table in ("evp_published", "evp_events"):
+        store.ledger.connection.execute(f"DELETE FROM {table} WHERE position > %s", (position,))
+
+
+def checkpoint_position(store: EventStore) -> int:
+    """The ledger position of the newest AuditCheckpointed event."""
+    return store.read_stream(checkpoints.CHECKPOINT_STREAM, decrypt=False)[-1].record.position
+
+
+def test_a_topic_truncated_after_the_last_checkpoint_is_named_per_partition(
+        store: EventStore, settings: Settings, key: tuple[Ed25519PrivateKey, Path, Path]) -> None:
+    """The signed heads are still there; the ledger recorded offsets past each partition's new end."""
+    private, public, witness = key
+    submit(store, 6, "t")
+    made = checkpoints.make_checkpoint(store, private, witness)
+    submit(store, 6, "u")
+    signed = {p: h.offset for p, h in made.heads.items()}
+    republish(settings, {p: [m for m in found if m.offset <= signed[p]]
+                         for p, found in topic_records(settings).items() if p in signed})
+    gone = [row for row in published_after(store, -1) if row[4] > signed.get(row[3], -1)]
+    report = verified(store, public_key=public, witness=witness)
+    expected = []
+    for partition in sorted({row[3] for row in gone}):
+        lost = [row for row in gone if row[3] == partition]
+        event_id, stream, version, _, offset = lost[0]
+        expected.append(("truncated", f"partition {partition} ends at offset {signed.get(partition, -1) + 1}, but the "
+                                      f"ledger recorded {len(lost)} published event(s) at or after it (first: "
+                                      f"{event_id}, {stream} v{version} at offset {offset})"))
+    assert [(f.kind, f.detail) for f in report.findings] == expected
+    assert report.checkpoints_checked == 1 and len(gone) == 7, "the six events after it and the checkpoint's own"
+
+
+def test_a_ledger_truncated_after_the_last_checkpoint_leaves_each_record_forged(
+        store: EventStore, key: tuple[Ed25519PrivateKey, Path, Path]) -> None:
+    private, public, witness = key
+    submit(store, 6, "t")
+    checkpoints.make_checkpoint(store, private, witness)
+    submit(store, 6, "u")
+    position = checkpoint_position(store)
+    gone = published_after(store, position)
+    drop_from_ledger(store, position)
+    report = verified(store, public_key=public, witness=witness)
+    assert [(f.kind, f.detail) for f in report.findings] == [
+        ("forged", f"partition {p} offset {o}: event {e} of stream {s!r} is not in the ledger")
+        for e, s, _, p, o in gone]
+    assert len(gone) == 6 and report.checkpoints_checked == 1 and report.records_read == 13
+
+
+def test_both_copies_truncated_at_the_signed_heads_leave_the_witness_to_tell(
+        store: EventStore, settings: Settings, key: tuple[Ed25519PrivateKey, Path, Path]) -> None:
+    """Cut back to the heads, the checkpoint's own event goes too: only the witness still holds it."""
+    private, public, witness = key
+    submit(store, 6, "t")
+    made = checkpoints.make_checkpoint(store, private, witness)
+    submit(store, 3, "u")
+    signed = {p: h.offset for p, h in made.heads.items()}
+    republish(settings, {p: [m for m in found if m.offset <= signed[p]]
+                         for p, found in topic_records(settings).items() if p in signed})
+    drop_from_ledger(store, checkpoint_position(store) - 1)
+    assert verified(store, public_key=public).intact, "without the witness, nothing past the signed heads is missed"
+    report = verified(store, public_key=public, witness=witness)
+    assert [(f.kind, f.detail) for f in report.findings] == [
+        ("missing", f"checkpoint {made.id} (made at {made.made_at}) is in the witness folder but not in the log")]
+    assert report.checkpoints_checked == 1 and report.records_read == 6
