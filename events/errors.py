@@ -94,3 +94,11 @@ class InvalidDataset(EvpError):
     def __init__(self, field: str, reason: str) -> None:
         self.field, self.reason = field, reason
         super().__init__(f"invalid training examples: {field}: {reason}")
+
+
+class LineageError(EvpError):
+    """A lineage source (entry-point group ``evp.lineage``) answered something that is not a report."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        self.source, self.reason = source, reason
+        super().__init__(f"lineage source {source!r}: {reason}")

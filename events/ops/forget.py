@@ -42,7 +42,7 @@ from events.store.aggregate import count_snapshots, drop_snapshots
 from events.store.client import EventStore
 from events.errors import EvpError
 from events.event import Event, RecordedEvent
-from events.privacy.keyring import InvalidSubject, canonical_subject, subject_problem
+from events.ops.lineage import events_concerning, subject_ids
 
 
 @dataclass(frozen=True)
@@ -71,15 +71,11 @@ class ErasureReport:
 
 def erasure_scope(store: EventStore, subject_id: str) -> ErasureReport:
     """What forgetting ``subject_id`` touches (step 1 and 2 of :func:`forget_subject`)."""
-    problem = subject_problem(subject_id)
-    if problem is not None:
-        raise InvalidSubject(subject_id, f"{problem}: forget {canonical_subject(subject_id)!r}, "
-                                         "which erases its look-alike ids with it")
-    lookalikes = tuple(store.keyring.lookalikes(subject_id))
-    found = {e.position: e for s in (subject_id, *lookalikes) for e in store.ledger.events_concerning(s)}
-    events = [found[p] for p in sorted(found)]
+    ids = subject_ids(store, subject_id)
+    lookalikes = ids[1:]
+    events = events_concerning(store, ids)
     streams = tuple(sorted({e.stream_id for e in events}))
-    reservations = sum(store.ledger.reservations_of(s) for s in (subject_id, *lookalikes))
+    reservations = sum(store.ledger.reservations_of(s) for s in ids)
     return ErasureReport(subject_id, True, streams, len(events), reservations, _snapshots_holding(store, events),
                          aggregate_snapshots=count_snapshots(store, streams), lookalikes=lookalikes)
 
