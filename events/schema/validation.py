@@ -133,10 +133,10 @@ _PRIMITIVES: dict[str, Check] = {
 def _all_float32(items: Any) -> bool:
     """Every item a float within float32's range, in C loops (~3 µs for 64, not ~13 item by item).
 
-    A NaN or an infinity makes the sum non-finite (float32-range values cannot overflow it),
-    and min/max bound the rest.
+    A NaN or an infinity makes the plain sum non-finite (float32-range values cannot overflow
+    it; ``math.fsum`` would raise on ``-inf + inf`` instead), and min/max bound the rest.
     """
-    return (set(map(type, items)) == {float} and math.isfinite(math.fsum(items))
+    return (set(map(type, items)) == {float} and math.isfinite(sum(items))
             and -_FLOAT32_MAX <= min(items) and max(items) <= _FLOAT32_MAX)
 
 
