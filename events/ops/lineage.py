@@ -35,12 +35,12 @@ Adding a source, e.g. backups, is one more entry point in ``pyproject.toml``::
     [project.entry-points."evp.lineage"]
     backups = "mypackage.lineage:backup_holdings"
 
-A backup holds the log up to the ledger position it covers, never the keys: the backups
-source gives one holding per backup file that covers a position of one of the subject's
-events (``trace_subject(...).events[i].record.position``), :data:`HOLDS` while
-``trace.sealed_state(...)`` is :data:`HOLDS` and :data:`UNREADABLE` once the key is destroyed,
-and :data:`KEPT` for the events without personal data of theirs (:attr:`Concerning.personal`
-is empty).
+A backup holds the log up to the ledger position its manifest records, never the keys. A
+backups source would trace the subject (``trace = trace_subject(store, subject_id)``) and
+give, per backup, one holding per state of the subject's events it covers (those with
+``event.record.position`` at or below the backup's position), the state being
+``trace.state_of(event)``: :data:`HOLDS` while the key lives, :data:`UNREADABLE` once it is
+destroyed, :data:`KEPT` for events without personal data of theirs.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class Holding:
 
 
 #: ``(settings, project, subject_id) -> holdings``: what an ``evp.lineage`` entry point names.
-LineageSource = Callable[[Settings, "Project | None", str], Sequence[Holding]]
+LineageSource = Callable[[Settings, Project | None, str], Sequence[Holding]]
 
 
 @dataclass(frozen=True)
