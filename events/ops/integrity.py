@@ -40,6 +40,7 @@ bytes twice) are not findings.
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from events.store.client import EventStore
-from events.event import HEADER_EVENT_ID, HEADER_POSITION, HEADER_STREAM_VERSION, RecordedEvent
+from events.event import HEADER_EVENT_ID, HEADER_OCCURRED_AT, RecordedEvent, kafka_headers
 from events.gc_pause import gc_paused
 from events.store.ledger import EVENT_COLUMNS, row_to_event
 from events.ops.checkpoints import Checkpoint, gather, unmet_heads, watched_offsets
@@ -106,6 +107,28 @@ def _absent(ledger: Mapping[uuid.UUID, RecordedEvent], seen: set[uuid.UUID], end
                                              f"(first: {first.event_id}, {first.stream_id} v{first.version} at offset "
                                              f"{first.offset})"))
     return findings
+
+
+def _header_differs(headers: dict[str, bytes], event: RecordedEvent) -> str | None:
+    """What the record's evp headers say that the ledger's row does not (None when they agree).
+
+    Every header the relay writes from the row is compared: the type, the stream version
+    (what consumers dedupe on), who did it, when, and the ledger position; the time as an
+    instant (its text depends on the publishing session's time zone).
+    """
+    for name, expected in kafka_headers(event):
+        found = headers.get(name)
+        if name == HEADER_OCCURRED_AT:
+            expected = event.occurred_at.astimezone(UTC).isoformat().encode()  # one text in every time zone
+            try:
+                if found is not None and datetime.fromisoformat(found.decode()) == event.occurred_at:
+                    continue
+            except (ValueError, UnicodeDecodeError):
+                pass
+        elif found == expected:
+            continue
+        return f"carries {name} header {found!r}, the ledger records {expected.decode()!r}"
+    return None
 
 
 def _checkpoint_findings(checkpoints: list[Checkpoint], valid: list[Checkpoint], only_witnessed: set[str],
@@ -199,14 +222,9 @@ def _verify(store: EventStore, progress: Callable[[int], None] | None, public_ke
             report.findings.append(Finding("altered", f"{where}: event {event_id} ({event.stream_id} v{event.version}) "
                                                       "differs from the ledger's bytes"))
             seen.add(event_id)  # reported once, as altered
-        elif headers.get(HEADER_STREAM_VERSION) != str(event.version).encode():
+        elif (differs := _header_differs(headers, event)) is not None:
             report.findings.append(Finding("altered", f"{where}: event {event_id} ({event.stream_id} v{event.version}) "
-                                                      f"carries stream version header {headers.get(HEADER_STREAM_VERSION)!r}"))
-            seen.add(event_id)
-        elif headers.get(HEADER_POSITION) != str(event.position).encode():
-            report.findings.append(Finding("altered", f"{where}: event {event_id} ({event.stream_id} v{event.version}) "
-                                                      f"carries position header {headers.get(HEADER_POSITION)!r}, the "
-                                                      f"ledger records position {event.position}"))
+                                                      f"{differs}"))
             seen.add(event_id)
         elif message.offset == event.offset and event_id in links and link_header(message.headers or []) != links[event_id]:
             report.findings.append(Finding("altered", f"{where}: event {event_id} ({event.stream_id} v{event.version}) "

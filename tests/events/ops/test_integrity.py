@@ -119,8 +119,8 @@ def test_a_copy_with_another_version_header_is_named_not_passed_as_a_re_send(sto
     report = verified(store)
     where = f"partition {original.partition} offset {sent.offset}"
     assert located(report.findings) == [("unchained", where), ("altered", where)], report.findings
-    assert report.findings[1].detail == (f"{where}: event {original.event_id} (sample-4 v1) carries stream version "
-                                         "header b'7'")
+    assert report.findings[1].detail == (f"{where}: event {original.event_id} (sample-4 v1) carries evp.stream_version "
+                                         "header b'7', the ledger records '1'")
     assert (report.records_read, report.events_checked) == (9, 8)
 
 
@@ -267,13 +267,30 @@ def test_two_events_swapped_in_the_ledger_are_each_altered(store: EventStore) ->
     conn.execute("UPDATE evp_events SET version = 2 WHERE event_id = %s", (submitted.event_id,))
     report = verified(store)
     expected = [
-        (first, f"event {first.event_id} (sample-1 v1) carries position header b'{first.position}', the ledger "
-                f"records position {second.position}"),
-        (second, f"event {second.event_id} (sample-2 v1) carries position header b'{second.position}', the ledger "
-                 f"records position {first.position}"),
-        (submitted, f"event {submitted.event_id} (sample-0 v2) carries stream version header b'1'"),
-        (corrected, f"event {corrected.event_id} (sample-0 v1) carries stream version header b'2'"),
+        (first, f"event {first.event_id} (sample-1 v1) carries evp.position header b'{first.position}', the ledger "
+                f"records '{second.position}'"),
+        (second, f"event {second.event_id} (sample-2 v1) carries evp.position header b'{second.position}', the ledger "
+                 f"records '{first.position}'"),
+        (submitted, f"event {submitted.event_id} (sample-0 v2) carries evp.stream_version header b'1', the ledger records '2'"),
+        (corrected, f"event {corrected.event_id} (sample-0 v1) carries evp.stream_version header b'2', the ledger records '1'"),
     ]
     assert sorted((f.kind, f.detail) for f in report.findings) == sorted(
         ("altered", f"partition {r.partition} offset {r.offset}: {detail}") for r, detail in expected)
     assert report.records_read == 7
+
+
+def test_who_did_it_and_when_edited_in_the_ledger_alone_are_altered(store: EventStore) -> None:
+    """The audit trail reads the ledger: an actor, a type or a time changed there is a finding."""
+    seed(store)
+    conn = store.ledger.connection
+    actor, when = (store.read_stream(s, decrypt=False)[0].record for s in ("sample-1", "sample-2"))
+    conn.execute("UPDATE evp_events SET actor = 'someone-else' WHERE event_id = %s", (actor.event_id,))
+    conn.execute("UPDATE evp_events SET occurred_at = occurred_at - interval '1 day' WHERE event_id = %s",
+                 (when.event_id,))
+    conn.execute("SET TIME ZONE 'Asia/Kathmandu'")  # the same instants read in another zone are no finding
+    report = verified(store)
+    details = sorted(f.detail for f in report.findings)
+    assert [f.kind for f in report.findings] == ["altered", "altered"], details
+    assert any(f"event {actor.event_id}" in d and f"evp.actor header b'{actor.actor}', the ledger records "
+               "'someone-else'" in d for d in details), details
+    assert any(f"event {when.event_id}" in d and "evp.occurred_at header" in d for d in details), details
