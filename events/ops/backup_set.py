@@ -29,6 +29,7 @@ cache: loads after a restore rebuild them.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -68,7 +69,10 @@ from events.ops.backup import (
 from events.adapters.kafka import consumer, kafka_errors
 from events.store.cut import Cut, NotReady, cut_at
 from events.store.log import read_pinned
+from events.ops.lineage import KEPT, Holding, group_by, trace_subject
+from events.project import Project
 from events.settings import Settings
+from events.store.client import EventStore
 
 #: How many times a backup cuts again when a re-sent record of a later position lies below its ends.
 CUT_ATTEMPTS = 5
@@ -208,6 +212,43 @@ def verify_set(location: str | Path, key: BackupKey | None, *, on_progress: OnPr
     verified = [_verify_one(storage, m, by_sequence.get(m.parent.sequence) if m.parent else None, key, on_progress)
                 for m in every]
     return SetReport(storage.location, tuple(verified))
+
+
+# -- erasure lineage -----------------------------------------------------------------------
+#: Where the ``backups`` lineage source looks: the deployment's backup set.
+BACKUP_TARGET_ENV = "EVP_BACKUP_TARGET"
+
+
+def backup_holdings(settings: Settings, project: Project | None, subject_id: str) -> list[Holding]:
+    """The ``backups`` source of :mod:`events.ops.lineage`: per backup, the subject's events it holds, by state.
+
+    1. the set is the one at ``EVP_BACKUP_TARGET`` (none set: nothing to report);
+    2. a backup holds every event at or below its cut's ledger position that is not in an
+       earlier backup of its chain (an incremental holds only what came after its parent);
+    3. each event's state is the lineage trace's (:data:`~events.ops.lineage.HOLDS` while
+       the key lives, :data:`~events.ops.lineage.UNREADABLE` once it is destroyed,
+       :data:`~events.ops.lineage.KEPT` without personal fields): keys are never in a
+       backup, so the erasure reaches every backup's copy.
+    """
+    location = os.environ.get(BACKUP_TARGET_ENV)
+    if not location:
+        return []
+    storage = Storage(location)
+    with EventStore.open(settings) as store:
+        trace = trace_subject(store, subject_id)
+    out: list[Holding] = []
+    every = manifests(storage)
+    cut_of = {m.sequence: m.position or 0 for m in every}
+    for manifest in every:
+        if manifest.topic != settings.events_topic:
+            continue
+        start = cut_of.get(manifest.parent.sequence, 0) if manifest.parent is not None else 0
+        held = [e for e in trace.events if start < e.record.position <= (manifest.position or 0)]
+        for state, events in group_by(held, trace.state_of).items():
+            out.append(Holding(f"backup {storage.describe(manifest.name)}", "events", len(events), state,
+                               "sealed under the subject's key, which no backup holds" if state != KEPT
+                               else "no personal field of theirs"))
+    return out
 
 
 # -- creating a backup ---------------------------------------------------------------------

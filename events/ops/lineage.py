@@ -27,20 +27,14 @@ The contract of a source:
 The sources evp ships: ``ledger`` (this module: the data key, unique reservations,
 aggregate snapshots, each stream's events in the ledger and their records on the events
 topic), ``views`` (:mod:`projections.lineage`: rows of every declared view, per table, and
-dead letters) and ``training`` (:mod:`trainer.lineage`: snapshots, their shard files and the
-runs trained on them).
-
-Adding a source, e.g. backups, is one more entry point in ``pyproject.toml``::
+dead letters), ``training`` (:mod:`trainer.lineage`: snapshots, their shard files and the
+runs trained on them) and ``backups`` (:func:`events.ops.backup_set.backup_holdings`: per backup of the set at
+``EVP_BACKUP_TARGET``, the subject's events it holds, by state: keys are never in a backup, so
+they turn unreadable with the erasure). Adding a source is one more entry point in
+``pyproject.toml``::
 
     [project.entry-points."evp.lineage"]
-    backups = "mypackage.lineage:backup_holdings"
-
-A backup holds the log up to the ledger position its manifest records, never the keys. A
-backups source would trace the subject (``trace = trace_subject(store, subject_id)``) and
-give, per backup, one holding per state of the subject's events it covers (those with
-``event.record.position`` at or below the backup's position), the state being
-``trace.state_of(event)``: :data:`HOLDS` while the key lives, :data:`UNREADABLE` once it is
-destroyed, :data:`KEPT` for events without personal data of theirs.
+    mine = "mypackage.lineage:my_holdings"
 """
 
 from __future__ import annotations

@@ -123,7 +123,7 @@ def test_the_dry_run_names_every_holding_and_the_report_shows_what_the_erasure_d
 
     assert dry["dry_run"] and not dry["key_destroyed"]  # the erasure report stays as it was, the lineage is added
     lineage = dry["lineage"]
-    assert lineage["subject_id"] == target and lineage["sources"] == ["ledger", "training", "views"]
+    assert lineage["subject_id"] == target and lineage["sources"] == ["backups", "ledger", "training", "views"]
     assert lineage["unavailable"] == {}
     expected_before: Held = {
         ("keyring", "data key", HOLDS): 1,
@@ -306,7 +306,7 @@ def test_a_subject_with_no_data_holds_nothing_and_the_json_has_one_shape(setting
     dry = report_json(settings, "--dry-run", nobody)
     full = report_json(settings, "--report", person.annotator_id)
 
-    assert empty == {"subject_id": nobody, "holdings": [], "sources": ["ledger", "training", "views"],
+    assert empty == {"subject_id": nobody, "holdings": [], "sources": ["backups", "ledger", "training", "views"],
                      "unavailable": {}, "unreached": 0}
     assert text.returncode == 0 and "nothing held" in text.stdout
     assert dry["events"] == 0 and dry["lineage"]["holdings"] == []

@@ -287,3 +287,35 @@ def test_a_restore_drill_proves_the_set_in_a_sandbox_of_its_own(digits_settings:
         sandboxed = digits_settings.with_(database_url=with_database(digits_settings.database_url, sandbox))
         drop_database(digits_settings, sandboxed.database_url)
         delete_topics(digits_settings.with_(topic_prefix=sandbox.replace("_", "") + "-"))
+
+
+def test_the_lineage_report_names_each_backup_holding_a_subject_and_what_the_erasure_made_of_it(
+        digits_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from events.ops.forget import forget_subject
+    from events.ops.lineage import HOLDS, KEPT, UNREADABLE, collect_lineage
+
+    location = tmp_path / "set"
+    monkeypatch.setenv(backup_set.BACKUP_TARGET_ENV, str(location))
+    person = make_people(random.Random(12), 1)[0]
+    with EventStore.open(digits_settings) as store:
+        register(store, person)
+        submit(store, person, ["l-1", "l-2"], "lineage")
+        store.flush()
+        full = create_backup(digits_settings, location)
+        submit(store, person, ["l-3"], "lineage")
+        store.flush()
+        incremental = create_backup(digits_settings, location, incremental=True)
+        grow(store, random.Random(13), 1)  # others' events: never counted for this subject
+        store.flush()
+        create_backup(digits_settings, location, incremental=True)
+
+        def report() -> dict[tuple[str, str], int]:
+            found = collect_lineage(digits_settings, None, person.annotator_id,
+                                    sources={"backups": backup_set.backup_holdings})
+            return {(h.where.rsplit("/", 1)[-1], h.state): h.count for h in found.holdings}
+
+        assert report() == {(full.name, HOLDS): 1, (full.name, KEPT): 2, (incremental.name, KEPT): 1}
+        forget_subject(store, person.annotator_id, reason="test")
+    assert report() == {(full.name, UNREADABLE): 1, (full.name, KEPT): 2, (incremental.name, KEPT): 1}
+    monkeypatch.delenv(backup_set.BACKUP_TARGET_ENV)
+    assert report() == {}
