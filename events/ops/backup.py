@@ -48,7 +48,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import fastavro
 
@@ -74,6 +74,8 @@ SUFFIX = ".evpbak"
 
 #: How often long steps report progress, in records.
 PROGRESS_EVERY = 1000
+#: zlib level of the final container: level 1 costs a third of the default's time for ~10% more bytes.
+COMPRESSION_LEVEL = 1
 #: Records sent before waiting for their acknowledgements during a restore (events.ops.restore).
 PRODUCE_CHUNK = 5000
 
@@ -434,7 +436,11 @@ class Tally:
             raise IntegrityError(f"backup {where}: records hash to sha256 {self.sha256()}, the manifest says {manifest.sha256}")
 
 
-def reporting(items: Iterable[BackupRecord], phase: str, total: int, on_progress: OnProgress | None) -> Iterator[BackupRecord]:
+Item = TypeVar("Item")
+
+
+def reporting(items: Iterable[Item], phase: str, total: int, on_progress: OnProgress | None) -> Iterator[Item]:
+    """``items`` as they are, reporting progress every :data:`PROGRESS_EVERY` and at the end."""
     done = 0
     for done, item in enumerate(items, 1):
         if on_progress is not None and done % PROGRESS_EVERY == 0:

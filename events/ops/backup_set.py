@@ -55,6 +55,7 @@ from events.ops.backup import (
     SCHEMAS,
     SNAPSHOTS,
     SUFFIX,
+    COMPRESSION_LEVEL,
     BackupKey,
     BackupRecord,
     Manifest,
@@ -428,9 +429,10 @@ def _write(
         )
         manifest = replace(manifest, mac=key.mac(manifest))
         spool.seek(0)
-        spooled = (BackupRecord.from_avro(d) for d in fastavro.reader(spool, reader_schema=PARSED_SCHEMA))
-        records = (r.to_avro() for r in reporting(spooled, "write", tally.seen, on_progress))
+        spooled = fastavro.reader(spool, reader_schema=PARSED_SCHEMA)  # already tallied: copied as they are
+        records = reporting(spooled, "write", tally.seen, on_progress)
         storage.create(manifest.name, lambda out: fastavro.writer(
-            out, PARSED_SCHEMA, records, codec="deflate", metadata={MANIFEST_KEY: manifest.to_json()},
+            out, PARSED_SCHEMA, records, codec="deflate", codec_compression_level=COMPRESSION_LEVEL,
+            metadata={MANIFEST_KEY: manifest.to_json()},
         ))
     return manifest
