@@ -73,18 +73,23 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
     with EventStore.open(settings) as store, step_bar("replaying") as progress:
         outcome = replay_run(store, project, args.run_id, allow_code_change=args.allow_code_change,
                              progress=progress)
-    differences = outcome.differences()
+    differences, causes, explanation = outcome.differences(), outcome.causes(), outcome.explanation()
     if args.json:
         print(json.dumps({"run_id": args.run_id, "replay_id": outcome.replay.run_id, "identical": outcome.identical,
-                          "differences": differences}, indent=2, sort_keys=True))
-    elif outcome.identical:
+                          "differences": differences, "causes": [cause.to_json() for cause in causes],
+                          "explanation": explanation, "broken_promise": not outcome.identical and not causes},
+                         indent=2, sort_keys=True))
+        return 0 if outcome.identical else 1
+    if outcome.identical:
         print(f"replay {outcome.replay.run_id} of {args.run_id}: weights identical ({outcome.replay.weights_sha256})")
     else:
         print(f"replay {outcome.replay.run_id} of {args.run_id}: weights DIFFERENT")
-    for line in differences if not args.json else ():
+    for line in differences:
         print(f"  differs: {line}")
-    if not outcome.identical and outcome.original.environment != outcome.replay.environment:
-        print("note: the software or device differs from the original run; exactness holds only within one of each")
+    if explanation:
+        print("why, most likely cause first:" if causes else "why:")
+        for rank, line in enumerate(explanation, 1):
+            print(f"  {rank}. {line}" if causes else f"  {line}")
     return 0 if outcome.identical else 1
 
 

@@ -17,7 +17,10 @@ Replaying (:func:`replay_run`):
 2. compare the recorded code digest with the modules' current source; refuse a difference
    (a ReplayRefused naming each changed module) unless ``allow_code_change``;
 3. train again from the same snapshot and config, record the replay (``replay_of``), and
-   report what differs: weights, metrics, environment, code.
+   report what differs: weights, metrics, environment, code;
+4. when the weights differ, name which recorded difference explains it, most likely first
+   (:meth:`ReplayOutcome.causes`, :mod:`trainer.diagnosis`), or that none does: a broken
+   exactness promise.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from events.ids import uuid7
 from events.project import Project
 from events.store.client import EventStore
 from trainer.config import TrainConfig
+from trainer.diagnosis import Cause, diagnose, explain
 from trainer.recipe import Recipe, code_digest, load_recipe, module_digest
 from trainer.snapshot import declaration_of, load_dataset, load_manifest, load_table
 from trainer.training import TrainResult, train
@@ -135,6 +139,18 @@ class ReplayOutcome:
             if a.environment.get(key) != b.environment.get(key):
                 lines.append(f"environment {key}: {a.environment.get(key)!r} vs {b.environment.get(key)!r}")
         return lines
+
+    def causes(self) -> list[Cause]:
+        """Why the weights differ, most likely cause first (:func:`trainer.diagnosis.diagnose`); empty when identical."""
+        if self.identical:
+            return []
+        a, b = self.original, self.replay
+        return diagnose(a.environment, b.environment, config_then=a.config_json, config_now=b.config_json,
+                        code_then=a.code_digest, code_now=b.code_digest)
+
+    def explanation(self) -> list[str]:
+        """:meth:`causes` as lines, or the broken-promise line when none explains differing weights."""
+        return [] if self.identical else explain(self.causes())
 
 
 def _same_number(a: float | None, b: float | None) -> bool:
