@@ -25,8 +25,10 @@ from events.adapters.files import write_atomically
 from trainer.config import TrainConfig
 from trainer.model import weights_sha256
 
-#: Bump when the layout below changes; a loader refuses any other version.
-FORMAT_VERSION = 1
+#: Bump when the layout below changes. 2: every rank's generators, the world size and backend.
+FORMAT_VERSION = 2
+#: Versions a loader reads (a version-1 checkpoint is one process's).
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,9 @@ class Checkpoint:
 
     ``epoch``/``step_in_epoch`` is the sampler's position: the next batch is step
     ``step_in_epoch`` of ``permutation`` (``None`` at an epoch boundary, where the next
-    epoch's permutation has not been drawn yet).
+    epoch's permutation has not been drawn yet). Every data-parallel rank is at the same
+    position with the same permutation; ``ranks`` holds each rank's generators, in rank order
+    (one entry for a single process), and ``world_size``/``backend`` the run's process group.
     """
 
     config_json: str
@@ -82,9 +86,16 @@ class Checkpoint:
     permutation: torch.Tensor | None
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
-    rng: RngStates
+    ranks: tuple[RngStates, ...]
     environment: dict[str, Any]
+    world_size: int = 1
+    backend: str = ""
     format_version: int = FORMAT_VERSION
+
+    @property
+    def rng(self) -> RngStates:
+        """Rank 0's generators (the only ones of a single process)."""
+        return self.ranks[0]
 
     def save(self, path: Path) -> None:
         """Write atomically: temp file in the same directory, fsync, rename, fsync the directory."""
@@ -100,8 +111,10 @@ class Checkpoint:
             "model": {name: tensor.detach().to("cpu") for name, tensor in self.model.items()},
             "model_sha256": weights_sha256(self.model),
             "optimizer": self.optimizer,
-            "rng": {"python": self.rng.python, "numpy": self.rng.numpy, "torch_cpu": self.rng.torch_cpu,
-                    "torch_cuda": list(self.rng.torch_cuda), "sampler": self.rng.sampler},
+            "rng": _rng_payload(self.rng),
+            "ranks": [_rng_payload(r) for r in self.ranks],
+            "world_size": self.world_size,
+            "backend": self.backend,
             "environment": self.environment,
         }
         write_atomically(path, lambda file: torch.save(payload, file))
@@ -116,9 +129,9 @@ class Checkpoint:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many types for a truncated or foreign file
             raise IntegrityError(f"checkpoint {path} is not a readable checkpoint: {err}") from err
-        if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+        if not isinstance(payload, dict) or payload.get("format_version") not in READABLE_VERSIONS:
             found = payload.get("format_version") if isinstance(payload, dict) else type(payload).__name__
-            raise IntegrityError(f"checkpoint {path} has format_version {found!r}; this version reads {FORMAT_VERSION}")
+            raise IntegrityError(f"checkpoint {path} has format_version {found!r}; this version reads {READABLE_VERSIONS}")
         missing = sorted(_FIELDS - set(payload))
         if missing:
             raise IntegrityError(f"checkpoint {path} lacks field(s) {missing}")
@@ -128,7 +141,7 @@ class Checkpoint:
             raise ConfigurationError(f"checkpoint {path} was written with a different config ({shown})")
         if weights_sha256(payload["model"]) != payload["model_sha256"]:
             raise IntegrityError(f"checkpoint {path}: model weights do not match their recorded model_sha256")
-        rng = payload["rng"]
+        ranks = payload.get("ranks") or [payload["rng"]]
         return cls(
             config_json=payload["config_json"],
             epoch=payload["epoch"],
@@ -137,10 +150,31 @@ class Checkpoint:
             permutation=payload["permutation"],
             model=payload["model"],
             optimizer=payload["optimizer"],
-            rng=RngStates(python=rng["python"], numpy=rng["numpy"], torch_cpu=rng["torch_cpu"],
-                          torch_cuda=tuple(rng["torch_cuda"]), sampler=rng["sampler"]),
+            ranks=tuple(RngStates(python=r["python"], numpy=r["numpy"], torch_cpu=r["torch_cpu"],
+                                  torch_cuda=tuple(r["torch_cuda"]), sampler=r["sampler"]) for r in ranks),
             environment=payload["environment"],
+            world_size=int(payload.get("world_size", 1)),
+            backend=str(payload.get("backend", "")),
+            format_version=int(payload["format_version"]),
         )
+
+    def for_world(self, world_size: int, path: Path) -> None:
+        """ConfigurationError unless this checkpoint was written by ``world_size`` ranks.
+
+        The batches each rank takes and the order gradients are summed in depend on the
+        world size, so a resume under another one could not end where the run would have.
+        """
+        if world_size != self.world_size or len(self.ranks) != world_size:
+            raise ConfigurationError(
+                f"checkpoint {path} was written by {self.world_size} process(es); resuming it with {world_size} is "
+                f"refused: each rank's batches and the gradient reduction depend on the world size (resume with "
+                f"--nproc {self.world_size}, or start a new run)"
+            )
+
+
+def _rng_payload(rng: RngStates) -> dict[str, Any]:
+    return {"python": rng.python, "numpy": rng.numpy, "torch_cpu": rng.torch_cpu, "torch_cuda": list(rng.torch_cuda),
+            "sampler": rng.sampler}
 
 
 _FIELDS = frozenset({"config_json", "epoch", "step_in_epoch", "global_step", "permutation", "model",

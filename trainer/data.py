@@ -12,7 +12,7 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -70,6 +70,26 @@ class Column:
             if original.dtype.kind == "f" and not np.array_equal(original, array):
                 raise InvalidDataset(self.name, f"{where}: {value!r:.60} is not a whole number")
         return array
+
+
+class Columned(Protocol):
+    """Anything that describes its columns (a table, a shard set, rows streamed from shards)."""
+
+    @property
+    def columns(self) -> tuple[Column, ...]: ...
+
+
+class Rows(Columned, Protocol):
+    """What a recipe's ``model()`` may read of its training rows: a :class:`Table`, or rows
+    streamed from a snapshot's shards (:class:`trainer.loader.ShardRows`, whose columns are
+    read from the shards when asked for)."""
+
+    @property
+    def row_ids(self) -> tuple[str, ...]: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, column: str) -> np.ndarray: ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -163,39 +183,63 @@ def holdout_bucket(row_id: str) -> int:
 class EpochSampler:
     """Mini-batch row indices, epoch after epoch, from one seeded CPU ``torch.Generator``.
 
-    Each epoch draws a fresh permutation of the rows; step ``s`` takes rows
-    ``permutation[s*batch_size:(s+1)*batch_size]`` (the last batch may be smaller). The
-    permutation is drawn lazily, on the first batch of an epoch, so a sampler restored
-    from a checkpoint draws nothing before its state is in place.
+    1. each epoch draws a fresh permutation of the rows, lazily, on the epoch's first batch
+       (so a sampler restored from a checkpoint draws nothing before its state is in place);
+    2. step ``s`` covers ``permutation[s*batch_size:(s+1)*batch_size]``: the whole batch in
+       one process (the last batch may be smaller), or, among ``world_size`` data-parallel
+       ranks, an equal contiguous slice of it for each rank, ``batch_size / world_size``
+       rows (then an epoch has ``rows // batch_size`` steps: every rank takes every step, so
+       a last, partial batch is left out);
+    3. every rank draws the same permutations (the generator is seeded alike), so the ranks
+       together see each batch exactly once.
 
-    Why not a ``DataLoader``: its workers carry their own RNG streams and prefetch
+    Why not a ``DataLoader`` sampler: its workers carry their own RNG streams and prefetch
     batches ahead of the training position, so an exact resume would have to capture
-    in-flight queues. The whole dataset already sits on the device as one tensor per
-    column, so indexing is all a loader would do. Here the complete iterator state is
-    (generator state, epoch, step, permutation), and a checkpoint holds exactly that. The
-    generator lives on the CPU so the batch order is the same on every device type.
+    in-flight queues. Here the complete iterator state is (generator state, epoch, step,
+    permutation), and a checkpoint holds exactly that; prefetching (trainer/loader.py)
+    gathers rows for indices drawn here, ahead of time, and changes nothing. The generator
+    lives on the CPU so the batch order is the same on every device type.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+    def __init__(self, size: int, batch_size: int, seed: int, *, world_size: int = 1, rank: int = 0) -> None:
         if size < 1 or batch_size < 1:
             raise InvalidDataset("size", f"need at least one row and a batch of at least 1, got {size}, {batch_size}")
-        self.size, self.batch_size = size, batch_size
-        self.steps_per_epoch = math.ceil(size / batch_size)
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise InvalidDataset("world_size", f"rank {rank} of a world of {world_size} does not exist")
+        if batch_size % world_size:
+            raise InvalidDataset("batch_size", f"batch_size {batch_size} does not split evenly over {world_size} "
+                                               "ranks: make it a multiple of the number of processes")
+        if world_size > 1 and size < batch_size:
+            raise InvalidDataset("batch_size", f"{size} rows do not fill one batch of {batch_size} over {world_size} ranks")
+        self.size, self.batch_size, self.world_size, self.rank = size, batch_size, world_size, rank
+        self.steps_per_epoch = math.ceil(size / batch_size) if world_size == 1 else size // batch_size
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(seed)
         self.epoch = 0
         self.step = 0
         self.permutation: torch.Tensor | None = None
 
-    def next_batch(self) -> torch.Tensor:
-        """The next batch's row indices (int64, CPU); advances the position."""
+    def remaining(self) -> list[torch.Tensor]:
+        """This rank's row indices for every step left in the current epoch (step 2); moves nothing."""
+        return [self._indices(s) for s in range(self.step, self.steps_per_epoch)]
+
+    def _indices(self, step: int) -> torch.Tensor:
         if self.permutation is None:
             self.permutation = torch.randperm(self.size, generator=self.generator)
-        start = self.step * self.batch_size
-        batch = self.permutation[start : start + self.batch_size]
+        share = self.batch_size // self.world_size
+        start = step * self.batch_size + self.rank * share
+        return self.permutation[start:start + share]
+
+    def advance(self) -> None:
+        """One step taken: the next one, or the next epoch's first."""
         self.step += 1
         if self.step == self.steps_per_epoch:
             self.epoch, self.step, self.permutation = self.epoch + 1, 0, None
+
+    def next_batch(self) -> torch.Tensor:
+        """The next batch's row indices (int64, CPU); advances the position."""
+        batch = self._indices(self.step)
+        self.advance()
         return batch
 
     def restore(self, epoch: int, step: int, permutation: torch.Tensor | None, generator_state: torch.Tensor) -> None:

@@ -14,11 +14,11 @@ from torch import nn
 
 from events.errors import ConfigurationError
 from trainer.config import TrainConfig
-from trainer.data import Table
+from trainer.data import Rows
 from trainer.recipe import Recipe
 
 
-def build_model(recipe: Recipe[Any], config: TrainConfig, train: Table) -> nn.Module:
+def build_model(recipe: Recipe[Any], config: TrainConfig, train: Rows) -> nn.Module:
     """The recipe's model, initialized from ``config.seed`` alone.
 
     Built on the CPU under a private copy of torch's RNG, so the initial weights are the

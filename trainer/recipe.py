@@ -56,7 +56,7 @@ from torch import nn
 from events.errors import ConfigurationError, InvalidDataset
 from events.project import Project
 from trainer.config import TrainConfig, is_config_class
-from trainer.data import Table
+from trainer.data import Columned, Rows
 
 C = TypeVar("C", bound=TrainConfig)
 
@@ -68,7 +68,7 @@ class Recipe(Generic[C]):
     inputs: ClassVar[str] = "features"
     target: ClassVar[str] = "label"
 
-    def model(self, config: C, train: Table) -> nn.Module:
+    def model(self, config: C, train: Rows) -> nn.Module:
         raise NotImplementedError
 
     def optimizer(self, config: C, model: nn.Module) -> torch.optim.Optimizer:
@@ -93,7 +93,7 @@ class Recipe(Generic[C]):
             if not isinstance(getattr(cls, name), str):
                 raise ConfigurationError(f"{label}: {name} must name a column")
 
-    def check_table(self, table: Table) -> None:
+    def check_table(self, table: Columned) -> None:
         """The columns the recipe reads must exist."""
         names = [c.name for c in table.columns]
         for role in ("inputs", "target"):
