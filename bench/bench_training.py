@@ -11,7 +11,10 @@ the same optimizer, batch size and epochs:
 
 - evp: ``trainer.training.train`` with the digits example's ``MLP`` recipe — deterministic algorithms, one pinned CPU thread,
   rows sorted and split by a hash of their id, a seeded sampler, held-out evaluation;
-  and once more with a checkpoint every 50 steps;
+  once more with a checkpoint every 50 steps; and once more with
+  ``torch.utils.deterministic.fill_uninitialized_memory`` the other way round from
+  ``trainer.determinism.FILL_UNINITIALIZED_MEMORY`` (what the NaN fill of every new
+  uninitialized tensor costs, or saves);
 - baseline: the loop people write first — tensors in memory, ``torch.randperm`` batches,
   no determinism switches, no checkpoints — on the same number of CPU threads as the
   deterministic run (``trainer.determinism.fixed_cpu_threads``), so the ratio is what
@@ -22,7 +25,8 @@ from __future__ import annotations
 
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,7 @@ from sklearn.datasets import load_digits
 from _support import sizes_from, timed  # noqa: E402  (also puts the repo on sys.path)
 from events.project import Project
 from trainer.data import Column, Table
+from trainer import determinism
 from trainer.determinism import fixed_cpu_threads
 from trainer.model import build_model
 from trainer.recipe import Recipe, load_recipe
@@ -63,6 +68,17 @@ def plain_loop(recipe: Recipe[Any], table: Table, config: Any) -> None:
             optimizer.step()
 
 
+@contextmanager
+def fill_uninitialized_memory(value: bool) -> Iterator[None]:
+    """Train with ``fill_uninitialized_memory`` set to ``value`` (make_deterministic reads the constant)."""
+    before = determinism.FILL_UNINITIALIZED_MEMORY
+    determinism.FILL_UNINITIALIZED_MEMORY = value
+    try:
+        yield
+    finally:
+        determinism.FILL_UNINITIALIZED_MEMORY = before
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     sizes = sizes_from(argv, __doc__, EPOCHS)
     examples = digits()
@@ -75,9 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print("| epochs | steps | path | steps/s | µs per step | ratio to plain loop |")
     print("|---:|---:|---|---:|---:|---:|")
+    other = "off" if determinism.FILL_UNINITIALIZED_MEMORY else "on"
     for epochs in sizes:
         sized = replace(config, epochs=epochs)
-        runs: dict[str, list[float]] = {"plain": [], "evp": [], "checkpointed": []}
+        runs: dict[str, list[float]] = {"plain": [], "evp": [], "checkpointed": [], "fill": []}
         for _ in range(REPEATS):
             with fixed_cpu_threads():  # the same thread count as the deterministic run: a fair baseline
                 runs["plain"].append(timed(lambda: plain_loop(recipe, train_rows, sized)))
@@ -85,10 +102,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             with tempfile.TemporaryDirectory() as folder:
                 runs["checkpointed"].append(timed(lambda: train(recipe, examples, replace(sized, checkpoint_every=50),
                                                                 checkpoint_path=Path(folder) / "run.pt")))
+            with fill_uninitialized_memory(not determinism.FILL_UNINITIALIZED_MEMORY):
+                runs["fill"].append(timed(lambda: train(recipe, examples, sized)))
         steps = epochs * -(-len(train_rows) // config.batch_size)
         baseline = min(runs["plain"])
         for name, key in (("plain in-memory loop (baseline)", "plain"), ("evp deterministic train", "evp"),
-                          ("evp with a checkpoint every 50 steps", "checkpointed")):
+                          ("evp with a checkpoint every 50 steps", "checkpointed"),
+                          (f"evp with fill_uninitialized_memory {other}", "fill")):
             took = min(runs[key])
             print(f"| {epochs} | {steps:,} | {name} | {steps / took:,.0f} | {took / steps * 1e6:,.0f} | {baseline / took:.2f}x |",
                   flush=True)

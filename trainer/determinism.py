@@ -40,7 +40,7 @@ from trainer.config import check_device_name  # noqa: E402
 
 #: What :func:`make_deterministic` sets ``torch.utils.deterministic.fill_uninitialized_memory``
 #: to (see there; bench/bench_training.py measures both).
-FILL_UNINITIALIZED_MEMORY = False
+FILL_UNINITIALIZED_MEMORY = True
 
 
 def make_deterministic(seed: int) -> None:
@@ -58,9 +58,10 @@ def make_deterministic(seed: int) -> None:
     torch.use_deterministic_algorithms(True)
     # With deterministic algorithms on, torch also fills every new uninitialized tensor
     # (torch.empty, resized outputs) with NaN or the largest integer, so that a kernel that
-    # reads memory it never wrote fails loudly. That costs a write per allocation and buys
-    # no exactness: a correct kernel overwrites every element, and our results are compared
-    # by weights hash anyway. Turn it off for speed.
+    # reads memory it never wrote gives the same (loudly wrong) result every time instead of
+    # whatever the allocator's memory held. Kept on: on the digits recipe it costs nothing
+    # measurable (bench/bench_training.py, bench/README.md), and it closes the one way a
+    # buggy kernel would make weights differ from run to run.
     torch.utils.deterministic.fill_uninitialized_memory = FILL_UNINITIALIZED_MEMORY  # type: ignore[attr-defined]
     # cuDNN: no autotuner (it may pick different kernels from run to run) and only
     # deterministic convolution algorithms.
