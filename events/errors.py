@@ -102,3 +102,38 @@ class LineageError(EvpError):
     def __init__(self, source: str, reason: str) -> None:
         self.source, self.reason = source, reason
         super().__init__(f"lineage source {source!r}: {reason}")
+
+
+class ErasureHookError(EvpError):
+    """An erasure hook (entry-point group ``evp.erasure``) answered something that is not a list of purges."""
+
+    def __init__(self, hook: str, reason: str) -> None:
+        self.hook, self.reason = hook, reason
+        super().__init__(f"erasure hook {hook!r}: {reason}")
+
+
+class ErasureIncomplete(EvpError):
+    """The erasure stands (key destroyed, erasure recorded) but an erasure hook failed to purge."""
+
+    def __init__(self, subject_id: str, failures: dict[str, str]) -> None:
+        self.subject_id, self.failures = subject_id, dict(failures)
+        failed = "; ".join(f"hook {hook!r}: {reason}" for hook, reason in self.failures.items())
+        super().__init__(f"the erasure of {subject_id!r} stands (its data key is destroyed and the erasure recorded), "
+                         f"but its purge is not finished: {failed}; fix that and run evp forget {subject_id} again, "
+                         "which finishes the purge")
+
+
+class SnapshotPurged(EvpError):
+    """A snapshot's shard files were deleted by an erasure: it cannot be read, verified or re-materialized."""
+
+    def __init__(self, snapshot_id: str, subject_id: str, erasure: str, when: str, *, finished: bool,
+                 dataset: str, doing: str = "") -> None:
+        self.snapshot_id, self.subject_id, self.erasure, self.when = snapshot_id, subject_id, erasure, when
+        self.finished, self.dataset = finished, dataset
+        purge = (f"was purged by the erasure of {subject_id!r} ({erasure}) at {when}" if finished else
+                 f"is being purged by the erasure of {subject_id!r} ({erasure}), begun at {when} and not finished "
+                 f"(run evp forget {subject_id} again to finish it)")
+        super().__init__(f"{doing + ': ' if doing else ''}snapshot {snapshot_id} {purge}: its shard files held that "
+                         "subject's personal data decrypted and were deleted, so it can no longer be loaded, verified "
+                         f"or re-materialized; cut a new snapshot (evp snapshot create --dataset {dataset}) and train "
+                         "on it")

@@ -3,7 +3,7 @@
 Training (:func:`train_snapshot`):
 
 1. read the snapshot's shards, verified against their hashes (re-materialized from Kafka
-   when missing);
+   when missing; a snapshot an erasure purged is refused, :class:`~events.errors.SnapshotPurged`);
 2. train the recipe with its config (:func:`trainer.training.train`);
 3. save the weights beside the run (``<runs>/<run id>/weights.pt``);
 4. record a ``TrainingRunRecorded`` event in stream ``training-<run id>``, appended as
@@ -13,7 +13,9 @@ Training (:func:`train_snapshot`):
 
 Replaying (:func:`replay_run`):
 
-1. load the run record and the recipe it names;
+1. load the run record and the recipe it names; refuse a run whose snapshot an erasure
+   purged (:class:`~events.errors.SnapshotPurged`, naming the run, the snapshot and the
+   erasure: its rows are gone, so the run cannot be replayed; retrain on a new snapshot);
 2. compare the recorded code digest with the modules' current source; refuse a difference
    (a ReplayRefused naming each changed module) unless ``allow_code_change``;
 3. train again from the same snapshot and config, record the replay (``replay_of``), and
@@ -44,7 +46,8 @@ from events.store.client import EventStore
 from trainer.config import TrainConfig
 from trainer.diagnosis import Cause, diagnose, explain
 from trainer.recipe import Recipe, code_digest, load_recipe, module_digest
-from trainer.snapshot import declaration_of, load_dataset, load_manifest, load_table
+from trainer.purge import refuse_purged
+from trainer.snapshot import declaration_of, load_dataset, load_manifest, load_table, snapshot_dir
 from trainer.training import TrainResult, train
 
 Progress = Callable[[int, int], None]
@@ -217,6 +220,7 @@ def replay_run(
 ) -> ReplayOutcome:
     """Train again from the recorded snapshot, recipe and config; see the module docstring."""
     original = load_run(store, run_id)
+    refuse_purged(snapshot_dir(store, original.snapshot_id), f"run {run_id} cannot be replayed")
     changed = changed_code(original)
     if changed and not allow_code_change:
         raise ReplayRefused(run_id, changed)

@@ -19,6 +19,12 @@ the dataset's current code (refusing a changed name or version), compares the co
 then checks every shard's presence, hash and columns: a snapshot that verifies is
 byte-for-byte what was trained on. :func:`check_shards` does the shard half alone, from
 the local manifest, on a machine without Kafka.
+
+A snapshot an erasure purged (:mod:`trainer.erasure`: its shards held a forgotten
+subject's personal data decrypted, and were deleted) is refused by every reader here —
+loading, re-materializing, verifying, checking its shards — with
+:class:`~events.errors.SnapshotPurged`, naming the erasure: its rows cannot come back, since
+re-reading the log now gives other rows; a new snapshot is cut instead.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from events.store.cut import Cut, cut_at
 from events.store.log import BadRecord, Deduplicator, decode_record, end_offsets, read_pinned
 from trainer.data import Column, Table
 from trainer.dataset import Dataset, Fold, SourceEvent, content_hash
+from trainer.purge import refuse_purged
 from trainer.shards import ShardInfo, read_shards, write_shards
 
 Progress = Callable[[int], None]
@@ -212,12 +219,14 @@ def load_manifest(store: EventStore, snapshot_id: str) -> SnapshotManifest:
 def load_table(store: EventStore, snapshot_id: str, project: Project | None = None) -> Table:
     """The snapshot's rows from its verified shards.
 
-    When shards are missing and ``project`` is given, they are re-materialized from Kafka
-    (and must hash to the recorded content hash); without a project a missing shard is an
-    IntegrityError.
+    1. a snapshot an erasure purged is refused (:class:`~events.errors.SnapshotPurged`);
+    2. when shards are missing and ``project`` is given, they are re-materialized from Kafka
+       (and must hash to the recorded content hash); without a project a missing shard is an
+       IntegrityError.
     """
     manifest = load_manifest(store, snapshot_id)
     folder = snapshot_dir(store, snapshot_id)
+    refuse_purged(folder)
     if project is not None and not all((folder / s.name).is_file() for s in manifest.shards):
         rematerialize(store, manifest, project)
     return read_shards(folder, manifest.shards, manifest.columns)
@@ -247,7 +256,9 @@ def _refold(store: EventStore, manifest: SnapshotManifest, project: Project,
 
 def rematerialize(store: EventStore, manifest: SnapshotManifest, project: Project,
                   progress: Progress | None = None) -> Table:
-    """Fold the pinned ranges again and rewrite the shards (byte-identical when the hash agrees)."""
+    """Fold the pinned ranges again and rewrite the shards (byte-identical when the hash agrees);
+    a snapshot an erasure purged is refused (:class:`~events.errors.SnapshotPurged`)."""
+    refuse_purged(snapshot_dir(store, manifest.snapshot_id))
     table, _ = _refold(store, manifest, project, progress)
     write_shards(table, snapshot_dir(store, manifest.snapshot_id))
     return table
@@ -265,6 +276,9 @@ def verify_snapshot(store: EventStore, snapshot_id: str, project: Project,
                     progress: Progress | None = None) -> Verification:
     """Check a snapshot against Kafka and its shards; the ``SnapshotCreated`` event is the record.
 
+    A snapshot an erasure purged is refused before any step (:class:`~events.errors.SnapshotPurged`,
+    naming the erasure): there are no shards to check, and the log no longer gives its rows.
+
     1. every pinned range must lie within its partition of the topic (the partition exists and
        ends at or after the range's end);
     2. the dataset named in the snapshot must still have the recorded name and version;
@@ -280,6 +294,7 @@ def verify_snapshot(store: EventStore, snapshot_id: str, project: Project,
     """
     manifest = load_manifest(store, snapshot_id)
     folder = snapshot_dir(store, snapshot_id)
+    refuse_purged(folder)
     problems = _range_problems(store, manifest)
     records = 0
     if not problems:
@@ -371,11 +386,14 @@ def read_manifest_file(path: Path) -> SnapshotManifest:
 def check_shards(folder: Path, manifest: SnapshotManifest | None = None) -> Table:
     """Verify shards without Kafka: against ``manifest``, or the ``manifest.json`` beside them.
 
+    A folder an erasure purged is refused before any step (:class:`~events.errors.SnapshotPurged`).
+
     1. every shard the manifest lists must be present, with its recorded sha256, columns and
        row count (:func:`trainer.shards.read_shards`: every shard is checked, a missing one too);
     2. the shards' rows must hash to the manifest's content hash and number its row count.
     Any failure is an IntegrityError naming the snapshot, the shard and the recorded and found values.
     """
+    refuse_purged(folder)
     if manifest is None:
         path = folder / MANIFEST
         if not path.is_file():

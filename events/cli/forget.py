@@ -1,11 +1,13 @@
 """``evp forget SUBJECT``, ``evp forget --dry-run SUBJECT`` and ``evp forget --report SUBJECT``.
 
-- ``--dry-run``: what the erasure would touch, then the subject's lineage (every place that
+- ``--dry-run``: what the erasure would touch and what its hooks would purge (the shard
+  files of snapshots holding their plaintext), then the subject's lineage (every place that
   holds their data, with counts and states); changes nothing;
 - ``--report``: the lineage alone, as it is now: before an erasure the same places as the
   dry run, after it each one's state (unreadable, redacted, or still plaintext and what to
   do about it); changes nothing;
-- neither: the erasure itself.
+- neither: the erasure itself, then the purges of the ``evp.erasure`` hooks
+  (:mod:`events.ops.erasure`), one line each (``--json``: ``"purges"``).
 
 The lineage comes from the ``evp.lineage`` entry points (:mod:`events.ops.lineage`).
 """
@@ -13,9 +15,11 @@ The lineage comes from the ``evp.lineage`` entry points (:mod:`events.ops.lineag
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import asdict
 
 from events.cli.common import format_table, print_json
+from events.ops.erasure import PURGED
 from events.ops.forget import forget_subject
 from events.ops.lineage import Holding, Lineage, collect_lineage
 from events.project import find_project
@@ -27,37 +31,46 @@ _LABEL = len("snapshot")  #: the widest place kind, so that names line up
 
 
 def _forget(args: argparse.Namespace, settings: Settings) -> int:
+    project = find_project(settings)
     if args.report:
-        now = collect_lineage(settings, find_project(settings), args.subject)
+        now = collect_lineage(settings, project, args.subject)
         if args.json:
             print_json(now.to_json())
         else:
             print(format_lineage(now))
         return 0
     with EventStore.open(settings) as store:
-        report = forget_subject(store, args.subject, reason=args.reason, dry_run=args.dry_run)
-    lineage = collect_lineage(settings, find_project(settings), args.subject) if args.dry_run else None
+        report = forget_subject(store, args.subject, reason=args.reason, dry_run=args.dry_run, project=project)
+    lineage = collect_lineage(settings, project, args.subject) if args.dry_run else None
     if args.json:
         print_json(asdict(report) | ({"lineage": lineage.to_json()} if lineage is not None else {}))
         return 0
     print(report)
     if lineage is not None:
-        print(format_lineage(lineage))
+        print(format_lineage(lineage, purging=[p.where for p in report.purges if p.state == PURGED]))
     else:
         print(f"what holds their data now, and in which state: evp forget --report {args.subject}")
     return 0
 
 
-def format_lineage(lineage: Lineage) -> str:
-    """The lineage as text: one aligned line per holding, then what no erasure reaches and who was not asked."""
+def format_lineage(lineage: Lineage, purging: Sequence[str] = ()) -> str:
+    """The lineage as text: one aligned line per holding, then what no erasure reaches and who was not asked.
+
+    ``purging`` names the places the erasure's hooks would purge (a dry run): they are said
+    to be purged, not out of reach.
+    """
     lines = [f"lineage of {lineage.subject_id} (sources: {', '.join(lineage.sources) or 'none'})"]
     if lineage.holdings:
         rows = [{**h.to_json(), "where": _place(h)} for h in lineage.holdings]
         lines += ["  " + line for line in format_table(rows, _COLUMNS).splitlines()]
     else:
         lines.append("  nothing held")
-    if lineage.unreached:
-        places = ", ".join(dict.fromkeys(h.where for h in lineage.unreached))
+    unreached = list(dict.fromkeys(h.where for h in lineage.unreached))
+    purged = [w for w in unreached if w in purging]
+    if purged:
+        lines.append(f"the erasure would purge on this machine (copies elsewhere stay): {', '.join(purged)}")
+    if len(purged) < len(unreached):
+        places = ", ".join(w for w in unreached if w not in purging)
         lines.append(f"out of any erasure's reach (plaintext, or derived from it): {places}")
     for name, reason in lineage.unavailable.items():
         lines.append(f"not looked at: source {name} ({reason})")

@@ -1,9 +1,13 @@
-"""Forgetting a data subject: crypto-shredding, recorded as an event.
+"""Forgetting a data subject: crypto-shredding, recorded as an event, then the purge of plaintext copies.
 
-Personal data is only ever stored encrypted under the subject's own data key, so deleting
-that key makes every copy unreadable at once — the Kafka log, the ledger, views, snapshots
-and backups — without rewriting any of them. What stays readable is what was never
-personal: features, labels, counts, pseudonymous ids.
+Personal data is stored encrypted under the subject's own data key wherever evp writes it
+sealed — the Kafka log, the ledger, views, dead letters, backups — so deleting that key
+makes every such copy unreadable at once, without rewriting any of them. What evp itself
+decrypted and kept is not reached by the key: aggregate snapshots (deleted here) and the
+shards of dataset snapshots, whose rows are folded from decrypted personal fields (purged
+by the ``training`` erasure hook, :mod:`trainer.erasure`: the shard files on this machine
+are deleted, a marker says which erasure purged them, the manifest stays in the log). What
+stays readable is what was never personal: features, labels, counts, pseudonymous ids.
 
 Contract of :func:`forget_subject`:
 
@@ -12,17 +16,22 @@ Contract of :func:`forget_subject`:
    look-alike ids stored before that rule (``"ann-cy "`` beside ``ann-cy``): they are the
    same person and are forgotten with the subject;
 2. find what the erasure touches (streams, events, reservations, dataset snapshots,
-   aggregate snapshots) for the subject and its look-alikes;
-3. unless ``dry_run``: destroy the data keys (a tombstone remains, so the subject cannot be
+   aggregate snapshots) for the subject and its look-alikes; on a dry run, ask every
+   erasure hook what it would purge (:mod:`events.ops.erasure`) and stop there;
+3. destroy the data keys (a tombstone remains, so the subject cannot be
    silently re-keyed); delete the aggregate snapshots of every stream concerned (they hold
    decrypted state, which no key deletion reaches; a save racing the erasure is refused,
    see :func:`events.store.aggregate.save_snapshot`); release the subjects' unique
    reservations and only theirs (their blind indexes would otherwise let a key holder test
    guesses of the values; another person's reservation on the same stream stays); and
    append one ``SubjectForgotten`` event per id, which carries no personal data and tells
-   projections to redact their rows.
+   projections to redact their rows;
+4. run every erasure hook (entry-point group ``evp.erasure``), which purges the plaintext
+   copies its layer keeps (the snapshot shards holding rows folded from their personal
+   fields); a hook that fails leaves the erasure standing and raises
+   :class:`~events.errors.ErasureIncomplete` after the others ran.
 
-Running it again after a crash finishes the erasure: every step is idempotent.
+Running it again after a crash finishes the erasure and the purge: every step is idempotent.
 
 What the erasure cannot reach by itself, and how to close it:
 
@@ -31,18 +40,25 @@ What the erasure cannot reach by itself, and how to close it:
 - the wrapped key stays in PostgreSQL's dead tuples and WAL until they are recycled, and
   in every dump of ``evp_data_keys`` taken before; the KEK still unwraps those copies.
   ``evp keys rotate`` after erasures re-wraps every live key under a new KEK and retires
-  (deletes) the old KEK's file, which makes every old wrapped copy useless.
+  (deletes) the old KEK's file, which makes every old wrapped copy useless;
+- copies of snapshot shards on other machines (a training machine, an exported dataset),
+  and the weights of models trained on them: the purge deletes only this machine's files
+  (``EVP_HOME``), and ``evp forget --report`` names the snapshots it purged and the runs
+  trained on them, to delete the copies, retrain and retire the weights.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 from events.store.aggregate import count_snapshots, drop_snapshots
 from events.store.client import EventStore
 from events.errors import EvpError
 from events.event import Event, RecordedEvent
+from events.ops.erasure import ErasureHook, Purge, Purges, describe_purges, run_erasure_hooks
 from events.ops.lineage import events_concerning, subject_ids
+from events.project import Project, find_project
 
 
 @dataclass(frozen=True)
@@ -57,6 +73,9 @@ class ErasureReport:
     published: bool = False  #: the SubjectForgotten event is on Kafka (else it waits in the outbox)
     aggregate_snapshots: int = 0  #: aggregate snapshots of the streams (deleted unless dry run)
     lookalikes: tuple[str, ...] = field(default=())  #: ids stored before validation that stand for the subject
+    purges: tuple[Purge, ...] = field(default=())  #: what the erasure hooks purged (on a dry run: would purge)
+    hooks: tuple[str, ...] = field(default=())  #: the erasure hooks run
+    hooks_unavailable: dict[str, str] = field(default_factory=dict)  #: hook -> why it could not be loaded
 
     def __str__(self) -> str:
         verb = "would touch" if self.dry_run else "touched"
@@ -64,9 +83,14 @@ class ErasureReport:
         if not self.dry_run and not self.published:
             key += "; erasure recorded, its publication to Kafka is pending (the relay will send it)"
         also = f" (and look-alike ids {', '.join(map(repr, self.lookalikes))})" if self.lookalikes else ""
-        return (f"erasure of {self.subject_id}{also} {verb} {self.events} events in {len(self.streams)} streams, "
-                f"{self.reservations} reservations, {len(self.snapshots)} snapshots, "
-                f"{self.aggregate_snapshots} aggregate snapshots{key}")
+        purged = Purges(self.purges, self.hooks, self.hooks_unavailable)
+        return "\n".join([f"erasure of {self.subject_id}{also} {verb} {self.events} events in {len(self.streams)} "
+                          f"streams, {self.reservations} reservations, {len(self.snapshots)} snapshots, "
+                          f"{self.aggregate_snapshots} aggregate snapshots{key}",
+                          *describe_purges(purged, dry_run=self.dry_run)])
+
+    def with_purges(self, purged: Purges) -> ErasureReport:
+        return replace(self, purges=purged.purges, hooks=purged.hooks, hooks_unavailable=dict(purged.unavailable))
 
 
 def erasure_scope(store: EventStore, subject_id: str) -> ErasureReport:
@@ -93,12 +117,18 @@ def _snapshots_holding(store: EventStore, events: list[RecordedEvent]) -> tuple[
 
 
 def forget_subject(
-    store: EventStore, subject_id: str, *, reason: str, dry_run: bool = False, actor: str | None = None
+    store: EventStore, subject_id: str, *, reason: str, dry_run: bool = False, actor: str | None = None,
+    project: Project | None = None, hooks: Mapping[str, ErasureHook | str] | None = None,
 ) -> ErasureReport:
-    """Forget ``subject_id`` (and its look-alike ids); see the module docstring for the contract."""
+    """Forget ``subject_id`` (and its look-alike ids); see the module docstring for the contract.
+
+    ``project`` is handed to the erasure hooks (default: :func:`~events.project.find_project`
+    of the store's settings); ``hooks`` replaces the installed ``evp.erasure`` entry points.
+    """
     scope = erasure_scope(store, subject_id)
+    project = project if project is not None else find_project(store.settings)
     if dry_run:
-        return scope
+        return scope.with_purges(run_erasure_hooks(store.settings, project, subject_id, dry_run=True, hooks=hooks))
     ids = (subject_id, *scope.lookalikes)
     destroyed = any([store.keyring.forget(s) for s in ids])  # the keys first: nothing decrypts from here on
     dropped = drop_snapshots(store, scope.streams)
@@ -112,5 +142,6 @@ def forget_subject(
         published = True
     except EvpError:  # the key is gone and the event is in the outbox: the erasure stands
         published = False
+    purged = run_erasure_hooks(store.settings, project, subject_id, dry_run=False, hooks=hooks)
     return ErasureReport(subject_id, False, scope.streams, scope.events, scope.reservations, scope.snapshots,
-                         destroyed, published, dropped, scope.lookalikes)
+                         destroyed, published, dropped, scope.lookalikes).with_purges(purged)

@@ -119,11 +119,17 @@ class Lineage:
 
 def lineage_sources() -> dict[str, LineageSource | str]:
     """The installed sources by name (sorted); a source that does not import maps to the reason."""
-    found: dict[str, LineageSource | str] = {}
-    for entry in sorted(entry_points(group=LINEAGE_GROUP), key=lambda e: e.name):
+    return installed(LINEAGE_GROUP)
+
+
+def installed(group: str) -> dict[str, Any]:
+    """The entry points of ``group``, loaded, by name (sorted); one that does not import maps
+    to the reason, a ``str`` (an optional extra, such as torch for the trainer, is not installed)."""
+    found: dict[str, Any] = {}
+    for entry in sorted(entry_points(group=group), key=lambda e: e.name):
         try:
             found[entry.name] = entry.load()
-        except ImportError as err:  # an optional extra (torch for the trainer) is not installed
+        except ImportError as err:
             found[entry.name] = f"{err.name or err} is not installed"
     return found
 

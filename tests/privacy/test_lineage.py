@@ -3,9 +3,9 @@
 Checked from the outside, against real services: before the erasure the dry run lists the
 subject's data key, reservations, streams and events, topic records, view rows, snapshot
 rows and shard files and training runs, with their counts, and changes nothing; after it
-the report shows each as unreadable or redacted, except the snapshot shards that hold
-their measurements decrypted and the model trained on them, which it names as out of the
-erasure's reach. A subject with no data holds nothing. Holdings a narrower search would
+the report shows each as unreadable or redacted (the snapshot shards that held their
+measurements decrypted were purged by the erasure), except the model trained on them,
+which it names as out of the erasure's reach. A subject with no data holds nothing. Holdings a narrower search would
 miss are found: rows of a view that declares no subject column, look-alike ids, a field's
 own subject, aggregate snapshots, dead letters, a blind index left in a view.
 """
@@ -143,8 +143,8 @@ def test_the_dry_run_names_every_holding_and_the_report_shows_what_the_erasure_d
     assert lineage["unreached"] == 3
     assert text.returncode == 0, text.stderr
     assert f"snapshot {snapshot}" in text.stdout and f"stream   {target}" in text.stdout
-    assert f"out of any erasure's reach (plaintext, or derived from it): snapshot {snapshot}, run {run.run_id}" \
-        in text.stdout
+    assert f"the erasure would purge on this machine (copies elsewhere stay): snapshot {snapshot}\n" in text.stdout
+    assert f"out of any erasure's reach (plaintext, or derived from it): run {run.run_id}" in text.stdout
     shards = next(h for h in lineage["holdings"] if h["kind"] == "shard files")
     assert "shard-00000.bin" in shards["detail"] and "delete" in shards["detail"]
     rows = next(h for h in lineage["holdings"] if h["kind"] == "snapshot rows")
@@ -176,14 +176,15 @@ def test_the_dry_run_names_every_holding_and_the_report_shows_what_the_erasure_d
         (f"topic {topic}", "records", KEPT): len(theirs) + 1,
         ("view patients (patients_view.patients)", "view rows", REDACTED): 1,
         ("view diagnoses (diagnoses_view.diagnoses)", "view rows", KEPT): len(theirs),
-        # evp does not touch a snapshot on erasure: the old one still holds their measurements
-        (f"snapshot {snapshot}", "snapshot rows", PLAINTEXT): len(theirs),
-        (f"snapshot {snapshot}", "shard files", PLAINTEXT): 1,
+        # the erasure purged the old snapshot's shards, which held their measurements; the
+        # weights fitted on them are out of its reach
+        (f"snapshot {snapshot}", "snapshot rows", REDACTED): len(theirs),
+        (f"snapshot {snapshot}", "shard files", REDACTED): 1,
         (f"run {run.run_id}", "training run", DERIVED): len(theirs),
         # the one cut after the erasure pinned their events, and folded none of them into rows
         (f"snapshot {after}", "pinned events", KEPT): 2 + 2 * len(theirs),
     }
-    assert report["unreached"] == 3
+    assert report["unreached"] == 1
 
 
 def test_a_fields_own_subject_is_traced_and_a_fold_after_the_erasure_holds_no_plaintext(
@@ -201,8 +202,9 @@ def test_a_fields_own_subject_is_traced_and_a_fold_after_the_erasure_holds_no_pl
     def training() -> Held:
         return held({"holdings": [h.to_json() for h in training_holdings(clinic_settings, project(CLINIC), "c1")]})
 
-    # The dataset was handed the signature decrypted: evp cannot see that it dropped it, so it says so.
-    assert training()[(f"snapshot {before}", "snapshot rows", PLAINTEXT)] == SCANS
+    # The dataset was handed the signature decrypted: evp cannot see that it dropped it, so the
+    # erasure purged the snapshot cut before it.
+    assert training()[(f"snapshot {before}", "snapshot rows", REDACTED)] == SCANS
     # Cut right after the erasure, another process could still have held the key: not proven safe.
     assert training()[(f"snapshot {after}", "snapshot rows", PLAINTEXT)] == SCANS
     # Once no cached key can have outlived the erasure (no cache here), the later fold is proven
@@ -211,7 +213,7 @@ def test_a_fields_own_subject_is_traced_and_a_fold_after_the_erasure_holds_no_pl
     proven = training()
     assert proven[(f"snapshot {after}", "snapshot rows", KEPT)] == SCANS
     assert (f"snapshot {after}", "snapshot rows", PLAINTEXT) not in proven
-    assert proven[(f"snapshot {before}", "snapshot rows", PLAINTEXT)] == SCANS  # cut before: still plaintext
+    assert proven[(f"snapshot {before}", "snapshot rows", REDACTED)] == SCANS  # cut before: purged
 
 
 # -- the digits: what a narrower search would miss --------------------------------------------
