@@ -18,14 +18,17 @@ Contract of :func:`run_job`:
 
 from __future__ import annotations
 
+import pickle
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException, start_processes
 
 from events.errors import ConfigurationError, EvpError
 from events.project import Project
@@ -67,24 +70,47 @@ def run_job(job: Job, nproc: int = 1, *, progress: Any = None) -> TrainResult:
     if nproc == 1:
         return _train(job, SINGLE, progress)
     with tempfile.TemporaryDirectory(prefix="evp-train-") as folder:
-        result = Path(folder) / "result.pt"
-        try:
-            start_processes(_rank_main, args=(job, nproc, _free_port(), result), nprocs=nproc, join=True,  # type: ignore[no-untyped-call]
-                               start_method="spawn")
-        except ProcessRaisedException as err:
-            raise EvpError(f"training on {nproc} processes failed: {err}") from err
-        except ProcessExitedException as err:
-            raise EvpError(f"training on {nproc} processes failed: rank {err.error_index} exited with "
-                           f"{err.exit_code}") from err
-        loaded: TrainResult = torch.load(result, weights_only=False)
-        return loaded
+        return _spawn(job, nproc, Path(folder))
 
 
-def _rank_main(rank: int, job: Job, size: int, port: int, result: Path) -> None:
-    """One spawned rank: join the group, train, and (rank 0) write the result."""
+def _spawn(job: Job, nproc: int, folder: Path) -> TrainResult:
+    """Step 2 for ``nproc`` > 1: one ``python -m trainer.launch`` per rank, whatever module the caller runs as
+    (multiprocessing's spawn would import the caller's ``__main__`` again in every rank)."""
+    (folder / "job.pkl").write_bytes(pickle.dumps(job))
+    port = _free_port()
+    ranks = []
+    for rank in range(nproc):
+        log = (folder / f"rank-{rank}.log").open("wb")
+        ranks.append((subprocess.Popen([sys.executable, "-m", "trainer.launch", str(folder), str(rank), str(nproc),
+                                        str(port)], stdout=log, stderr=subprocess.STDOUT), log))
+    def failures() -> list[str]:
+        return [f"rank {rank} exited with {process.returncode}" for rank, (process, _) in enumerate(ranks)
+                if process.poll() not in (None, 0)]
+
+    try:
+        while any(process.poll() is None for process, _ in ranks) and not failures():
+            time.sleep(0.05)
+        failed = failures()
+    finally:
+        for process, log in ranks:
+            if process.poll() is None:
+                process.kill()  # one rank failed: the others would wait for it forever
+            process.wait()
+            log.close()
+    if failed:
+        tails = [(folder / f"rank-{r}.log").read_text(errors="replace").strip().splitlines()[-3:] for r in range(nproc)]
+        shown = "; ".join(f"rank {r}: {' / '.join(t)}" for r, t in enumerate(tails) if t)
+        raise EvpError(f"training on {nproc} processes failed ({', '.join(failed)}): {shown}")
+    loaded: TrainResult = torch.load(folder / "result.pt", weights_only=False)
+    return loaded
+
+
+def _rank_main(folder: Path, rank: int, size: int, port: int) -> None:
+    """One rank started by :func:`_spawn`: join the group, train, and (rank 0) write the result."""
+    job: Job = pickle.loads((folder / "job.pkl").read_bytes())
     trained = _as_rank(job, World(rank, size), f"tcp://127.0.0.1:{port}", None)
     if rank == 0:
-        torch.save(trained, result)
+        torch.save(trained, folder / "result.pt")
 
 
 def _as_rank(job: Job, world: World, address: str | None, progress: Any) -> TrainResult:
@@ -111,3 +137,7 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+if __name__ == "__main__":
+    _rank_main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))

@@ -7,7 +7,10 @@ batches being trained on are read. Contract:
    compared with the sha256 the snapshot recorded, its header checked against the recorded
    columns and row count, and each column memory-mapped read-only at its byte offset.
    :meth:`ShardSet.open` checks every shard before it returns, so a corrupted or missing
-   shard is refused, by name, before a training step runs;
+   shard is refused, by name, before a training step runs. While it checks, it copies each
+   column into one file of its own in a private cache folder (memory-mapped too), so a batch
+   of rows from anywhere in the snapshot is one indexed read, not one per shard it touches;
+   the cache is file-backed (the page cache, not the process's memory) and removed with the set;
 2. rows are addressed by a global index, shard after shard; :meth:`ShardSet.split` splits
    them by row id exactly as :meth:`trainer.data.Table.split` does (the held-out bucket of
    each id, rows in row-id order), from the headers alone;
@@ -28,6 +31,7 @@ import hashlib
 import json
 import math
 import struct
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,43 +95,50 @@ def _verify(path: Path, info: ShardInfo, columns: Sequence[Column], owner: str) 
 
 
 class ShardSet:
-    """A snapshot's shards, verified and memory-mapped (steps 1 and 2)."""
+    """A snapshot's shards, verified, with their columns cached whole (steps 1 and 2)."""
 
-    def __init__(self, columns: Sequence[Column], shards: Sequence[_Shard]) -> None:
+    def __init__(self, columns: Sequence[Column], row_ids: Sequence[str], arrays: Mapping[str, np.ndarray],
+                 cache: tempfile.TemporaryDirectory[str] | None = None) -> None:
         self.columns = tuple(columns)
-        self._shards = tuple(shards)
-        sizes = [len(s.row_ids) for s in shards]
-        self._starts = np.cumsum([0, *sizes])
-        self.row_ids: tuple[str, ...] = tuple(i for s in shards for i in s.row_ids)
+        self.row_ids: tuple[str, ...] = tuple(row_ids)
+        self._arrays = dict(arrays)
+        self._cache = cache  # removed when the set is
 
     @classmethod
     def open(cls, folder: Path, infos: Sequence[ShardInfo], columns: Sequence[Column], *, owner: str) -> ShardSet:
-        """Verify every shard of ``infos`` in ``folder`` (all of them, naming each that fails), then map them."""
-        shards: list[_Shard] = []
+        """Verify every shard of ``infos`` in ``folder`` (all of them, naming each that fails) and cache its columns."""
+        total = sum(info.rows for info in infos)
+        cache = tempfile.TemporaryDirectory(prefix="evp-shards-")
+        arrays = {c.name: _cache_file(Path(cache.name), c, total) for c in columns}
+        row_ids: list[str] = []
         problems: list[str] = []
         for info in infos:
             try:
-                shards.append(_verify(Path(folder) / info.name, info, columns, owner))
+                shard = _verify(Path(folder) / info.name, info, columns, owner)
             except IntegrityError as err:
                 problems.append(str(err))
+                continue
+            start = len(row_ids)
+            for name, array in shard.columns.items():
+                arrays[name][start:start + len(shard.row_ids)] = array
+            row_ids.extend(shard.row_ids)
         if problems:
+            cache.cleanup()
             raise IntegrityError("; ".join(problems))
-        return cls(columns, shards)
+        for array in arrays.values():
+            if isinstance(array, np.memmap):
+                array.flush()
+        return cls(columns, row_ids, {name: _read_only(a) for name, a in arrays.items()}, cache)
 
     def __len__(self) -> int:
         return len(self.row_ids)
 
     def gather(self, column: str, index: np.ndarray) -> np.ndarray:
         """Rows ``index`` (global) of ``column``, in that order, as one array."""
-        spec = next((c for c in self.columns if c.name == column), None)
-        if spec is None:
-            raise InvalidDataset(column, f"no such column; the shards have {[c.name for c in self.columns]}")
-        out = np.empty((len(index), *spec.shape), dtype=spec.dtype)
-        shard_of = np.searchsorted(self._starts, index, side="right") - 1
-        for shard in np.unique(shard_of):
-            where = shard_of == shard
-            out[where] = self._shards[shard].columns[column][index[where] - self._starts[shard]]
-        return out
+        try:
+            return np.asarray(self._arrays[column][index])
+        except KeyError:
+            raise InvalidDataset(column, f"no such column; the shards have {[c.name for c in self.columns]}") from None
 
     def split(self, holdout_percent: int) -> tuple[ShardRows, ShardRows]:
         """Step 2: (train, held out), each in row-id order, as :meth:`trainer.data.Table.split` would."""
@@ -136,6 +147,18 @@ class ShardSet:
         ordered = np.array(sorted(range(len(self.row_ids)), key=self.row_ids.__getitem__), dtype=np.int64)
         held = np.array([holdout_bucket(self.row_ids[i]) < holdout_percent for i in ordered], dtype=bool)
         return ShardRows(self, ordered[~held]), ShardRows(self, ordered[held])
+
+
+def _cache_file(folder: Path, column: Column, rows: int) -> np.ndarray:
+    if rows == 0 or math.prod(column.shape) == 0:
+        return np.zeros((rows, *column.shape), column.dtype)
+    return np.memmap(folder / f"{column.name}.bin", dtype=column.dtype, mode="w+", shape=(rows, *column.shape))
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    if isinstance(array, np.memmap) and array.filename is not None:
+        return np.memmap(array.filename, dtype=array.dtype, mode="r", shape=array.shape)
+    return array
 
 
 class ShardRows:

@@ -7,6 +7,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ class TrainResult:
     environment: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
     finished: bool
+    seconds: float = 0.0  #: wall time of the training steps alone (no setup, no evaluation)
 
 
 Source = Table | ShardSet  #: what a run trains on: a table in memory, or a snapshot's shards streamed
@@ -105,6 +107,7 @@ def train(
     total_steps = sampler.steps_per_epoch * config.epochs
 
     trained.train()
+    started = time.perf_counter()
     interrupted = False
     while sampler.epoch < config.epochs and not interrupted:
         for inputs, targets in feed.batches(sampler.remaining()):
@@ -119,6 +122,7 @@ def train(
                 _checkpoint(config, step, model, optimizer, sampler, device, world, checkpoint_path)
             if interrupted:
                 break
+    seconds = time.perf_counter() - started
 
     return TrainResult(
         weights_sha256=weights_sha256(model),
@@ -129,6 +133,7 @@ def train(
         environment=environment(device) | {"world_size": world.size, "backend": world.backend},
         state_dict={name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()},
         finished=sampler.epoch >= config.epochs,
+        seconds=seconds,
     )
 
 

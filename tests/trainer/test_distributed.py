@@ -54,3 +54,17 @@ def test_a_resume_at_a_random_step_equals_no_resume(shards: Job, straight: Train
     # the same checkpoint under another world size is refused, naming both sizes
     with pytest.raises(ConfigurationError, match=r"written by 2 process\(es\); resuming it with 1 is refused"):
         run_job(dataclasses.replace(shards, checkpoint=checkpoint, resume=True), nproc=1)
+
+
+def test_a_rank_that_fails_fails_the_job_naming_the_rank_and_why(shards: Job, tmp_path: Path) -> None:
+    import shutil
+
+    from events.errors import EvpError
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(shards.folder, folder)
+    victim = folder / shards.shards[2].name
+    victim.write_bytes(victim.read_bytes()[:-8])
+    with pytest.raises(EvpError, match=rf"training on 2 processes failed \(rank \d exited with 1.*shard "
+                                       rf"{shards.shards[2].name} has sha256"):
+        run_job(dataclasses.replace(shards, folder=folder), nproc=2)
