@@ -57,12 +57,15 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     recipe = load_recipe(project, args.recipe)
     config = recipe.parse_config(args.set)
     with EventStore.open(settings) as store, step_bar("training") as progress:
-        record = train_snapshot(store, project, recipe, args.snapshot, config, progress=progress)
+        record = train_snapshot(store, project, recipe, args.snapshot, config, progress=progress, nproc=args.nproc,
+                                workers=args.workers)
     if args.json:
         print_json({**record.to_event(), "environment": record.environment})
     else:
         metrics = ", ".join(f"{name} {value:.4f}" for name, value in record.metrics.items())
-        print(f"run {record.run_id}: {metrics} on {record.device}, weights sha256 {record.weights_sha256}")
+        world = int(record.environment.get("world_size", 1))
+        on = f"{record.device}" + (f" x {world} processes ({record.environment.get('backend')})" if world > 1 else "")
+        print(f"run {record.run_id}: {metrics} on {on}, weights sha256 {record.weights_sha256}")
     return 0
 
 
@@ -112,6 +115,11 @@ def register_train(subparsers: argparse._SubParsersAction) -> None:  # type: ign
     parser.add_argument("--snapshot", required=True)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="change one field of the recipe's config (repeatable), e.g. --set epochs=5")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="train data-parallel on N processes (gloo on CPU, NCCL on CUDA: one GPU per process); "
+                             "the run records the world size, and its replay uses it")
+    parser.add_argument("--workers", type=int, default=0, metavar="W",
+                        help="processes that gather the next batches from the shards ahead of training (default 0)")
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(func=_train)
 

@@ -47,8 +47,9 @@ from trainer.config import TrainConfig
 from trainer.diagnosis import Cause, diagnose, explain
 from trainer.recipe import Recipe, code_digest, load_recipe, module_digest
 from trainer.purge import refuse_purged
-from trainer.snapshot import declaration_of, load_dataset, load_manifest, load_table, snapshot_dir
-from trainer.training import TrainResult, train
+from trainer.launch import Job, run_job
+from trainer.snapshot import declaration_of, load_dataset, shards_ready, snapshot_dir
+from trainer.training import TrainResult
 
 Progress = Callable[[int, int], None]
 #: A run id, as :func:`train_snapshot` makes them (``run-`` and 12 hex digits) or close to
@@ -166,19 +167,25 @@ def run_dir(store: EventStore, run_id: str) -> Path:
 
 def train_snapshot(
     store: EventStore, project: Project, recipe: Recipe[Any], snapshot_id: str, config: TrainConfig, *,
-    replay_of: str | None = None, progress: Progress | None = None,
+    replay_of: str | None = None, progress: Progress | None = None, nproc: int = 1, workers: int = 0,
 ) -> RunRecord:
-    """Train ``recipe`` on a snapshot and record the run; see the module docstring."""
+    """Train ``recipe`` on a snapshot and record the run; see the module docstring.
+
+    The rows stream from the snapshot's verified shards (:mod:`trainer.loader`; ``workers``
+    processes gather batches ahead); ``nproc`` > 1 trains data-parallel on that many
+    processes (:mod:`trainer.launch`), whose world size and backend the run records.
+    """
     if not isinstance(config, recipe.config):
         raise ConfigurationError(f"config is a {type(config).__name__}, recipe {type(recipe).__qualname__} takes "
                         f"{recipe.config.__name__}")
-    manifest = load_manifest(store, snapshot_id)
-    table = load_table(store, snapshot_id, project)
+    manifest, folder = shards_ready(store, snapshot_id, project)
     dataset = load_dataset(project, manifest.declaration)
     run_id = f"run-{uuid7().hex[:12]}"
     checkpoint = run_dir(store, run_id) / "checkpoint.pt"
-    result = train(recipe, table, config, checkpoint_path=checkpoint if config.checkpoint_every else None,
-                   progress=progress)
+    job = Job(project.root, declaration_of(type(recipe)), config.to_json(), folder, tuple(manifest.shards),
+              tuple(manifest.columns), f"snapshot {snapshot_id}",
+              checkpoint=checkpoint if config.checkpoint_every else None, workers=workers)
+    result = run_job(job, nproc, progress=progress)
     record = RunRecord(
         run_id=run_id, snapshot_id=snapshot_id, recipe=declaration_of(type(recipe)),
         dataset=manifest.declaration, config_json=config.to_json(), environment=result.environment,
@@ -227,7 +234,7 @@ def replay_run(
     recipe = load_recipe(project, original.recipe)
     config = recipe.config_from_json(original.config_json)
     replay = train_snapshot(store, project, recipe, original.snapshot_id, config, replay_of=run_id,
-                            progress=progress)
+                            progress=progress, nproc=int(original.environment.get("world_size", 1)))
     return ReplayOutcome(original, replay)
 
 

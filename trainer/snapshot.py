@@ -217,19 +217,25 @@ def load_manifest(store: EventStore, snapshot_id: str) -> SnapshotManifest:
 
 
 def load_table(store: EventStore, snapshot_id: str, project: Project | None = None) -> Table:
-    """The snapshot's rows from its verified shards.
+    """The snapshot's rows from its verified shards, in memory (see :func:`shards_ready`)."""
+    manifest, folder = shards_ready(store, snapshot_id, project)
+    return read_shards(folder, manifest.shards, manifest.columns)
+
+
+def shards_ready(store: EventStore, snapshot_id: str, project: Project | None = None) -> tuple[SnapshotManifest, Path]:
+    """The snapshot's manifest and the folder its shards are in, to read or stream.
 
     1. a snapshot an erasure purged is refused (:class:`~events.errors.SnapshotPurged`);
     2. when shards are missing and ``project`` is given, they are re-materialized from Kafka
        (and must hash to the recorded content hash); without a project a missing shard is an
-       IntegrityError.
+       IntegrityError when it is read.
     """
     manifest = load_manifest(store, snapshot_id)
     folder = snapshot_dir(store, snapshot_id)
     refuse_purged(folder)
     if project is not None and not all((folder / s.name).is_file() for s in manifest.shards):
         rematerialize(store, manifest, project)
-    return read_shards(folder, manifest.shards, manifest.columns)
+    return manifest, folder
 
 
 def _dataset_for(manifest: SnapshotManifest, project: Project) -> Dataset:

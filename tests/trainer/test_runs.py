@@ -137,3 +137,18 @@ def test_the_commands_cut_verify_train_and_replay(store: EventStore, settings: S
     assert "weights identical" in capsys.readouterr().out
     with pytest.raises(ConfigurationError, match="no field 'epoch'"):
         run_cli(settings, "train", "--recipe", "mlp", "--snapshot", created["snapshot_id"], "--set", "epoch=2")
+
+
+@pytest.mark.services
+def test_a_data_parallel_run_records_its_world_and_replays_on_it(store: EventStore, settings: Settings,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    snapshot = fill(store, rows=200)
+    assert run_cli(settings, "train", "--recipe", "mlp", "--snapshot", snapshot, "--set", "epochs=2", "--set",
+                   "device=cpu", "--nproc", "2", "--workers", "1", "--json") == 0
+    run = json.loads(capsys.readouterr().out)
+    assert (run["environment"]["world_size"], run["environment"]["backend"]) == (2, "gloo")
+    assert run_cli(settings, "replay", "training", run["run_id"]) == 0  # on two processes again
+    assert "weights identical" in capsys.readouterr().out
+    alone = train_snapshot(store, PROJECT, load_recipe(PROJECT, "mlp"), snapshot,
+                           load_recipe(PROJECT, "mlp").parse_config(["epochs=2", "device=cpu"]))
+    assert alone.environment["world_size"] == 1 and alone.weights_sha256 != run["weights_sha256"]
