@@ -242,6 +242,29 @@ class EpochSampler:
         self.advance()
         return batch
 
+    #: Bump when :meth:`state_dict`'s layout changes; :meth:`load_state_dict` refuses any other.
+    STATE_VERSION = 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this sampler is, and what it was made for: everything an exact resume needs."""
+        return {"version": self.STATE_VERSION, "rows": self.size, "batch_size": self.batch_size,
+                "world_size": self.world_size, "rank": self.rank, "epoch": self.epoch, "step": self.step,
+                "permutation": None if self.permutation is None else self.permutation.clone(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict`; refuse a state of another version, world or dataset, naming what differs."""
+        if state.get("version") != self.STATE_VERSION:
+            raise IntegrityError(f"sampler state version {state.get('version')!r}; this version reads {self.STATE_VERSION}")
+        if (state.get("world_size"), state.get("rank")) != (self.world_size, self.rank):
+            raise IntegrityError(
+                f"sampler state of rank {state.get('rank')} of {state.get('world_size')} process(es) cannot resume rank "
+                f"{self.rank} of {self.world_size}: the batches each rank takes depend on the world size")
+        for name, mine in (("rows", self.size), ("batch_size", self.batch_size)):
+            if state.get(name) != mine:
+                raise IntegrityError(f"sampler state for {name} {state.get(name)!r} cannot resume a sampler of {mine}")
+        self.restore(int(state["epoch"]), int(state["step"]), state["permutation"], state["generator"])
+
     def restore(self, epoch: int, step: int, permutation: torch.Tensor | None, generator_state: torch.Tensor) -> None:
         """Put the sampler back at a checkpointed position; refuse a position that cannot be."""
         if not 0 <= step < self.steps_per_epoch or epoch < 0:

@@ -79,10 +79,10 @@ def test_the_sampler_state_round_trips_at_any_step(size: int, batch: int, world:
     for rank in range(world):
         straight = EpochSampler(size, batch, seed, world_size=world, rank=rank)
         first = [straight.next_batch() for _ in range(at)]
-        state = (straight.epoch, straight.step, straight.permutation, straight.generator.get_state())
+        state = straight.state_dict()
         rest = [straight.next_batch() for _ in range(2 * straight.steps_per_epoch)]
         resumed = EpochSampler(size, batch, seed, world_size=world, rank=rank)
-        resumed.restore(*state)
+        resumed.load_state_dict(state)
         assert all(torch.equal(a, b) for a, b in zip(rest, [resumed.next_batch() for _ in rest]))
         assert all(len(b) == batch // world for b in first + rest) or world == 1
 
@@ -102,3 +102,13 @@ def test_prefetching_workers_hand_out_batches_in_plan_order(tmp_path: Path) -> N
     inline = [b["label"] for b in Prefetcher(rows, plan, ["label"])]
     ahead = [b["label"] for b in Prefetcher(rows, plan, ["label"], workers=2, prefetch=3)]
     assert len(ahead) == 12 and all(torch.equal(a, b) for a, b in zip(inline, ahead))
+
+
+def test_a_sampler_state_of_another_world_or_dataset_is_refused() -> None:
+    state = EpochSampler(100, 8, 1, world_size=2, rank=1).state_dict()
+    with pytest.raises(IntegrityError, match="rank 1 of 2 process.*cannot resume rank 0 of 1"):
+        EpochSampler(100, 8, 1).load_state_dict(state)
+    with pytest.raises(IntegrityError, match="rows 100 cannot resume a sampler of 99"):
+        EpochSampler(99, 8, 1, world_size=2, rank=1).load_state_dict(state)
+    with pytest.raises(IntegrityError, match="version 0"):
+        EpochSampler(100, 8, 1, world_size=2, rank=1).load_state_dict({**state, "version": 0})
