@@ -29,11 +29,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from events.errors import ErasureHookError
-from events.ops.erasure import LEFT, Purge
+from events.ops.erasure import LEFT, Purge, erasure_store
 from events.ops.lineage import SubjectTrace, listed, trace_subject
 from events.project import Project
 from events.settings import Settings
-from events.store.client import EventStore
 from trainer.lineage import ELSEWHERE, SnapshotRows, TrainingSurvey, survey_training
 from trainer.purge import PURGE_MARKER, PurgeMarker, write_purge
 from trainer.snapshot import SnapshotManifest
@@ -43,7 +42,7 @@ HOOK = "training"
 
 def purge_snapshots(settings: Settings, project: Project | None, subject_id: str, dry_run: bool) -> list[Purge]:
     """The ``training`` hook: purge every snapshot holding the subject's plaintext (see the module docstring)."""
-    with EventStore.open(settings) as store:
+    with erasure_store(settings) as store:
         trace = trace_subject(store, subject_id)
         survey = survey_training(store, project, trace)
     if not dry_run and any(not key.erased for key in trace.keys.values()):

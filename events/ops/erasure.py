@@ -13,8 +13,11 @@ The contract of a hook:
 1. :func:`events.ops.forget.forget_subject` calls it after the subject's keys are destroyed
    and the erasure is recorded, so what it reads of the subject is what the erasure left;
    on a dry run it is called before anything changed, and changes nothing;
-2. it covers the subject and its look-alike ids (:func:`events.ops.lineage.subject_ids`),
-   and opens what it needs itself;
+2. it covers the subject and its look-alike ids (:func:`events.ops.lineage.subject_ids`);
+   it reads the log through :func:`erasure_store`, which hands it the erasure's own store:
+   an erasure may run inside another transaction of its process (a saga participant
+   forgets within its batch's transaction, which holds locks on the ledger's tables), and
+   opening another store there would wait on those locks for ever (its migrations);
 3. it purges only what holds (or may hold) the subject's personal data in plaintext, as its
    layer's lineage source reports it (:data:`events.ops.lineage.PLAINTEXT`), so that after
    the purge the source reports the place as :data:`~events.ops.lineage.REDACTED`;
@@ -34,7 +37,9 @@ point in ``pyproject.toml``::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -42,6 +47,7 @@ from events.errors import ErasureHookError, ErasureIncomplete, EvpError
 from events.ops.lineage import installed
 from events.project import Project
 from events.settings import Settings
+from events.store.client import EventStore
 
 #: The entry-point group of erasure hooks.
 ERASURE_GROUP = "evp.erasure"
@@ -49,6 +55,9 @@ ERASURE_GROUP = "evp.erasure"
 PURGED = "purged"  #: deleted (on a dry run: would be deleted)
 LEFT = "left"  #: not purged: the hook cannot tell whether it holds their data; the detail says what to do
 PURGE_STATES = (PURGED, LEFT)
+
+#: The store of the erasure whose hooks are running (see :func:`erasure_store`).
+_ERASING: ContextVar[EventStore | None] = ContextVar("evp_erasing_store", default=None)
 
 
 @dataclass(frozen=True)
@@ -91,11 +100,24 @@ def erasure_hooks() -> dict[str, ErasureHook | str]:
     return installed(ERASURE_GROUP)
 
 
+@contextmanager
+def erasure_store(settings: Settings) -> Iterator[EventStore]:
+    """The store a hook reads through: the erasure's own while :func:`run_erasure_hooks` runs
+    the hook with its settings, else one opened for these settings and closed after."""
+    current = _ERASING.get()
+    if current is not None and current.settings == settings:
+        yield current
+        return
+    with EventStore.open(settings) as opened:
+        yield opened
+
+
 def run_erasure_hooks(settings: Settings, project: Project | None, subject_id: str, *, dry_run: bool,
-                      hooks: Mapping[str, ErasureHook | str] | None = None) -> Purges:
+                      hooks: Mapping[str, ErasureHook | str] | None = None, store: EventStore | None = None) -> Purges:
     """Run every hook (default: :func:`erasure_hooks`) for ``subject_id``.
 
-    1. call each hook in name order; one that could not be loaded is named in
+    1. call each hook in name order, with ``store`` (the erasure's) as what
+       :func:`erasure_store` hands it; one that could not be loaded is named in
        ``unavailable`` with the reason, so the report never passes over it in silence;
     2. check what each returned: a list of :class:`Purge` with a known state and a file
        count that is not negative, else :class:`ErasureHookError` naming the hook and the purge;
@@ -108,17 +130,21 @@ def run_erasure_hooks(settings: Settings, project: Project | None, subject_id: s
     ran: list[str] = []
     unavailable: dict[str, str] = {}
     failures: dict[str, str] = {}
-    for name, hook in (erasure_hooks() if hooks is None else hooks).items():
-        if isinstance(hook, str):
-            unavailable[name] = hook
-            continue
-        try:
-            done += _checked(name, hook(settings, project, subject_id, dry_run))
-        except (EvpError, OSError) as err:
-            if dry_run:
-                raise
-            failures[name] = str(err)
-        ran.append(name)
+    token = _ERASING.set(store)
+    try:
+        for name, hook in (erasure_hooks() if hooks is None else hooks).items():
+            if isinstance(hook, str):
+                unavailable[name] = hook
+                continue
+            try:
+                done += _checked(name, hook(settings, project, subject_id, dry_run))
+            except (EvpError, OSError) as err:
+                if dry_run:
+                    raise
+                failures[name] = str(err)
+            ran.append(name)
+    finally:
+        _ERASING.reset(token)
     if failures:
         raise ErasureIncomplete(subject_id, failures)
     return Purges(tuple(done), tuple(ran), unavailable)

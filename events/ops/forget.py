@@ -128,7 +128,8 @@ def forget_subject(
     scope = erasure_scope(store, subject_id)
     project = project if project is not None else find_project(store.settings)
     if dry_run:
-        return scope.with_purges(run_erasure_hooks(store.settings, project, subject_id, dry_run=True, hooks=hooks))
+        would = run_erasure_hooks(store.settings, project, subject_id, dry_run=True, hooks=hooks, store=store)
+        return scope.with_purges(would)
     ids = (subject_id, *scope.lookalikes)
     destroyed = any([store.keyring.forget(s) for s in ids])  # the keys first: nothing decrypts from here on
     dropped = drop_snapshots(store, scope.streams)
@@ -142,6 +143,6 @@ def forget_subject(
         published = True
     except EvpError:  # the key is gone and the event is in the outbox: the erasure stands
         published = False
-    purged = run_erasure_hooks(store.settings, project, subject_id, dry_run=False, hooks=hooks)
+    purged = run_erasure_hooks(store.settings, project, subject_id, dry_run=False, hooks=hooks, store=store)
     return ErasureReport(subject_id, False, scope.streams, scope.events, scope.reservations, scope.snapshots,
                          destroyed, published, dropped, scope.lookalikes).with_purges(purged)

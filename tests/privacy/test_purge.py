@@ -14,13 +14,15 @@ is checked without services.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from events.errors import ErasureHookError, ErasureIncomplete, SnapshotPurged
 from events.ops.erasure import LEFT, PURGED, Purge, run_erasure_hooks
-from events.ops.forget import forget_subject
+from events.ops.forget import ErasureReport, forget_subject
 from events.ops.lineage import DERIVED, KEPT, PLAINTEXT, REDACTED, trace_subject
 from events.project import Project
 from events.settings import Settings
@@ -245,3 +247,25 @@ def test_a_hook_failing_after_the_erasure_leaves_it_standing_and_the_others_stil
                                hooks={"b": fine, "training": "torch is not installed"})
     assert purges.purges == (Purge("snapshot snap-2", "shard files", 0, "dataset x cannot be loaded", LEFT, "b"),)
     assert purges.hooks == ("b",) and purges.unavailable == {"training": "torch is not installed"}
+
+
+def test_an_erasure_inside_another_transaction_of_the_process_does_not_wait_on_it(
+    clinic: EventStore, clinic_settings: Settings,
+) -> None:
+    """A saga participant forgets inside its batch's transaction, which holds locks on the
+    ledger's tables: the hooks read through the erasure's own store, opening none (whose
+    migrations would wait on those locks for ever)."""
+    patients, _ = seed_clinic(clinic, clinic_settings)
+    snapshot, _ = trained(clinic)
+    outcome: list[object] = []
+    with psycopg.connect(clinic_settings.database_url) as batch:
+        batch.execute("LOCK TABLE evp_events IN ROW EXCLUSIVE MODE")  # as an append in the batch does
+        erasing = threading.Thread(target=lambda: outcome.append(forget_subject(clinic, patients[0], reason="r")))
+        erasing.start()
+        erasing.join(timeout=60)
+        waited = erasing.is_alive()
+        batch.rollback()
+    erasing.join()
+    assert not waited, "the erasure waited on the transaction"
+    (report,) = outcome
+    assert isinstance(report, ErasureReport) and [p.where for p in report.purges] == [f"snapshot {snapshot}"]
