@@ -16,8 +16,9 @@ Needs no Kafka and no PostgreSQL: only the folder ``evp snapshot create`` wrote
    which runs the same checks on the CPU;
 4. train with :func:`trainer.training.train` and the recipe's config (``--epochs``,
    ``--set``), after one untimed warm-up step, three times from scratch: twice straight
-   through, and once stopped after half the steps (a checkpoint) and resumed from that
-   checkpoint in a call of its own;
+   through (once from the rows in memory, once streamed from the memory-mapped shards as
+   :mod:`trainer.loader` reads them), and once streamed, stopped after half the steps (a
+   checkpoint) and resumed from that checkpoint in a call of its own;
 5. while each run trains, sample the GPU's utilisation in a background thread
    (``torch.cuda.utilization``, which needs NVML's Python bindings, else ``nvidia-smi``);
 6. print the three weight hashes, each run's steps/s, the utilisation (mean and max of the
@@ -47,6 +48,7 @@ from events.errors import ConfigurationError, EvpError
 from events.project import Project
 from trainer.config import TrainConfig
 from trainer.data import Table
+from trainer.loader import ShardSet
 from trainer.recipe import Recipe, load_recipe
 from trainer.snapshot import MANIFEST, check_shards, read_manifest_file
 from trainer.training import TrainResult, train
@@ -150,26 +152,32 @@ def _timed(device: torch.device, name: str, *parts: Callable[[], TrainResult]) -
     return Run(name, result, time.perf_counter() - started, samples)
 
 
-def three_runs(recipe: Recipe[Any], table: Table, config: TrainConfig, folder: Path) -> list[Run]:
+def three_runs(recipe: Recipe[Any], table: Table, config: TrainConfig, folder: Path,
+               streamed: ShardSet | None = None) -> list[Run]:
     """Step 4: twice from scratch, once stopped at half the steps and resumed; in this order.
 
-    One step is trained first and not timed: the first call pays torch's one-time costs
-    (imports, the CUDA context, loading kernels), which would count against run 1 alone.
+    Run 1 trains on the rows in memory; runs 2 and 3 on ``streamed`` (the same shards
+    memory-mapped, batches gathered as a large snapshot would be) when it is given, so equal
+    hashes also prove the two paths equal on this device. One step is trained first and not
+    timed: the first call pays torch's one-time costs (imports, the CUDA context, loading
+    kernels), which would count against run 1 alone.
     """
+    rows: Table | ShardSet = streamed if streamed is not None else table
     device = torch.device(config.device)
     path = folder / "checkpoint.pt"
     train(recipe, table, config, checkpoint_path=folder / "warm-up.pt", stop_after_steps=1)
     along = path if config.checkpoint_every else None  # a config that checkpoints needs a place for them
     first = _timed(device, "run 1 (from scratch)", lambda: train(recipe, table, config, checkpoint_path=along))
-    second = _timed(device, "run 2 (from scratch)", lambda: train(recipe, table, config, checkpoint_path=along))
+    second = _timed(device, "run 2 (from scratch, streamed from the shards)" if streamed is not None else
+                    "run 2 (from scratch)", lambda: train(recipe, rows, config, checkpoint_path=along))
     middle = first.result.steps // 2
     if middle < 1:
         raise ConfigurationError(f"a run of {first.result.steps} step(s) cannot be stopped halfway: "
                                  "train for more epochs (--epochs)")
     path.unlink(missing_ok=True)
     resumed = _timed(device, f"run 3 (stopped at step {middle}, resumed)",
-                     lambda: train(recipe, table, config, checkpoint_path=path, stop_after_steps=middle),
-                     lambda: train(recipe, table, config, checkpoint_path=path, resume=True))
+                     lambda: train(recipe, rows, config, checkpoint_path=path, stop_after_steps=middle),
+                     lambda: train(recipe, rows, config, checkpoint_path=path, resume=True))
     return [first, second, resumed]
 
 
@@ -218,7 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         epochs = [] if args.epochs is None else [f"epochs={args.epochs}"]
         config = recipe.parse_config([*args.set, *epochs, f"device={device_name}"])
         with tempfile.TemporaryDirectory(prefix="evp-gpu-check-") as folder:
-            runs = three_runs(recipe, table, config, Path(folder))
+            streamed = ShardSet.open(args.snapshot_dir, manifest.shards, manifest.columns,
+                                     owner=f"snapshot {manifest.snapshot_id}")
+            runs = three_runs(recipe, table, config, Path(folder), streamed)
     except ConfigurationError as err:
         print(f"gpu_check: {err}", file=sys.stderr)
         return USAGE
