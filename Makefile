@@ -8,7 +8,7 @@ VENV = "$$(cat .evp/venv-path)"
 # The variables that point evp's clients at the local services (credential files, never values).
 CLIENT_ENV = eval "$$($(SERVICES) env)";
 
-.PHONY: venv services services-down status demo test typecheck bench lock clean-state
+.PHONY: venv services services-down status demo test typecheck bench soak lock clean-state
 
 venv:
 	@bash platform/bootstrap.sh >/dev/null
@@ -47,6 +47,11 @@ bench: venv services
 	$(CLIENT_ENV) for script in "$${scripts[@]}"; do echo "== $$script"; $(VENV)/bin/python "$$script" || exit 1; done
 
 # Re-pin every dependency, with hashes, from pyproject.toml (uv comes from PyPI into the cache).
+# The fault soak: SOAK_ARGS as python -m tests.soak.soak takes them (default 200 trials of every kind).
+SOAK_ARGS ?= --trials 200
+soak: venv services
+	@$(CLIENT_ENV) $(VENV)/bin/python -m tests.soak.soak $(SOAK_ARGS)
+
 lock:
 	@tools="$${XDG_CACHE_HOME:-$$HOME/.cache}/evp/lock-tools"; \
 	[ -x "$$tools/bin/uv" ] || { $(PYTHON3) -m venv "$$tools" && "$$tools/bin/pip" install -q uv; }; \

@@ -7,16 +7,23 @@ that schema. Contract of one batch (one ``poll``):
 1. in ONE PostgreSQL transaction, under an advisory lock on the consumer's schema, it
    checks that the stored positions are the ones it started the batch from (another runner
    or a rebuild swap may have moved them: then it re-seeks and polls again);
-2. records that do not decode go to the dead-letter topic; records whose stream version is
-   at or below the version already applied to that stream are skipped (a relay re-publishes
-   after a crash, so the same (stream, version) can appear twice);
+2. records that do not decode go to the dead-letter topic, and so do records that decode
+   but are not well-formed records of the topic (:meth:`LogConsumer.malformed`: a stream
+   version below 1, an empty key, a schema registered for another topic); records whose
+   stream version is at or below the version already applied to that stream are skipped (a
+   relay re-publishes after a crash, so the same (stream, version) can appear twice), unless
+   their content differs from the record that took that (stream, version) (its value, event
+   id, actor and time: :func:`record_identity`, kept per record in ``evp_stream_records``):
+   such a *conflicting duplicate* is dead-lettered, never silently dropped;
 3. the rest are applied, the whole batch at once (:meth:`LogConsumer.apply` — for a view,
    :func:`projections.tables.apply`): records the consumer refuses are dead-lettered; if
    the database refuses a value (a poison record, see
-   :data:`projections.deadletter.POISON_ERRORS`), the batch is re-applied record by
-   record, each in a savepoint, and the refused ones are dead-lettered;
+   :data:`projections.deadletter.POISON_ERRORS`), the batch is split in halves, each
+   applied in a savepoint, down to the single records refused, which are dead-lettered
+   (one poison record in a batch of n costs about 2·log2(n) applies, not n);
 4. dead letters are flushed to Kafka, then the effects, the applied stream versions
-   (``evp_stream_versions``) and the next offsets (``evp_offsets``) commit together.
+   (``evp_stream_versions``), each new record's identity and whether it was refused
+   (``evp_stream_records``) and the next offsets (``evp_offsets``) commit together.
 
 A crash anywhere before the commit leaves the effects and the positions as they were, so the
 batch is simply read again: effects are applied exactly once. Positions live only in
@@ -24,10 +31,12 @@ PostgreSQL (partitions are assigned by hand, no consumer-group commits), so the 
 its position can never disagree. :class:`ProjectionRunner` is the loop for one declared view.
 :meth:`LogConsumer.catch_up_to` stops at a :class:`~events.store.cut.Cut` instead of the
 topic's end (a view as it was, :func:`projections.rebuild.rebuild_as_of`).
+:meth:`LogConsumer.replay` re-drives dead-lettered records (``evp projections dlq replay``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -39,21 +48,24 @@ import psycopg
 from kafka import KafkaConsumer, TopicPartition
 from psycopg import sql
 
+from events import faults
 from events.adapters import postgres
 from events.adapters.retry import run_until_stopped
 from events.schema.catalog import Catalog
 from events.schema.codec import Codec
-from events.errors import ConfigurationError, ServiceUnavailable
+from events.errors import ConfigurationError, SchemaError, ServiceUnavailable
 from events.adapters.kafka import consumer as make_consumer, ensure_event_topics, kafka_errors, where
-from events.event import HEADER_EVENT_TYPE
+from events.event import HEADER_EVENT_TYPE, HEADER_STREAM_VERSION
 from events.gc_pause import gc_paused
 from events.store.client import EventStore
 from events.store.cut import Cut
-from events.store.log import BadRecord, LogRecord, end_offsets
+from events.store.log import BadRecord, LogRecord, decode_record, end_offsets
 from events.store.source import Batch, InlineSource, PrefetchSource, open_codec
 from events.settings import Settings
 from projections import tables
-from projections.deadletter import POISON_ERRORS, STAGE_APPLY, STAGE_DECODE, DeadLetterQueue, describe_error
+from projections.deadletter import (
+    POISON_ERRORS, STAGE_APPLY, STAGE_CONFLICT, STAGE_DECODE, DeadLetterQueue, describe_error,
+)
 from projections.fold import Refusal
 from projections.leases import PartitionLeases, lease_class
 from projections.view import FORGOTTEN, Layout, View
@@ -112,6 +124,33 @@ class Progress:
     outcome: BatchOutcome  #: totals so far
 
 
+#: What a replay did with one dead-lettered record (:meth:`LogConsumer.replay`).
+REPLAY_APPLIED = "applied"  #: it applied now
+REPLAY_DUPLICATE = "duplicate"  #: the same record was applied already: nothing done
+REPLAY_FAILED = "failed"  #: refused or undecodable again: a new letter
+REPLAY_CONFLICT = "conflict"  #: its (stream, version) holds a record with other content: a new letter
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """One record of a replay: where it came from, what happened, and why when it failed."""
+
+    partition: int
+    offset: int
+    outcome: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ReplayOutcome:
+    """A replay: one :class:`Replayed` per record, in the order given."""
+
+    records: tuple[Replayed, ...]
+
+    def count(self, outcome: str) -> int:
+        return sum(1 for r in self.records if r.outcome == outcome)
+
+
 @dataclass(frozen=True)
 class PartitionLag:
     partition: int
@@ -138,6 +177,20 @@ def select_new(records: Iterable[LogRecord], applied: Mapping[str, int]) -> tupl
             latest[record.stream_id] = record.version
             new.append(record)
     return new, latest
+
+
+def record_identity(message: Any, record: LogRecord) -> bytes:
+    """What makes two copies of a (stream, version) the same record: its value and the evp headers a
+    view reads (event id, actor, time), length-prefixed, SHA-256, first 16 bytes.
+
+    A relay's re-send repeats all of them; a record with other content under the same key
+    and version headers (a forgery, a second writer) differs.
+    """
+    digest = hashlib.sha256()
+    for part in (message.value or b"", record.event_id.bytes, record.actor.encode(), record.occurred_at.encode()):
+        digest.update(len(part).to_bytes(4, "big"))
+        digest.update(part)
+    return digest.digest()[:16]
 
 
 # -- bookkeeping tables --------------------------------------------------------------------
@@ -173,12 +226,45 @@ def ensure_schema(conn: psycopg.Connection[Any], schema: str, owner: str,
         cur.execute(sql.SQL(
             "CREATE TABLE IF NOT EXISTS {}.evp_stream_versions (stream_id text PRIMARY KEY, version bigint NOT NULL)"
         ).format(s))
+        cur.execute(sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {}.evp_stream_records (stream_id text NOT NULL, version bigint NOT NULL,"
+            " identity bytea NOT NULL, refused boolean NOT NULL, PRIMARY KEY (stream_id, version))"
+        ).format(s))
         owners = [r[0] for r in cur.execute(sql.SQL("SELECT name FROM {}.evp_projection").format(s))]
         if not owners:
             cur.execute(sql.SQL("INSERT INTO {}.evp_projection (name) VALUES (%s)").format(s), (owner,))
         elif owners != [owner]:
             raise ConfigurationError(f"schema {schema!r} holds {owners[0]!r}, not {owner!r}")
         create(cur)
+
+
+def stored_records(cur: psycopg.Cursor[Any], schema: str,
+                   keys: set[tuple[str, int]]) -> dict[tuple[str, int], tuple[bytes, bool]]:
+    """(stream, version) -> (identity, refused) of the records ``evp_stream_records`` holds for ``keys``."""
+    if not keys:
+        return {}
+    streams, versions = zip(*sorted(keys))
+    rows = cur.execute(
+        sql.SQL("SELECT r.stream_id, r.version, r.identity, r.refused FROM {}.evp_stream_records r"
+                " JOIN unnest(%s::text[], %s::bigint[]) AS k(stream_id, version) USING (stream_id, version)").format(
+            sql.Identifier(schema)),
+        (list(streams), list(versions)),
+    ).fetchall()
+    return {(s, int(v)): (bytes(i), bool(refused)) for s, v, i, refused in rows}
+
+
+def applied_since(settings: Settings, schema: str, codec: Codec, messages: Sequence[Any]) -> set[tuple[int, int]]:
+    """The (partition, offset) of dead-lettered records (``messages``, as the runner read them) that the
+    view in ``schema`` has applied since with the same identity (a replay, or a re-send read later).
+    Reads only: a schema that does not exist yet has applied none."""
+    records = [(m, r) for m in messages if isinstance(r := decode_record(codec, m), LogRecord)]
+    with postgres.connect(settings.database_url, autocommit=True) as conn, conn.cursor() as cur:
+        if cur.execute("SELECT 1 FROM pg_tables WHERE schemaname = %s AND tablename = 'evp_stream_records'",
+                       (schema,)).fetchone() is None:
+            return set()
+        stored = stored_records(cur, schema, {(r.stream_id, r.version) for _, r in records})
+    return {(r.partition, r.offset) for m, r in records
+            if stored.get((r.stream_id, r.version)) == (record_identity(m, r), False)}
 
 
 def ensure_view_schema(conn: psycopg.Connection[Any], layout: Layout) -> None:
@@ -244,6 +330,7 @@ class LogConsumer:
         self._expected: dict[int, int] = {}
         self._dead_letters = DeadLetterQueue(settings, owner)
         self._cut: Cut | None = None  #: while :meth:`catch_up_to` runs: the cut it stops at
+        self._subjects: dict[int, str | None] = {}  #: schema id -> why it is not of the topic (None: it is)
 
     # -- what a consumer does -------------------------------------------------------------
     def create_tables(self, cur: psycopg.Cursor[Any]) -> None:
@@ -261,10 +348,7 @@ class LogConsumer:
     # -- connections ----------------------------------------------------------------------
     def open(self) -> None:
         """Connect, create the schema and seek to the stored positions (idempotent)."""
-        if self._conn is None or self._conn.closed:
-            self._reset()  # positions come from the database: a new connection means a new seek
-            self._conn = postgres.connect(self.settings.database_url, autocommit=True)
-            ensure_schema(self._conn, self.schema, self.owner, self.create_tables)
+        self._open_database()
         if self._codec is None and not self.prefetch:
             self._codec = open_codec(self.settings, self._catalog)
         if self._consumer is None:
@@ -282,6 +366,20 @@ class LogConsumer:
                 assert self._codec is not None
                 self._source = InlineSource(self.settings, self._consumer, self._codec, self.batch_size)
             self._seek_to_stored()
+
+    def _open_database(self) -> psycopg.Connection[Any]:
+        """Connect and create the schema (idempotent); a new connection drops the Kafka side too."""
+        if self._conn is None or self._conn.closed:
+            self._reset()  # positions come from the database: a new connection means a new seek
+            self._conn = postgres.connect(self.settings.database_url, autocommit=True)
+            ensure_schema(self._conn, self.schema, self.owner, self.create_tables)
+        return self._conn
+
+    def _decoder(self) -> Codec:
+        """The consumer's codec (also when a prefetch process decodes: for replays and the subject check)."""
+        if self._codec is None:
+            self._codec = open_codec(self.settings, self._catalog)
+        return self._codec
 
     def _held(self, *, force: bool = False) -> list[int]:
         """The partitions this consumer reads: all of them, or (scaling out) those it leases now."""
@@ -378,7 +476,7 @@ class LogConsumer:
         assert conn is not None
         try:
             with conn.transaction(), conn.cursor() as cur:
-                self._lock(cur, messages)
+                self._lock(cur, batch)
                 if self._own(stored_offsets(cur, self.schema, self.topic)) != self._expected:
                     raise _PositionsMoved()
                 outcome = self._apply_batch(cur, batch)
@@ -392,9 +490,10 @@ class LogConsumer:
             self._reset()  # the consumer is past what committed: re-seek on the next open()
             raise
         self._expected.update(nexts)
+        faults.reach(faults.VIEW_COMMITTED, schema=self.schema, offsets=nexts, applied=outcome.applied)
         return outcome
 
-    def _lock(self, cur: psycopg.Cursor[Any], messages: Sequence[Any]) -> None:
+    def _lock(self, cur: psycopg.Cursor[Any], batch: Batch) -> None:
         """Serialise with whoever else writes the schema.
 
         One consumer: the schema's lock, exclusive. Scaling out: the schema's lock shared
@@ -402,14 +501,14 @@ class LogConsumer:
         partitions, sorted, so two holders of one partition (a lease that just changed
         hands) never apply the same batch: the second sees the moved positions.
         """
-        if self.leases is None or self.exclusive(messages):
+        if self.leases is None or self.exclusive(batch):
             cur.execute(view_lock(self.schema))
             return
         cur.execute(view_lock(self.schema, shared=True))
         cur.execute("SELECT count(pg_advisory_xact_lock(%s, p)) FROM (SELECT unnest(%s::int[]) AS p ORDER BY 1) s",
                     (batch_class(self.schema), sorted(tp.partition for tp in self._partitions)))
 
-    def exclusive(self, messages: Sequence[Any]) -> bool:
+    def exclusive(self, batch: Batch) -> bool:
         """Whether a scaled-out batch must hold the schema alone (for a view: it carries an erasure)."""
         return False
 
@@ -420,37 +519,116 @@ class LogConsumer:
         for message, decoded in zip(batch.messages, batch.records):
             if self._cut is not None and not self._cut.admits(message.headers or ()):
                 beyond += 1  # a re-send of a later position below the cut's end: not in the log up to the cut
-            elif isinstance(decoded, BadRecord):
-                self._dead_letters.send(message, decoded.reason, STAGE_DECODE)
+                continue
+            problem = decoded.reason if isinstance(decoded, BadRecord) else self.malformed(decoded)
+            if problem is not None:
+                self._dead_letters.send(message, problem, STAGE_DECODE)
                 dead += 1
             else:
+                assert isinstance(decoded, LogRecord)
                 records.append(decoded)
+        identities = {(r.partition, r.offset): record_identity(by_place[(r.partition, r.offset)], r) for r in records}
         new, versions = select_new(records, self._applied_versions(cur, {r.stream_id for r in records}))
+        conflicts = self._conflicts(cur, records, new, identities)
+        for record, reason in conflicts:
+            self._dead_letters.send(by_place[(record.partition, record.offset)], reason, STAGE_CONFLICT)
         refused = self._apply_records(cur, new)
         for record, error in refused:
             self._dead_letters.send(by_place[(record.partition, record.offset)], describe_error(error), STAGE_APPLY)
         self._save_versions(cur, versions)
-        return BatchOutcome(applied=len(new) - len(refused), skipped=len(records) - len(new),
-                            dead_lettered=dead + len(refused), beyond_cut=beyond)
+        refused_at = {(r.partition, r.offset) for r, _ in refused}
+        self._save_records(cur, [(r, identities[(r.partition, r.offset)], (r.partition, r.offset) in refused_at)
+                                 for r in new])
+        return BatchOutcome(applied=len(new) - len(refused), skipped=len(records) - len(new) - len(conflicts),
+                            dead_lettered=dead + len(conflicts) + len(refused), beyond_cut=beyond)
+
+    def malformed(self, record: LogRecord) -> str | None:
+        """Why a decoded record is not a well-formed record of the topic, or None.
+
+        1. its stream version is below 1 (versions start at 1: a version 0 or -3 would be
+           skipped as a duplicate for ever, never applied nor dead-lettered);
+        2. its key (the stream id) is empty;
+        3. its schema is registered under a subject of another topic (evp names subjects
+           ``<topic>-<record name>``, the topic-record-name strategy): a valid Avro value of
+           some other topic's type, not one of this topic's events.
+        """
+        if record.version < 1:
+            return f"header {HEADER_STREAM_VERSION} is {record.version}: stream versions start at 1"
+        if not record.stream_id:
+            return "record key (stream id) is empty"
+        if record.schema_id not in self._subjects:
+            try:
+                subject: str | None = self._decoder().registry.get(record.schema_id).subject
+            except SchemaError:
+                subject = None
+            self._subjects[record.schema_id] = (
+                None if subject is not None and subject.startswith(f"{self.topic}-") else
+                f"schema id {record.schema_id} ({record.event_type}) is registered under subject {subject!r}, not for "
+                f"topic {self.topic!r} (subjects {self.topic}-<record name>): not one of its event types"
+            )
+        return self._subjects[record.schema_id]
+
+    def _conflicts(self, cur: psycopg.Cursor[Any], records: Sequence[LogRecord], new: Sequence[LogRecord],
+                   identities: Mapping[tuple[int, int], bytes]) -> list[tuple[LogRecord, str]]:
+        """The skipped records whose (stream, version) was taken by a record with other content (contract step 2).
+
+        A skipped record is compared with the record that took its (stream, version): earlier in
+        this batch, or recorded in ``evp_stream_records``. One recorded nowhere (a view made
+        before that table, or a version below the first the view read) stays a plain duplicate.
+        """
+        chosen = {(r.partition, r.offset) for r in new}
+        first: dict[tuple[str, int], bytes] = {}
+        skipped: list[LogRecord] = []
+        for record in records:
+            if (record.partition, record.offset) in chosen:
+                first[(record.stream_id, record.version)] = identities[(record.partition, record.offset)]
+            else:
+                skipped.append(record)
+        if not skipped:
+            return []
+        stored = stored_records(cur, self.schema, {(r.stream_id, r.version) for r in skipped} - set(first))
+        conflicts: list[tuple[LogRecord, str]] = []
+        for record in skipped:
+            key = (record.stream_id, record.version)
+            known = first[key] if key in first else stored[key][0] if key in stored else None
+            if known is not None and known != identities[(record.partition, record.offset)]:
+                conflicts.append((record, f"stream {record.stream_id!r} version {record.version} was already taken by a "
+                                          f"record with other content; this one (event id {record.event_id}) is not a "
+                                          "re-send of it: a conflicting duplicate"))
+        return conflicts
+
+    def _save_records(self, cur: psycopg.Cursor[Any], records: Sequence[tuple[LogRecord, bytes, bool]], *,
+                      replace: bool = False) -> None:
+        """Record each (record, identity, refused) in ``evp_stream_records`` (``replace``: over the row there)."""
+        if not records:
+            return
+        on_conflict = ("DO UPDATE SET identity = EXCLUDED.identity, refused = EXCLUDED.refused" if replace else
+                       "DO NOTHING")
+        cur.execute(
+            sql.SQL("INSERT INTO {}.evp_stream_records (stream_id, version, identity, refused)"
+                    " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bytea[], %s::boolean[])"
+                    " ON CONFLICT (stream_id, version) " + on_conflict).format(sql.Identifier(self.schema)),
+            ([r.stream_id for r, _, _ in records], [r.version for r, _, _ in records], [i for _, i, _ in records],
+             [refused for _, _, refused in records]),
+            binary=True,  # the arrays travel as binary: about twice as fast as their text form here
+        )
 
     def _apply_records(self, cur: psycopg.Cursor[Any], records: Sequence[LogRecord]) -> list[tuple[LogRecord, BaseException]]:
-        """Apply all at once; if the database refuses a value, again one by one. Returns the refused ones."""
+        """Apply all at once; if the database refuses a value, each half again, down to single records.
+
+        Halves are applied in order, each in a savepoint, so the end state is the one the
+        records applied one at a time would give. Returns the refused records.
+        """
         if not records:
             return []
-        conn = cur.connection
         try:
-            with conn.transaction():
+            with cur.connection.transaction():
                 return list(self.apply(cur, records))
-        except POISON_ERRORS:
-            pass
-        refused: list[tuple[LogRecord, BaseException]] = []
-        for record in records:
-            try:
-                with conn.transaction():
-                    refused += self.apply(cur, [record])
-            except POISON_ERRORS as err:
-                refused.append((record, err))
-        return refused
+        except POISON_ERRORS as err:
+            if len(records) == 1:
+                return [(records[0], err)]
+        middle = len(records) // 2
+        return self._apply_records(cur, records[:middle]) + self._apply_records(cur, records[middle:])
 
     def _applied_versions(self, cur: psycopg.Cursor[Any], streams: set[str]) -> dict[str, int]:
         if not streams:
@@ -489,6 +667,82 @@ class LogConsumer:
                 (self.topic, list(nexts), list(nexts.values())),
             )
         return nexts
+
+    # -- dead letters -----------------------------------------------------------------------
+    def replay(self, messages: Sequence[Any], attempts: Mapping[tuple[int, int], int] | None = None) -> ReplayOutcome:
+        """Re-drive dead-lettered records (``messages``: as the runner read them) through :meth:`apply`.
+
+        1. each is decoded afresh (a schema registered since reads now) and checked as a
+           batch's records are (:meth:`malformed`); one that still fails gets a new letter;
+        2. in one transaction under the schema's exclusive lock (no batch runs meanwhile),
+           each decoded record is looked up by its (stream, version) in ``evp_stream_records``:
+           one applied with the same identity is a duplicate (applied once already: nothing
+           is done); one whose (stream, version) holds other content gets a conflict letter;
+           the rest are applied in the order given, as a batch's records are, and those
+           refused get a new letter;
+        3. the applied ones are recorded (``evp_stream_records``; the stream's version is raised
+           to theirs when it was lower, so a later re-send of them is skipped); the offsets stay:
+           the runner passed these records already. A record is applied where the view stands
+           now, after any later version of its stream that was applied meanwhile;
+        4. every new letter carries ``attempts`` one above the letter's (``attempts``: per
+           (partition, offset), default 0); letters are flushed before the commit.
+        """
+        conn = self._open_database()
+        codec = self._decoder()
+        tries = attempts or {}
+        outcomes: dict[tuple[int, int], Replayed] = {}
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute(view_lock(self.schema))
+                by_place = {(m.partition, m.offset): m for m in messages}
+                records: list[LogRecord] = []
+                for message in messages:
+                    place = (message.partition, message.offset)
+                    decoded = decode_record(codec, message)
+                    problem = decoded.reason if isinstance(decoded, BadRecord) else self.malformed(decoded)
+                    if problem is None:
+                        assert isinstance(decoded, LogRecord)
+                        records.append(decoded)
+                        continue
+                    self._dead_letters.send(message, problem, STAGE_DECODE, attempts=tries.get(place, 0) + 1)
+                    outcomes[place] = Replayed(*place, REPLAY_FAILED, problem)
+                identities = {(r.partition, r.offset): record_identity(by_place[(r.partition, r.offset)], r)
+                              for r in records}
+                stored = dict(stored_records(cur, self.schema, {(r.stream_id, r.version) for r in records}))
+                candidates: list[LogRecord] = []
+                for record in records:
+                    place, key = (record.partition, record.offset), (record.stream_id, record.version)
+                    held = stored.get(key)
+                    if held is not None and held[0] != identities[place]:
+                        reason = (f"stream {record.stream_id!r} version {record.version} holds a record with other "
+                                  "content: a conflicting duplicate")
+                        self._dead_letters.send(by_place[place], reason, STAGE_CONFLICT, attempts=tries.get(place, 0) + 1)
+                        outcomes[place] = Replayed(*place, REPLAY_CONFLICT, reason)
+                    elif held is not None and not held[1]:
+                        outcomes[place] = Replayed(*place, REPLAY_DUPLICATE)
+                    else:
+                        candidates.append(record)
+                        stored[key] = (identities[place], False)  # a second letter of it in this replay is a duplicate
+                refused = self._apply_records(cur, candidates)
+                for record, error in refused:
+                    place = (record.partition, record.offset)
+                    self._dead_letters.send(by_place[place], describe_error(error), STAGE_APPLY,
+                                            attempts=tries.get(place, 0) + 1)
+                    outcomes[place] = Replayed(*place, REPLAY_FAILED, describe_error(error))
+                applied = [r for r in candidates if (r.partition, r.offset) not in outcomes]
+                outcomes.update({(r.partition, r.offset): Replayed(r.partition, r.offset, REPLAY_APPLIED) for r in applied})
+                latest: dict[str, int] = {}
+                for record in applied:
+                    latest[record.stream_id] = max(latest.get(record.stream_id, 0), record.version)
+                self._save_versions(cur, latest)
+                self._save_records(cur, [(r, identities[(r.partition, r.offset)],
+                                          outcomes[(r.partition, r.offset)].outcome != REPLAY_APPLIED) for r in candidates],
+                                   replace=True)
+                self._dead_letters.flush()
+        except BaseException:
+            self._dead_letters.discard()
+            raise
+        return ReplayOutcome(tuple(outcomes[(m.partition, m.offset)] for m in messages))
 
     # -- driving --------------------------------------------------------------------------
     def catch_up(self, on_progress: Callable[[Progress], None] | None = None) -> CatchUpResult:
@@ -629,10 +883,16 @@ class ProjectionRunner(LogConsumer):
         # Scaled out, a row's key may be folded from streams of several partitions: lock the keys.
         return tables.apply(cur, self.view, self.layout, records, lock_keys=self.leases is not None)
 
-    def exclusive(self, messages: Sequence[Any]) -> bool:
-        """An erasure redacts rows of any key: its batch holds the view alone."""
+    def exclusive(self, batch: Batch) -> bool:
+        """An erasure redacts rows of any key: its batch holds the view alone.
+
+        An erasure is known by its ``evp.event_type`` header or by its decoded type (a record
+        whose header is missing or lies is still an erasure).
+        """
         forgotten = FORGOTTEN.encode()
-        return any(key == HEADER_EVENT_TYPE and value == forgotten for m in messages for key, value in (m.headers or []))
+        return (any(isinstance(r, LogRecord) and r.event_type == FORGOTTEN for r in batch.records)
+                or any(key == HEADER_EVENT_TYPE and value == forgotten
+                       for m in batch.messages for key, value in (m.headers or [])))
 
 
 def _below(batch: Batch, ends: Mapping[int, int]) -> Batch:

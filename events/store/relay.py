@@ -32,6 +32,7 @@ from kafka import KafkaProducer
 
 from events.adapters import postgres
 from events.adapters.retry import run_until_stopped
+from events import faults
 from events.errors import EvpError, Retryable, ServiceUnavailable
 from events.event import kafka_headers
 from events.store.chain import GENESIS, HEADER_CHAIN, link, record_digest
@@ -185,6 +186,7 @@ class Relay:
                 raise Retryable(f"kafka did not acknowledge position {event.position}: {err}") from err
             offsets.append((event.position, metadata.offset))
         positions = [p for p, _ in offsets]
+        faults.reach(faults.RELAY_ACKNOWLEDGED, positions=positions)
         last: dict[int, tuple[int, bytes]] = {}
         for event, (_, offset), chained in zip(events, offsets, links):
             last[event.partition] = (offset, chained)
