@@ -46,12 +46,12 @@ bench: venv services
 	if [ $${#scripts[@]} -eq 0 ]; then echo "make bench: no bench/bench_*.py scripts" >&2; exit 1; fi; \
 	$(CLIENT_ENV) for script in "$${scripts[@]}"; do echo "== $$script"; $(VENV)/bin/python "$$script" || exit 1; done
 
-# Re-pin every dependency, with hashes, from pyproject.toml (uv comes from PyPI into the cache).
 # The fault soak: SOAK_ARGS as python -m tests.soak.soak takes them (default 200 trials of every kind).
 SOAK_ARGS ?= --trials 200
 soak: venv services
 	@$(CLIENT_ENV) $(VENV)/bin/python -m tests.soak.soak $(SOAK_ARGS)
 
+# Re-pin every dependency, with hashes, from pyproject.toml (uv comes from PyPI into the cache).
 lock:
 	@tools="$${XDG_CACHE_HOME:-$$HOME/.cache}/evp/lock-tools"; \
 	[ -x "$$tools/bin/uv" ] || { $(PYTHON3) -m venv "$$tools" && "$$tools/bin/pip" install -q uv; }; \
