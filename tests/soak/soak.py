@@ -22,7 +22,9 @@ an outage; one relay; two projection runners scaling out over the ``tally`` view
 
 It ends with one table: trials, faults by kind, events, acknowledged appends, lost,
 duplicated effects, wrong views, windows hit, max recovery time. ``make soak`` runs the
-defaults; ``tests/faults/test_soak.py`` runs one trial of each kind in ``make test``.
+defaults; ``tests/faults/test_soak.py`` runs one trial of each kind in ``make test``; with
+``--sustain MINUTES --rate R`` it holds a fixed append rate instead, with no faults, and
+reports lag and every process's memory (:func:`sustain`).
 
 Run as ``python -m tests.soak.soak write ...`` it is one of the fleet's writers.
 """
@@ -88,7 +90,7 @@ def sample(stream_id: str, label: int) -> Event:
                                      "label": label})
 
 
-def write(settings: Settings, journal: TextIO, rng: random.Random, stop: threading.Event) -> None:
+def write(settings: Settings, journal: TextIO, rng: random.Random, stop: threading.Event, rate: float = 0.0) -> None:
     """Append batches of 1-3 events to random shared streams until ``stop``; journal intents and acks.
 
     1. read the stream's version and append with it as the expected version (a conflict is a
@@ -97,14 +99,20 @@ def write(settings: Settings, journal: TextIO, rng: random.Random, stop: threadi
        *same* expected version until it answers: a retry of an append that had in fact
        committed must come back as a duplicate, never as a conflict (asserted);
     3. the fault points of this module fire inside the append's transaction (with the
-       backend's state read from ``pg_stat_activity`` as evidence) and after the commit.
+       backend's state read from ``pg_stat_activity`` as evidence) and after the commit;
+    4. with ``rate`` > 0 appends start on a fixed schedule of ``rate`` per second (a writer
+       that falls behind does not catch up in a burst).
     """
     from events.store.client import EventStore
 
     armed = os.environ.get(faults.POINT_VARIABLE, "")
     store = _open(lambda: EventStore.open(settings))
     streams = [f"soak-{i}" for i in range(STREAMS)]
+    due = time.monotonic()
     while not stop.is_set():
+        if rate > 0:
+            due = max(due + 1 / rate, time.monotonic() - 1)
+            stop.wait(max(0.0, due - time.monotonic()))
         stream_id = rng.choice(streams)
         events = [sample(stream_id, rng.randrange(10)) for _ in range(rng.randint(1, 3))]
         version, store = _retrying(store, lambda s: s.ledger.version(stream_id), settings)
@@ -126,7 +134,8 @@ def write(settings: Settings, journal: TextIO, rng: random.Random, stop: threadi
             faults.reach(APPEND_COMMITTED, stream=stream_id, positions=list(result.positions))
             _log(journal, "ack", stream_id, events)
             break
-        time.sleep(rng.uniform(0, 0.02))
+        if rate <= 0:
+            time.sleep(rng.uniform(0, 0.02))
     store.close()
 
 
@@ -179,6 +188,7 @@ class Fleet:
     settings: Settings
     folder: Path
     rng: random.Random
+    rate: float = 0.0  #: each writer's appends per second (0: as fast as it goes)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     starts: Counter[str] = field(default_factory=Counter)
 
@@ -194,7 +204,7 @@ class Fleet:
         role = name.rstrip("0123456789")
         command = {
             "writer": ["-m", "tests.soak.soak", "write", "--journal", str(self.folder / f"{name}.journal"),
-                       "--seed", str(self.rng.randrange(2**32))],
+                       "--seed", str(self.rng.randrange(2**32)), "--rate", str(self.rate)],
             "relay": ["-m", "tests.faults.helpers", "relay"],
             "runner": ["-m", "projections.cli", "run", VIEW, "--scale-out", "--no-prefetch"],
         }[role]
@@ -500,6 +510,68 @@ def soak(base: Settings, folder: Path, *, trials: int, minutes: float | None, se
     return Report(seed, done, time.monotonic() - began)
 
 
+def sustain(base: Settings, folder: Path, *, minutes: float, rate: float, seed: int,
+            every: float = 5.0, out: TextIO = sys.stdout) -> dict[str, Any]:
+    """Load that holds: the fleet at a fixed append rate for ``minutes``, no faults.
+
+    1. every ``every`` seconds sample the outbox's depth, the view's lag and every process's
+       resident memory (``VmRSS``);
+    2. at the end stop the writers, drain, and run the oracle;
+    3. report the peak lag and outbox, each role's peak memory and its growth from the first
+       minute's peak to the last minute's (flat memory grows by little), and the oracle's counts.
+    """
+    from projections.runner import projection_lag
+
+    samples: list[dict[str, Any]] = []
+    with fresh(base, folder) as settings:
+        _prepare(settings)
+        fleet = Fleet(settings, folder, random.Random(seed), rate=rate)
+        try:
+            fleet.ensure([*SERVING, *WRITERS])
+            began = time.monotonic()
+            while time.monotonic() - began < minutes * 60:
+                time.sleep(every)
+                died = fleet.ensure([*SERVING, *WRITERS])
+                lag = sum(p.lag for p in projection_lag(settings, f"{VIEW}_view"))
+                sample_ = {"t": round(time.monotonic() - began, 1), "outbox": outbox_depth(settings.database_url),
+                           "lag": lag, "rss_mib": {n: _rss_mib(p.pid) for n, p in fleet.processes.items()},
+                           "restarted": died}
+                samples.append(sample_)
+                print(json.dumps(sample_), file=out, flush=True)
+            for name in WRITERS:
+                fleet.stop(name)
+            _drained(fleet, time.monotonic())
+            verdict = judge(settings, folder)
+        finally:
+            fleet.close()
+    first = [s for s in samples if s["t"] <= 60] or samples[:1]
+    last = [s for s in samples if s["t"] >= samples[-1]["t"] - 60] if samples else []
+
+    def peak(group: list[dict[str, Any]], role: str) -> float:
+        return max((v for s in group for n, v in s["rss_mib"].items() if n.startswith(role)), default=0.0)
+
+    roles = ("writer", "relay", "runner")
+    return {
+        "seed": seed, "minutes": minutes, "appends/s target": 2 * rate, "events": verdict.events,
+        "acknowledged appends": verdict.acknowledged, "appends/s achieved": round(verdict.acknowledged / (minutes * 60), 1),
+        "max outbox": max((s["outbox"] for s in samples), default=0), "max view lag": max((s["lag"] for s in samples), default=0),
+        "peak MiB": {r: peak(samples, r) for r in roles},
+        "MiB growth, first minute to last": {r: round(peak(last, r) - peak(first, r), 1) for r in roles},
+        "processes restarted": sum(len(s["restarted"]) for s in samples),
+        "lost": verdict.lost, "duplicated effects": verdict.duplicated_effects, "wrong views": verdict.wrong_views,
+    }
+
+
+def _rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return 0.0
+
+
 def _prepare(settings: Settings) -> None:
     """Register the project's schemas and make the topics before any process starts (they all would race to)."""
     from events.store.client import EventStore
@@ -515,17 +587,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     writer = sub.add_parser("write", help="(internal) one of the fleet's writers")
     writer.add_argument("--journal", type=Path, required=True)
     writer.add_argument("--seed", type=int, required=True)
+    writer.add_argument("--rate", type=float, default=0.0)
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--minutes", type=float, default=None, help="stop starting trials after this long")
     parser.add_argument("--seed", type=int, default=None, help="replay a run (default: a new one, printed first)")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"fault kinds, comma-separated (default: all: {', '.join(KINDS)})")
+    parser.add_argument("--sustain", type=float, default=None, metavar="MINUTES",
+                        help="instead of trials: hold a fixed append rate this long with no faults, sampling lag and memory")
+    parser.add_argument("--rate", type=float, default=50.0, help="with --sustain: appends per second per writer (two writers)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "write":
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         with args.journal.open("a") as journal:
-            write(Settings.from_env(), journal, random.Random(args.seed), stop)
+            write(Settings.from_env(), journal, random.Random(args.seed), stop, args.rate)
         return 0
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     print(f"soak seed {seed} (replay: python -m tests.soak.soak --seed {seed} --trials {args.trials})", flush=True)
@@ -535,6 +611,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown fault kind(s) {unknown}; known: {', '.join(KINDS)}")
     import tempfile
 
+    if args.sustain is not None:
+        with tempfile.TemporaryDirectory(prefix="evp-soak-") as folder:
+            held = sustain(Settings.from_env(), Path(folder), minutes=args.sustain, rate=args.rate, seed=seed)
+        print(json.dumps(held, indent=2) if args.json else "\n".join(f"| {k} | {v} |" for k, v in held.items()))
+        return 0 if held["lost"] == 0 and held["wrong views"] == 0 else 1
     with tempfile.TemporaryDirectory(prefix="evp-soak-") as folder:
         report = soak(Settings.from_env(), Path(folder), trials=args.trials, minutes=args.minutes, seed=seed,
                       kinds=kinds)
