@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Start, stop and inspect the services evp runs on, without Docker.
 
-    python3 platform/services.py up|down|restart|status|kill|clean [kafka|postgres]
+    python3 platform/services.py up|down|restart|status|kill|clean [kafka|postgres|toxiproxy]
 
 Kafka (Apache Kafka 4.3, one KRaft node, jars resolved by Maven from
-platform/kafka/pom.xml) and PostgreSQL (Debian's packages) run as detached processes
-whose state lives in one directory, ``$EVP_HOME`` or ``<repo>/.evp``. That is what makes
-``up`` idempotent, lets ``down`` find what ``up`` started, and lets ``kill`` simulate a
-crash for fault tests. ``EVP_KAFKA`` / ``EVP_DATABASE_URL`` point at services run
-elsewhere: they are then only checked, never started or stopped.
+platform/kafka/pom.xml), PostgreSQL (Debian's packages) and toxiproxy (the fault proxy the
+network fault tests put between evp and the other two, built once from its Go module) run
+as detached processes whose state lives in one directory, ``$EVP_HOME`` or
+``<repo>/.evp``. That is what makes ``up`` idempotent, lets ``down`` find what ``up``
+started, and lets ``kill`` simulate a crash for fault tests. ``EVP_KAFKA`` /
+``EVP_DATABASE_URL`` / ``EVP_TOXIPROXY_URL`` point at services run elsewhere: they are then
+only checked, never started or stopped.
 
 Standard library only, because it runs before any virtual environment exists.
 """
@@ -20,6 +22,7 @@ import base64
 import fcntl
 import hashlib
 import hmac
+import http.client
 import os
 import pwd
 import re
@@ -34,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,7 +47,18 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 HOST = "127.0.0.1"
 KAFKA_PORT = 19092
 KAFKA_CONTROLLER_PORT = 19093
+#: The broker's second client listener (SASL_SSL too), for traffic that must cross toxiproxy:
+#: it advertises :data:`KAFKA_PROXY_PORT`, where a fault test's toxiproxy proxy listens with
+#: this port as its upstream, so a client bootstrapped through the proxy stays behind it.
+KAFKA_PROXIED_PORT = 19094
+KAFKA_PROXY_PORT = 19095
 POSTGRES_PORT = 15432
+#: toxiproxy's HTTP API; the proxies it opens take ports of their own (0: any free one).
+TOXIPROXY_PORT = 18474
+TOXIPROXY_MODULE = "github.com/Shopify/toxiproxy/v2"
+TOXIPROXY_VERSION = "2.5.0"
+TOXIPROXY_READY_TIMEOUT_S = 15.0
+TOXIPROXY_STOP_TIMEOUT_S = 10.0
 DATABASE = "evp"
 DB_USER = "evp"  #: the app role: owns the database evp, no superuser, no CREATEDB, no CREATEROLE
 ADMIN_USER = "evp_admin"  #: the cluster's superuser: the runner, `evp projections grant`, test fixtures
@@ -331,13 +346,31 @@ def exclusive(paths: Paths, service: str) -> Iterator[None]:
         yield
 
 
+#: The variable that points evp at a service run elsewhere, by service.
+EXTERNAL_VARIABLE = {"kafka": "EVP_KAFKA", "postgres": "EVP_DATABASE_URL", "toxiproxy": "EVP_TOXIPROXY_URL"}
+
+
 def ensure_port_free(service: str, port: int, role: str) -> None:
     if port_open(HOST, port):
         raise ServiceError(
             service,
             f"port {port} ({role}) on {HOST} is in use by a process this runner did not start; "
-            f"stop it, or point evp at it with {'EVP_KAFKA' if service == 'kafka' else 'EVP_DATABASE_URL'}",
+            f"stop it, or point evp at it with {EXTERNAL_VARIABLE[service]}",
         )
+
+
+def partial_folder(cache: Path, name: str) -> Path:
+    """Where this process may build ``cache/name`` before renaming it into place (not created here).
+
+    ``<name>.partial-<pid>``: the folders of earlier builders that are gone (an interrupted
+    first run) are deleted first; a running one's is left to it.
+    """
+    cache.mkdir(parents=True, exist_ok=True)
+    for stale in cache.glob(f"{name}.partial-*"):
+        owner = stale.name.rpartition("-")[2]
+        if not (owner.isdigit() and int(owner) > 0 and pid_alive(int(owner), "")):  # its builder is gone
+            shutil.rmtree(stale, ignore_errors=True)
+    return cache / f"{name}.partial-{os.getpid()}"
 
 
 def signal_group(pid: int, sig: int) -> None:
@@ -454,11 +487,80 @@ class External(Service):
         return Status(self.name, state, f"external at {where} ({self.variable})")
 
 
-class Kafka(Service):
+class Detached(Service):
+    """A service run as one detached process group, its pid kept in ``pid_file``."""
+
+    needle: str  #: in the process's command line: a pid reused by another program is not ours
+    pid_file: Path
+    stop_timeout: float  #: seconds ``down`` waits after SIGTERM before SIGKILL
+
+    address: str  #: where it answers, for messages
+    ports: tuple[tuple[int, str], ...]  #: what it listens on, each with its role: free before a start
+
+    def _pid(self) -> int | None:
+        pid = read_pid(self.pid_file)
+        return pid if pid is not None and pid_alive(pid, self.needle) else None
+
+    def _answers(self) -> bool:
+        raise NotImplementedError
+
+    def _start(self) -> int:
+        """Start the process (its own session, a scrubbed environment), record its pid; return it."""
+        raise NotImplementedError
+
+    def _wait_ready(self, pid: int) -> None:
+        """Return once ``pid`` serves; raise ServiceError (with its log's tail) if it exits or never does."""
+        raise NotImplementedError
+
+    def up(self) -> None:
+        pid = self._pid()
+        if pid is not None and self._answers():
+            say(self.name, f"already running (pid {pid}) on {self.address}")
+            return
+        started = time.monotonic()
+        if pid is None:
+            for port, role in self.ports:
+                ensure_port_free(self.name, port, role)
+            pid = self._start()
+        else:
+            say(self.name, f"pid {pid} is still starting; waiting for it")
+        self._wait_ready(pid)
+        say(self.name, f"ready on {self.address} in {time.monotonic() - started:.1f}s")
+
+    def down(self) -> None:
+        pid = self._pid()
+        if pid is None:
+            say(self.name, "not running")
+            self.pid_file.unlink(missing_ok=True)
+            return
+        say(self.name, f"stopping pid {pid}...")
+        signal_group(pid, signal.SIGTERM)
+        if not wait_until(lambda: not pid_alive(pid, self.needle), self.stop_timeout):
+            say(self.name, f"still running after {self.stop_timeout:.0f}s; sending SIGKILL")
+            signal_group(pid, signal.SIGKILL)
+            wait_until(lambda: not pid_alive(pid, self.needle), 10.0)
+        self.pid_file.unlink(missing_ok=True)
+        say(self.name, "stopped")
+
+    def kill(self) -> None:
+        pid = self._pid()
+        if pid is None:
+            raise ServiceError(self.name, "not running; nothing to kill")
+        signal_group(pid, signal.SIGKILL)
+        if not wait_until(lambda: not pid_alive(pid, self.needle), 10.0):
+            raise ServiceError(self.name, f"pid {pid} survived SIGKILL")
+        say(self.name, f"killed pid {pid} (SIGKILL)")  # the pid file stays, as after a real crash
+
+
+class Kafka(Detached):
     """Apache Kafka, one KRaft node that is both broker and controller."""
 
     name = "kafka"
     needle = "kafka.Kafka"
+    stop_timeout = KAFKA_STOP_TIMEOUT_S
+    address = f"{HOST}:{KAFKA_PORT}"
+    ports = ((KAFKA_PORT, "kafka broker"), (KAFKA_PROXIED_PORT, "kafka listener for toxiproxy"),
+             (KAFKA_CONTROLLER_PORT, "kafka controller"))
 
     def __init__(self, paths: Paths) -> None:
         self.paths = paths
@@ -480,10 +582,6 @@ class Kafka(Service):
         #: Written after a format that created the SCRAM user: holds the cluster id it was for.
         self.scram_stamp = self.security / "scram-formatted"
 
-    def _pid(self) -> int | None:
-        pid = read_pid(self.pid_file)
-        return pid if pid is not None and pid_alive(pid, self.needle) else None
-
     def client_env(self) -> dict[str, str]:
         """Where the broker's CA and evp's SCRAM password are: file paths, never the password."""
         return {
@@ -497,22 +595,12 @@ class Kafka(Service):
     def status(self) -> Status:
         pid = self._pid()
         detail = f"pid {pid or '-'}  {HOST}:{KAFKA_PORT} {KAFKA_SECURITY_PROTOCOL}  log {self.log}"
+        if pid is not None and port_open(HOST, KAFKA_PORT) and not port_open(HOST, KAFKA_PROXIED_PORT):
+            detail += f"  (no listener on {KAFKA_PROXIED_PORT} for toxiproxy: started before it existed; restart kafka)"
         return Status(self.name, local_state(pid, KAFKA_PORT), detail)
 
-    def up(self) -> None:
-        pid = self._pid()
-        if pid is not None and port_open(HOST, KAFKA_PORT):
-            say(self.name, f"already running (pid {pid}) on {HOST}:{KAFKA_PORT}")
-            return
-        started = time.monotonic()
-        if pid is None:
-            for port, role in ((KAFKA_PORT, "kafka broker"), (KAFKA_CONTROLLER_PORT, "kafka controller")):
-                ensure_port_free(self.name, port, role)
-            pid = self._start()
-        else:
-            say(self.name, f"pid {pid} is still starting; waiting for it")
-        self._wait_ready(pid)
-        say(self.name, f"ready on {HOST}:{KAFKA_PORT} in {time.monotonic() - started:.1f}s")
+    def _answers(self) -> bool:
+        return port_open(HOST, KAFKA_PORT)
 
     def _start(self) -> int:
         self.paths.ensure_state()
@@ -575,14 +663,9 @@ class Kafka(Service):
         mvn = require_tool(self.name, "mvn", ["maven"])
         say(self.name, "resolving jars with Maven (first run only)...")
         started = time.monotonic()
-        self.paths.cache.mkdir(parents=True, exist_ok=True)
         # Resolve into a private directory and rename it into place: the target either
         # does not exist or is complete, whatever happened to an earlier run.
-        for stale in self.paths.cache.glob(f"kafka-{digest}.partial-*"):
-            owner = stale.name.rpartition("-")[2]
-            if not (owner.isdigit() and int(owner) > 0 and pid_alive(int(owner), "")):  # its resolver is gone
-                shutil.rmtree(stale, ignore_errors=True)
-        work = self.paths.cache / f"kafka-{digest}.partial-{os.getpid()}"
+        work = partial_folder(self.paths.cache, target.name)
         if target.exists():
             shutil.rmtree(target)  # left by an interrupted resolve without its stamp
         run(
@@ -661,7 +744,8 @@ class Kafka(Service):
 
     def _render_properties(self) -> None:
         """Render the template into a 0600 file: it holds the keystore's and the SCRAM user's passwords."""
-        values: dict[str, object] = {"host": HOST, "broker_port": KAFKA_PORT, "controller_port": KAFKA_CONTROLLER_PORT}
+        values: dict[str, object] = {"host": HOST, "broker_port": KAFKA_PORT, "controller_port": KAFKA_CONTROLLER_PORT,
+                                     "proxied_port": KAFKA_PROXIED_PORT, "proxy_port": KAFKA_PROXY_PORT}
         values["log_dirs"] = self.data
         values.update(
             security_protocol=KAFKA_SECURITY_PROTOCOL, sasl_mechanism=KAFKA_SASL_MECHANISM,
@@ -712,31 +796,6 @@ class Kafka(Service):
         finally:
             args_file.unlink(missing_ok=True)
         self._write_private(self.scram_stamp, cluster_id + "\n")
-
-    def down(self) -> None:
-        pid = self._pid()
-        if pid is None:
-            say(self.name, "not running")
-            self.pid_file.unlink(missing_ok=True)
-            return
-        say(self.name, f"stopping pid {pid}...")
-        signal_group(pid, signal.SIGTERM)
-        if not wait_until(lambda: not pid_alive(pid, self.needle), KAFKA_STOP_TIMEOUT_S):
-            say(self.name, f"still running after {KAFKA_STOP_TIMEOUT_S:.0f}s; sending SIGKILL")
-            signal_group(pid, signal.SIGKILL)
-            wait_until(lambda: not pid_alive(pid, self.needle), 10.0)
-        self.pid_file.unlink(missing_ok=True)
-        say(self.name, "stopped")
-
-    def kill(self) -> None:
-        pid = self._pid()
-        if pid is None:
-            raise ServiceError(self.name, "not running; nothing to kill")
-        signal_group(pid, signal.SIGKILL)
-        if not wait_until(lambda: not pid_alive(pid, self.needle), 10.0):
-            raise ServiceError(self.name, f"pid {pid} survived SIGKILL")
-        say(self.name, f"killed pid {pid} (SIGKILL)")  # the pid file stays, as after a real crash
-
 
 def _java_major(version_output: str) -> int | None:
     """17 from 'openjdk version "17.0.15"', 8 from 'java version "1.8.0_392"'."""
@@ -1136,6 +1195,126 @@ class Postgres(Service):
             shutil.rmtree(data, ignore_errors=True)
 
 
+class Toxiproxy(Detached):
+    """toxiproxy, the TCP fault proxy: built once from its Go module, run with its API on loopback.
+
+    Its proxies (and their toxics) live in the process's memory: tests create the ones they
+    need and delete them after (tests/support/toxiproxy.py); a restart starts with none.
+    """
+
+    name = "toxiproxy"
+    needle = "toxiproxy-server"
+    stop_timeout = TOXIPROXY_STOP_TIMEOUT_S
+    url = address = f"http://{HOST}:{TOXIPROXY_PORT}"
+    ports = ((TOXIPROXY_PORT, "toxiproxy API"),)
+
+    def __init__(self, paths: Paths) -> None:
+        self.paths = paths
+        self.pid_file = paths.state / "toxiproxy.pid"
+        self.log = paths.logs / "toxiproxy.log"
+
+    def client_env(self) -> dict[str, str]:
+        """``EVP_TOXIPROXY_URL``: where the fault tests find toxiproxy's API."""
+        return {"EVP_TOXIPROXY_URL": self.url}
+
+    def status(self) -> Status:
+        pid = self._pid()
+        detail = f"pid {pid or '-'}  {self.url} (API)  log {self.log}"
+        return Status(self.name, local_state(pid, TOXIPROXY_PORT), detail)
+
+    def _answers(self) -> bool:
+        return toxiproxy_version(self.url) is not None
+
+    def _start(self) -> int:
+        self.paths.ensure_state()
+        binary = self.binary()
+        rotate_log(self.log)
+        say(self.name, f"starting (log {self.log})")
+        with open(self.log, "ab") as out:
+            proc = subprocess.Popen(
+                [str(binary), "-host", HOST, "-port", str(TOXIPROXY_PORT)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.paths.state,
+                env=scrubbed_env(),
+                start_new_session=True,
+            )
+        self.pid_file.write_text(f"{proc.pid}\n")
+        return proc.pid
+
+    def _wait_ready(self, pid: int) -> None:
+        def ready() -> bool:
+            if not pid_alive(pid, self.needle):
+                raise ServiceError(self.name, f"toxiproxy exited during startup; {log_tail(self.log)}")
+            return self._answers()
+
+        if not wait_until(ready, TOXIPROXY_READY_TIMEOUT_S):
+            raise ServiceError(self.name, f"its API did not answer on {self.url} within "
+                                          f"{TOXIPROXY_READY_TIMEOUT_S:.0f}s; {log_tail(self.log)}")
+
+    def binary(self) -> Path:
+        """``toxiproxy-server`` at :data:`TOXIPROXY_VERSION`, built once into the shared cache.
+
+        1. ``<cache>/toxiproxy-<version>/toxiproxy-server`` exists: it is used as it is.
+        2. Otherwise ``go install <module>/cmd/server@v<version>`` builds it (Go from PATH, or
+           Debian's ``golang-go`` when we may install it) with ``GOBIN`` in a private folder
+           of the cache, the module downloads in ``<cache>/go/mod`` (kept: a rebuild does not
+           fetch again), the build cache in that folder (deleted with it), and the version
+           stamped into the binary as its ``/version`` answers.
+        3. The folder is renamed into place complete, so an interrupted build leaves nothing
+           that a later run would take for a binary.
+        """
+        target = self.paths.cache / f"toxiproxy-{TOXIPROXY_VERSION}"
+        binary = target / "toxiproxy-server"
+        if binary.exists():
+            return binary
+        go = require_tool(self.name, "go", ["golang-go"])
+        say(self.name, f"building {TOXIPROXY_MODULE}/cmd/server@v{TOXIPROXY_VERSION} with {go} (first run only)...")
+        started = time.monotonic()
+        work = partial_folder(self.paths.cache, target.name)
+        go_env = scrubbed_env(
+            GOBIN=str(work), GOPATH=str(self.paths.cache / "go"), GOMODCACHE=str(self.paths.cache / "go" / "mod"),
+            GOCACHE=str(work / ".build-cache"), GOFLAGS="-modcacherw", GOTOOLCHAIN="local",
+            CGO_ENABLED="0",
+        )
+        try:
+            run(
+                self.name,
+                [go, "install", f"-ldflags=-X {TOXIPROXY_MODULE}.Version={TOXIPROXY_VERSION}",
+                 f"{TOXIPROXY_MODULE}/cmd/server@v{TOXIPROXY_VERSION}"],
+                "go install of toxiproxy failed (is the Go module proxy reachable, and Go 1.17 or newer?)",
+                env=go_env, cwd=self.paths.cache,
+            )
+            built = work / "server"
+            if not built.exists():
+                raise ServiceError(self.name, f"go install finished but {built} does not exist")
+            built.rename(work / "toxiproxy-server")
+            shutil.rmtree(work / ".build-cache", ignore_errors=True)
+            try:
+                work.rename(target)
+            except OSError:
+                if not binary.exists():  # not a concurrent build that got there first
+                    raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        say(self.name, f"built {binary} ({time.monotonic() - started:.1f}s)")
+        return binary
+
+
+#: Opens loopback URLs directly, whatever ``http_proxy`` says.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def toxiproxy_version(url: str) -> str | None:
+    """What toxiproxy at ``url`` answers on ``GET /version``; None when nothing answers there."""
+    try:
+        with _DIRECT.open(f"{url}/version", timeout=2.0) as answer:
+            return str(answer.read().decode("utf-8", "replace")).strip() or "unknown"
+    except (OSError, http.client.HTTPException, ValueError):
+        return None
+
+
 def _app_role_sql(password: str) -> str:
     """Create the app role if absent, then pin its attributes and password (only its verifier is sent)."""
     return (
@@ -1187,7 +1366,23 @@ def make_services(paths: Paths, env: dict[str, str]) -> dict[str, Service]:
     if env.get("EVP_DATABASE_URL") and env["EVP_DATABASE_URL"] != local.client_env()["EVP_DATABASE_URL"]:
         url = env["EVP_DATABASE_URL"]
         postgres = External("postgres", "EVP_DATABASE_URL", url, [database_address(url)])
-    return {"kafka": kafka, "postgres": postgres}
+    toxiproxy: Service = Toxiproxy(paths)
+    if env.get("EVP_TOXIPROXY_URL") and env["EVP_TOXIPROXY_URL"] != toxiproxy.client_env()["EVP_TOXIPROXY_URL"]:
+        url = env["EVP_TOXIPROXY_URL"]
+        toxiproxy = External("toxiproxy", "EVP_TOXIPROXY_URL", url, [toxiproxy_address(url)])
+    return {"kafka": kafka, "postgres": postgres, "toxiproxy": toxiproxy}
+
+
+def toxiproxy_address(url: str) -> Address:
+    """The host and port of toxiproxy's API URL (``http://host:port``)."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError as err:
+        raise ServiceError("toxiproxy", f"EVP_TOXIPROXY_URL has a bad port: {err}") from err
+    if parts.scheme != "http" or not parts.hostname or port is None:
+        raise ServiceError("toxiproxy", f"EVP_TOXIPROXY_URL must be http://host:port, got {url!r}")
+    return Address(parts.hostname, port)
 
 
 def clean_state(paths: Paths, services: Sequence[Service]) -> None:
@@ -1205,9 +1400,10 @@ def clean_state(paths: Paths, services: Sequence[Service]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="services.py", description="Run evp's Kafka and PostgreSQL locally.")
+    parser = argparse.ArgumentParser(prog="services.py",
+                                     description="Run evp's Kafka, PostgreSQL and toxiproxy locally.")
     parser.add_argument("command", choices=["up", "down", "restart", "status", "kill", "clean", "env"])
-    parser.add_argument("service", nargs="?", choices=["kafka", "postgres"], help="default: both")
+    parser.add_argument("service", nargs="?", choices=["kafka", "postgres", "toxiproxy"], help="default: all three")
     args = parser.parse_args(argv)
     env = dict(os.environ)
     paths = Paths.from_env(env)
