@@ -31,6 +31,26 @@ class ServiceUnavailable(Retryable):
         super().__init__(f"{service} at {target} is unavailable: {reason}")
 
 
+class OutcomeUnknown(Retryable):
+    """An append was sent, then the connection broke before its answer came: it may have committed.
+
+    The ledger's rule makes the retry safe: appending the same event ids again answers with
+    their original positions and ``duplicate=True`` when the first try committed (never a
+    :class:`ConcurrencyError`, whatever the expected version), and appends them once when it
+    did not.
+    """
+
+    def __init__(self, stream_id: str, event_ids: tuple[object, ...], reason: str) -> None:
+        self.stream_id, self.event_ids, self.reason = stream_id, event_ids, reason
+        shown = f"event {event_ids[0]}" if len(event_ids) == 1 else f"{len(event_ids)} events from {event_ids[0]}"
+        super().__init__(
+            f"append to {stream_id!r} ({shown}): the outcome is unknown: the connection to PostgreSQL broke after the "
+            f"append was sent ({reason}), so it may or may not have committed. Retrying it with the same event ids "
+            "(on a new connection) is safe: if it had committed, the ledger answers the retry as a duplicate "
+            "(duplicate=True, the original positions), never as a conflict; if not, the retry appends it"
+        )
+
+
 class SchemaError(EvpError):
     """A schema is unknown, malformed or cannot be registered."""
 

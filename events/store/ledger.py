@@ -16,11 +16,26 @@ Contract of :meth:`Ledger.append`:
 All of it runs server-side in ``evp_append`` (``sql/002_append.sql``): one round trip
 per append, whatever the batch size. Called inside a transaction the caller opened, the
 append joins it (in a savepoint) and commits or rolls back with the caller's other work.
+
+When the connection fails, what the error says is what is known (:func:`_failure`):
+
+4. a connection found broken before the append is sent (closed, or its socket already
+   holds the server's or a proxy's close) raises :class:`ServiceUnavailable` saying
+   nothing was written: nothing was sent;
+5. on its own (autocommit), the append's statement is its commit: a connection that breaks
+   once it is sent, before the answer, raises :class:`OutcomeUnknown`. It may have
+   committed; retrying the same event ids is safe, by step 1;
+6. inside a caller's transaction the same break loses that whole transaction, uncommitted:
+   :class:`ServiceUnavailable`, nothing was written;
+7. an error the server answered, the session still open, rolled the append back: the
+   verdicts of ``evp_append`` (:func:`_translate`), else an :class:`EvpError` saying
+   nothing was written.
 """
 
 from __future__ import annotations
 
 import json
+import select
 from datetime import datetime
 import uuid
 from collections.abc import Sequence
@@ -28,7 +43,9 @@ from contextlib import nullcontext
 
 import psycopg
 
-from events.errors import ConcurrencyError, EvpError, InvalidEvent, NotFound, UniquenessViolation
+from events.errors import (
+    ConcurrencyError, EvpError, InvalidEvent, NotFound, OutcomeUnknown, ServiceUnavailable, UniquenessViolation,
+)
 from events.event import ANY, NO_STREAM, AppendResult, EncodedEvent, ExpectedVersion, RecordedEvent, Reservation
 from events.store.partitioning import partition_for
 
@@ -76,6 +93,7 @@ class Ledger:
             raise EvpError("Ledger needs an autocommit connection (events.adapters.postgres.connect(..., autocommit=True))")
         self._conn = conn
         self._partitions = partitions
+        self._where = f"{conn.info.host}:{conn.info.port}/{conn.info.dbname}"  # for messages: never the password
 
     @property
     def connection(self) -> psycopg.Connection:
@@ -108,6 +126,10 @@ class Ledger:
             [e.occurred_at for e in events], [r.scope for r in claims], [r.value for r in claims],
             [r.subject_id for r in claims],
         )
+        lost = _lost_before_sending(self._conn)
+        if lost is not None:
+            raise ServiceUnavailable("postgresql", self._where, f"the connection was lost before the append to "
+                                     f"{stream_id!r} was sent, so nothing was written ({lost}); connect again")
         # Inside a caller's transaction (a saga coordinator's batch) the statement runs in a
         # savepoint, so the retry below does not abort the caller's work.
         joined = self._conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
@@ -124,10 +146,9 @@ class Ledger:
                 # insert: the second attempt sees it and answers as a retry would.
                 if attempt == 2:
                     raise ConcurrencyError(stream_id, expected_version, self.version(stream_id)) from err
-            except psycopg.OperationalError as err:
-                raise EvpError(f"append to {stream_id!r} failed, nothing was written: {err}") from err
             except psycopg.Error as err:
-                raise _translate(err, stream_id, expected_version) from err
+                ids = tuple(e.event_id for e in events)
+                raise _failure(err, self._conn, joined, self._where, stream_id, ids, expected_version) from err
         raise AssertionError("unreachable")
 
     def release(self, scope: str, value: str, stream_id: str) -> bool:
@@ -239,6 +260,47 @@ def _expected_arguments(expected: ExpectedVersion) -> tuple[str, int]:
     if isinstance(expected, bool) or not isinstance(expected, int) or expected < 0:
         raise InvalidEvent("append", "expected_version", f"must be a version number >= 0, ANY or NO_STREAM, got {expected!r}")
     return "exact", expected
+
+
+def _lost_before_sending(conn: psycopg.Connection) -> str | None:
+    """Why ``conn`` cannot carry a statement, found without sending one; None when it may.
+
+    1. closed, or marked broken by an earlier failure: psycopg would refuse to send;
+    2. its socket is readable while no statement runs: the server (or a proxy between) sent
+       something unasked. Read it (libpq parses it; a notice or a notification stays
+       queued): an end of stream or a reset marks the connection bad, and that is the answer.
+    A close that arrives after this check shows up after sending, as an unknown outcome.
+    """
+    if conn.closed:
+        return "the connection is closed"
+    poller = select.poll()  # not select.select: a process may hold descriptors above 1024
+    try:
+        poller.register(conn.pgconn.socket, select.POLLIN)
+    except psycopg.OperationalError as err:
+        return f"it has no socket: {err}"
+    if not poller.poll(0):
+        return None
+    try:
+        conn.pgconn.consume_input()
+    except psycopg.OperationalError as err:
+        return str(err).strip().splitlines()[0] if str(err).strip() else "the server closed the connection"
+    if conn.pgconn.status == psycopg.pq.ConnStatus.BAD:
+        return "the server closed the connection"
+    return None
+
+
+def _failure(err: psycopg.Error, conn: psycopg.Connection, joined: bool, where: str, stream_id: str,
+             event_ids: tuple[uuid.UUID, ...], expected: ExpectedVersion) -> EvpError:
+    """What a failed ``evp_append`` statement means for the append (steps 5-7 of the module's contract)."""
+    answered = err.sqlstate is not None and err.diag.severity_nonlocalized == "ERROR"
+    if answered or not conn.closed:
+        return _translate(err, stream_id, expected)
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if joined:
+        return ServiceUnavailable("postgresql", where, f"the connection broke during the append to {stream_id!r} inside "
+                                  f"the caller's transaction, which is lost with it, uncommitted: nothing was written "
+                                  f"({reason}); run the whole transaction again")
+    return OutcomeUnknown(stream_id, event_ids, reason)
 
 
 def _translate(err: psycopg.Error, stream_id: str, expected: ExpectedVersion) -> EvpError:

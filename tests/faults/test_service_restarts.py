@@ -131,7 +131,9 @@ def test_a_postgres_restart_under_writers_and_relay_loses_nothing_and_retries_ar
 
     stats, facts = under_load(settings, tmp_path, 2, restart_twice, pause=0.0)
     assert any(s.outage_retries for s in stats), "no writer met the outage: the restart tested nothing"
-    assert all(s.errors == [] or set(s.errors) <= {"EvpError", "ServiceUnavailable"} for s in stats), [s.errors for s in stats]
+    # OutcomeUnknown: an append sent as the server went down; the writer's retry of the same ids settles it.
+    expected = {"EvpError", "ServiceUnavailable", "OutcomeUnknown"}
+    assert all(s.errors == [] or set(s.errors) <= expected for s in stats), [s.errors for s in stats]
     for key, value in facts.items():
         record_property(key, value)
     print("\n" + summary_line("postgres restart", facts))
