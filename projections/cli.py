@@ -1,4 +1,4 @@
-"""``evp projections run | catch-up | rebuild | status | grant NAME``.
+"""``evp projections run | catch-up | rebuild | status | digest | grant NAME``, ``evp projections dlq list | replay NAME``.
 
 ``NAME`` is a view declared in the project's ``evp.toml`` (``[views]``), or a
 ``module:Class`` spec; the project is found by :func:`events.project.require_project`.
@@ -29,9 +29,16 @@ from events.settings import Settings
 from events.adapters import postgres
 from events.store.cut import cut_at
 from projections import tables
+from projections.deadletter import (
+    DeadLetter, DeadRecord, as_dict, dead_records, originals, read_dead_letters, select, source_message,
+)
 from projections.rebuild import PastRebuild, rebuild, rebuild_as_of, shadow_name
 from projections.roles import DEFAULT_PREFIX, check_views_schema, roles_exist, setup_roles
-from projections.runner import BatchOutcome, CatchUpResult, Progress, ProjectionRunner, projection_lag
+from projections.runner import (
+    REPLAY_APPLIED, REPLAY_CONFLICT, REPLAY_DUPLICATE, REPLAY_FAILED, BatchOutcome, CatchUpResult, Progress,
+    ProjectionRunner, Replayed, applied_since, projection_lag,
+)
+from events.store.source import Message, open_codec
 from projections.declarations import load_view
 from projections.view import View
 
@@ -208,6 +215,78 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _dead(settings: Settings, view: View) -> list[DeadRecord]:
+    """The view's dead records (one per source record of the events topic), in source order."""
+    letters = read_dead_letters(settings, settings.dead_letter_topic, projection=view.name)
+    return [r for r in dead_records(letters) if r.latest.source_topic == settings.events_topic]
+
+
+def _messages(settings: Settings, letters: Sequence[DeadLetter]) -> tuple[list[Message], dict[tuple[int, int], str]]:
+    """The refused records as the runner read them (read back from the topic for letters sent without
+    their content), and why some cannot be, by (partition, offset)."""
+    fetched = originals(settings, letters)
+    messages: list[Message] = []
+    missing: dict[tuple[int, int], str] = {}
+    for letter in letters:
+        place = (letter.source_partition, letter.source_offset)
+        found = fetched[place] if letter.omitted else source_message(letter)
+        if isinstance(found, str):
+            missing[place] = found
+        else:
+            messages.append(found)
+    return messages, missing
+
+
+def _dlq_list(args: argparse.Namespace, settings: Settings) -> int:
+    """The view's dead records: why, from where, when, and whether a replay (or a re-send) has applied them since."""
+    projection = _view(args, settings)
+    schema = projection.layout(args.schema).schema
+    records = _dead(settings, projection)
+    messages, missing = _messages(settings, [r.latest for r in records])
+    applied = applied_since(settings, schema, open_codec(settings, catalog_for(settings)), messages)
+    state = {place: "unavailable" for place in missing} | {place: "applied" for place in applied}
+    rows = [as_dict(r, state) for r in records]
+    if args.json:
+        print_json({"view": projection.name, "schema": schema, "topic": settings.dead_letter_topic,
+                    "dead": sum(1 for row in rows if row["state"] == "dead"), "records": rows})
+        return 0
+    dead = sum(1 for row in rows if row["state"] == "dead")
+    print(f"view {projection.name} (schema {schema}): {len(rows)} dead-lettered records in {settings.dead_letter_topic}, "
+          f"{dead} still dead")
+    if rows:
+        print_table([dict(row, reason=str(row["reason"])[:100], event_id=row["event_id"] or "-") for row in rows],
+                    ("letter_offset", "source_partition", "source_offset", "stage", "state", "event_id", "dead_at",
+                     "letters", "reason"))
+    return 0
+
+
+def _dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
+    """Re-drive dead records through the view's handlers; exit 1 when some are still dead."""
+    projection = _view(args, settings)
+    letters = [r.latest for r in select(_dead(settings, projection), offset=args.offset, topic=settings.dead_letter_topic)]
+    messages, missing = _messages(settings, letters)
+    with ProjectionRunner(settings, projection, schema=args.schema, catalog=catalog_for(settings)) as runner:
+        outcome = runner.replay(messages, {(l.source_partition, l.source_offset): l.attempts for l in letters})
+        schema = runner.schema
+    done = {(r.partition, r.offset): r for r in outcome.records}
+    results = [done.get(place) or Replayed(*place, "unavailable", missing[place])
+               for place in ((l.source_partition, l.source_offset) for l in letters)]
+    counts = {kind: sum(1 for r in results if r.outcome == kind)
+              for kind in (REPLAY_APPLIED, REPLAY_DUPLICATE, REPLAY_FAILED, REPLAY_CONFLICT, "unavailable")}
+    if args.json:
+        print_json({"view": projection.name, "schema": schema, "replayed": len(results), **counts,
+                    "records": [dict(r.__dict__, letter_offset=l.letter_offset) for r, l in zip(results, letters)]})
+    else:
+        print(f"view {projection.name} (schema {schema}): replayed {len(results)} dead records: "
+              f"{counts[REPLAY_APPLIED]} applied, {counts[REPLAY_DUPLICATE]} applied already (nothing done), "
+              f"{counts[REPLAY_FAILED]} failed again and {counts[REPLAY_CONFLICT]} conflicting (new letters in "
+              f"{settings.dead_letter_topic}), {counts['unavailable']} unavailable")
+        for r in results:
+            if r.outcome not in (REPLAY_APPLIED, REPLAY_DUPLICATE):
+                print(f"  partition {r.partition} offset {r.offset}: {r.outcome}: {r.reason}")
+    return 1 if counts[REPLAY_FAILED] + counts[REPLAY_CONFLICT] + counts["unavailable"] else 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser("projections", help="fold the events topic into PostgreSQL views")
     group = parser.add_subparsers(dest="projections_command", metavar="ACTION", required=True)
@@ -247,6 +326,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     for name in ("rebuild", "grant"):
         group.choices[name].add_argument("--role-prefix", default=DEFAULT_PREFIX,
                                          help="names the roles <prefix>projector, <prefix>analyst, <prefix>auditor")
+    dlq = group.add_parser("dlq", help="the view's dead letters: list them, replay them once the cause is fixed")
+    actions = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
+    for name, help_text, func in (
+        ("list", "one line per dead-lettered record: why, source partition and offset, event id, when, state", _dlq_list),
+        ("replay", "re-drive dead records through the view's handlers: applied once, or a new letter (exit 1 when "
+                   "some are still dead)", _dlq_replay),
+    ):
+        sub = actions.add_parser(name, help=help_text)
+        sub.add_argument("view", metavar="NAME", help="a view of the project's evp.toml [views], or module:Class")
+        sub.add_argument("--schema", default=None, help="PostgreSQL schema of the view (default: the declared one)")
+        sub.add_argument("--json", action="store_true")
+        sub.set_defaults(func=func)
+    which = actions.choices["replay"].add_mutually_exclusive_group(required=True)
+    which.add_argument("--offset", type=int, default=None, metavar="O",
+                       help="the dead record whose latest letter is at offset O of the dead-letter topic (dlq list)")
+    which.add_argument("--all", action="store_true", help="every dead record of the view, in source order")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
