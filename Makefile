@@ -8,7 +8,7 @@ VENV = "$$(cat .evp/venv-path)"
 # The variables that point evp's clients at the local services (credential files, never values).
 CLIENT_ENV = eval "$$($(SERVICES) env)";
 
-.PHONY: venv services services-down status demo test typecheck bench soak lock clean-state
+.PHONY: venv services services-down status demo test typecheck bench soak poison lock clean-state
 
 venv:
 	@bash platform/bootstrap.sh >/dev/null
@@ -50,6 +50,11 @@ bench: venv services
 SOAK_ARGS ?= --trials 200
 soak: venv services
 	@$(CLIENT_ENV) $(VENV)/bin/python -m tests.soak.soak $(SOAK_ARGS)
+
+# The poison fuzz: POISON_ARGS as bench/poison.py takes them (default 10,000 mutated records; --seed S replays one).
+POISON_ARGS ?= --records 10000
+poison: venv services
+	@$(CLIENT_ENV) $(VENV)/bin/python bench/poison.py $(POISON_ARGS)
 
 # Re-pin every dependency, with hashes, from pyproject.toml (uv comes from PyPI into the cache).
 lock:
