@@ -132,6 +132,8 @@ def write(settings: Settings, journal: TextIO, rng: random.Random, stop: threadi
                 store = _open(lambda: EventStore.open(settings), store)
                 continue
             faults.reach(APPEND_COMMITTED, stream=stream_id, positions=list(result.positions))
+            if result.duplicate:  # a retry of an append that had committed: answered as the duplicate it is
+                _log(journal, "duplicate", stream_id, events)
             _log(journal, "ack", stream_id, events)
             break
         if rate <= 0:
@@ -191,6 +193,7 @@ class Fleet:
     rate: float = 0.0  #: each writer's appends per second (0: as fast as it goes)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     starts: Counter[str] = field(default_factory=Counter)
+    crashes: list[str] = field(default_factory=list)
 
     def env(self, point: str | None = None) -> dict[str, str]:
         env = {**os.environ, **self.settings.to_env(), "PYTHONPATH": str(REPO), "EVP_PROJECT": str(PROJECT)}
@@ -238,9 +241,18 @@ class Fleet:
         return process is not None and process.poll() is None
 
     def ensure(self, names: Sequence[str]) -> list[str]:
-        """Start again whichever of ``names`` is not running; the names restarted."""
+        """Start again whichever of ``names`` is not running; the names restarted.
+
+        A process that exited by itself with an error (not killed by the soak, nor stopped)
+        is recorded in :attr:`crashes` with the end of its log: a promise a process checks
+        itself (a writer's duplicate-not-conflict assertion) fails that way.
+        """
         restarted = [n for n in names if not self.alive(n)]
         for name in restarted:
+            code = self.processes[name].returncode if name in self.processes else None
+            if code not in (None, 0, -signal.SIGKILL, -signal.SIGTERM):
+                tail = (self.folder / f"{name}.log").read_text(errors="replace").strip().splitlines()[-3:]
+                self.crashes.append(f"{name} exited with {code}: {' / '.join(tail)}")
             self.start(name)
         return restarted
 
@@ -267,12 +279,14 @@ class Verdict:
     wrong_views: int = 0
     order: int = 0
     topic_duplicates: int = 0
+    duplicate_answers: int = 0  #: retries the ledger answered as duplicates (their first try had committed)
+    crashes: int = 0  #: processes that died of an error of their own
     problems: list[str] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
         return not (self.lost or self.half_written or self.duplicated_effects or self.wrong_views or self.order
-                    or self.problems)
+                    or self.crashes or self.problems)
 
 
 def judge(settings: Settings, folder: Path) -> Verdict:
@@ -299,6 +313,7 @@ def judge(settings: Settings, folder: Path) -> Verdict:
 def _journal(entries: Sequence[JournalEntry], ledger: StreamLog, verdict: Verdict) -> None:
     where = {event_id: stream for stream, events in ledger.items() for _, event_id in events}
     acked = {e.event_ids for e in entries if e.kind == "ack"}
+    verdict.duplicate_answers = sum(e.kind == "duplicate" for e in entries)
     for entry in (e for e in entries if e.kind == "intent"):
         present = [i for i in entry.event_ids if where.get(i) == entry.stream_id]
         if entry.event_ids in acked:
@@ -354,6 +369,7 @@ def run_trial(fleet: Fleet, index: int, kind: str, rng: random.Random, before: V
     fleet.ensure([*SERVING, *WRITERS])
     time.sleep(rng.uniform(0.3, 1.5))  # step 1: load, then the fault at a random moment
     seen = len(evidence(fleet.folder))
+    crashed = len(fleet.crashes)
     started = time.monotonic()
     _inject(fleet, kind, rng)
     hit = _wait_evidence(fleet, seen, kind) if kind in POINTS else None
@@ -364,6 +380,8 @@ def run_trial(fleet: Fleet, index: int, kind: str, rng: random.Random, before: V
     _drained(fleet, started)
     trial.recovery = time.monotonic() - started
     trial.verdict = judge(fleet.settings, fleet.folder)  # step 3
+    trial.verdict.crashes = len(fleet.crashes) - crashed
+    trial.verdict.problems += fleet.crashes[crashed:]
     if kind in POINTS:
         trial.window_hit = hit is not None and _proved(kind, hit, before, trial.verdict, fleet.settings)
     return trial
@@ -459,6 +477,8 @@ class Report:
             "wrong views": sum(t.verdict.wrong_views for t in self.trials),
             "order broken": sum(t.verdict.order for t in self.trials),
             "topic duplicates dropped": last.topic_duplicates,
+            "retries answered as duplicates": last.duplicate_answers,
+            "processes crashed": sum(t.verdict.crashes for t in self.trials),
             "windows hit": f"{sum(bool(t.window_hit) for t in points)} of {len(points)}",
             "max recovery s": round(max((t.recovery for t in self.trials), default=0.0), 2),
             "wall s": round(self.seconds, 1),
