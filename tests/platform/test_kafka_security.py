@@ -63,8 +63,10 @@ def test_credentials_are_generated_once_private_and_reused(tmp_path: Path) -> No
     props: Path = kafka.props  # type: ignore[attr-defined]
     text = props.read_text()
     assert props.stat().st_mode & 0o777 == 0o600  # it holds the keystore's and the SCRAM user's passwords
-    assert "listeners=SASL_SSL://127.0.0.1:19092,CONTROLLER://127.0.0.1:19093" in text
-    assert "listener.security.protocol.map=SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT" in text
+    assert "listeners=SASL_SSL://127.0.0.1:19092,PROXIED://127.0.0.1:19094,CONTROLLER://127.0.0.1:19093" in text
+    # The listener for toxiproxy speaks SASL_SSL too, and advertises the proxy's port, not its own.
+    assert "advertised.listeners=SASL_SSL://127.0.0.1:19092,PROXIED://127.0.0.1:19095" in text
+    assert "listener.security.protocol.map=SASL_SSL:SASL_SSL,PROXIED:SASL_SSL,CONTROLLER:PLAINTEXT" in text
     assert "PLAINTEXT://" not in text and "sasl.enabled.mechanisms=SCRAM-SHA-512" in text
 
 
