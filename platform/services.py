@@ -989,6 +989,13 @@ class Postgres(Service):
         self.paths.ensure_state()
         data = self._choose_data_dir()
         self._check_data_dir(data)
+        stale = data / "postmaster.pid"
+        if stale.exists():
+            # No server of ours runs (checked above), so the pid it names is gone, another program, or a
+            # zombie: a crashed postmaster whose parent never reaped it. The server would take a zombie
+            # for a live postmaster and refuse to start ("lock file already exists").
+            say(self.name, f"removing the stale {stale.name} (pid {read_pid(stale)} is not a running server)")
+            stale.unlink()
         data_major = self._data_major(data)
         bindir = self._bindir(data_major)
         server_major = self._major(bindir)
