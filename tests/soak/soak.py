@@ -81,7 +81,11 @@ APPEND_COMMITTED = "append.committed"  #: committed, before the writer recorded 
 KILLS = ("kill-writer", "kill-relay", "kill-runner")
 POINTS = (APPEND_IN_TRANSACTION, APPEND_COMMITTED, faults.RELAY_ACKNOWLEDGED, faults.VIEW_COMMITTED)
 RESTARTS = ("kafka-restart", "postgres-restart-fast", "postgres-restart-immediate")
-KINDS = (*KILLS, *POINTS, *RESTARTS)
+#: Through toxiproxy, between every fleet process and the service: a cut (every connection closed,
+#: new ones refused), latency, and (Kafka) a stall that lets no byte through until it ends.
+NETWORK = ("net-postgres-cut", "net-postgres-latency", "net-postgres-reset", "net-kafka-cut", "net-kafka-latency",
+           "net-kafka-stall")
+KINDS = (*KILLS, *POINTS, *RESTARTS, *NETWORK)
 
 
 # -- the writer ----------------------------------------------------------------------------
@@ -127,8 +131,10 @@ def write(settings: Settings, journal: TextIO, rng: random.Random, stop: threadi
                     present = store.ledger.event_by_id(events[0].event_id)
                     assert present is None, f"a retry of committed {stream_id} v{present} was answered as a conflict"
                 break
-            except (EvpError, psycopg.Error):
+            except (EvpError, psycopg.Error) as err:
                 tried = True
+                _log(journal, "outage", stream_id, events)  # evidence the fault reached the writer
+                journal.write(json.dumps({"kind": "error", "stream": stream_id, "ids": [], "error": type(err).__name__}) + "\n")
                 store = _open(lambda: EventStore.open(settings), store)
                 continue
             faults.reach(APPEND_COMMITTED, stream=stream_id, positions=list(result.positions))
@@ -185,18 +191,24 @@ def _retrying(store: Any, read: Callable[[Any], Any], settings: Settings) -> tup
 # -- the fleet -----------------------------------------------------------------------------
 @dataclass
 class Fleet:
-    """The soak's processes, each restartable, its output in a log of its own."""
+    """The soak's processes, each restartable, its output in a log of its own.
+
+    ``settings`` is how the oracle reaches the services; ``via`` how the fleet's processes
+    do (through toxiproxy's proxies when network faults are in the run).
+    """
 
     settings: Settings
     folder: Path
     rng: random.Random
+    via: Settings | None = None
+    proxies: dict[str, Any] = field(default_factory=dict)  #: "postgres" / "kafka" -> toxiproxy Proxy
     rate: float = 0.0  #: each writer's appends per second (0: as fast as it goes)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     starts: Counter[str] = field(default_factory=Counter)
     crashes: list[str] = field(default_factory=list)
 
     def env(self, point: str | None = None) -> dict[str, str]:
-        env = {**os.environ, **self.settings.to_env(), "PYTHONPATH": str(REPO), "EVP_PROJECT": str(PROJECT)}
+        env = {**os.environ, **(self.via or self.settings).to_env(), "PYTHONPATH": str(REPO), "EVP_PROJECT": str(PROJECT)}
         env.pop(faults.POINT_VARIABLE, None)
         if point:
             env[faults.POINT_VARIABLE] = point
@@ -280,6 +292,8 @@ class Verdict:
     order: int = 0
     topic_duplicates: int = 0
     duplicate_answers: int = 0  #: retries the ledger answered as duplicates (their first try had committed)
+    outages: int = 0  #: appends the writers had to retry after an error (the faults reached them)
+    errors: dict[str, int] = field(default_factory=dict)  #: those errors by class
     crashes: int = 0  #: processes that died of an error of their own
     problems: list[str] = field(default_factory=list)
 
@@ -305,6 +319,8 @@ def judge(settings: Settings, folder: Path) -> Verdict:
         verdict.lost += 1
         verdict.problems.append(f"topic: {err}")
     entries = [e for path in sorted(folder.glob("writer*.journal")) for e in read_journal(path)]
+    verdict.errors = dict(Counter(json.loads(line).get("error") for path in sorted(folder.glob("writer*.journal"))
+                                  for line in path.read_text().splitlines() if '"kind": "error"' in line))
     _journal(entries, ledger, verdict)
     _view(settings, ledger, verdict)
     return verdict
@@ -314,6 +330,7 @@ def _journal(entries: Sequence[JournalEntry], ledger: StreamLog, verdict: Verdic
     where = {event_id: stream for stream, events in ledger.items() for _, event_id in events}
     acked = {e.event_ids for e in entries if e.kind == "ack"}
     verdict.duplicate_answers = sum(e.kind == "duplicate" for e in entries)
+    verdict.outages = sum(e.kind == "outage" for e in entries)
     for entry in (e for e in entries if e.kind == "intent"):
         present = [i for i in entry.event_ids if where.get(i) == entry.stream_id]
         if entry.event_ids in acked:
@@ -425,8 +442,26 @@ def _inject(fleet: Fleet, kind: str, rng: random.Random) -> None:
     elif kind == "postgres-restart-immediate":
         services("kill", "postgres")
         services("up", "postgres")
+    elif kind in NETWORK:
+        _network(fleet.proxies[kind.split("-")[1]], kind.split("-", 2)[2], rng)
     else:
         raise ValueError(f"unknown fault kind {kind!r}; known: {', '.join(KINDS)}")
+
+
+def _network(proxy: Any, fault: str, rng: random.Random) -> None:
+    """One network fault through ``proxy`` for 0.5-2.5 s, then the network as it was."""
+    lasting = rng.uniform(0.5, 2.5)
+    if fault == "cut":
+        with proxy.cut():
+            time.sleep(lasting)
+        return
+    toxic = {"latency": lambda: proxy.latency(rng.choice((50, 200, 500)), jitter=20),
+             "reset": lambda: proxy.reset_peer(0),
+             "stall": lambda: proxy.timeout(0)}[fault]()
+    try:
+        time.sleep(lasting)
+    finally:
+        proxy.remove_toxic(toxic.name)
 
 
 def _wait_evidence(fleet: Fleet, seen: int, point: str, timeout: float = 60.0) -> dict[str, Any] | None:
@@ -478,6 +513,8 @@ class Report:
             "order broken": sum(t.verdict.order for t in self.trials),
             "topic duplicates dropped": last.topic_duplicates,
             "retries answered as duplicates": last.duplicate_answers,
+            "appends retried after an outage": last.outages,
+            "errors the writers saw": dict(sorted(last.errors.items())),
             "processes crashed": sum(t.verdict.crashes for t in self.trials),
             "windows hit": f"{sum(bool(t.window_hit) for t in points)} of {len(points)}",
             "max recovery s": round(max((t.recovery for t in self.trials), default=0.0), 2),
@@ -510,9 +547,9 @@ def soak(base: Settings, folder: Path, *, trials: int, minutes: float | None, se
     rng = random.Random(seed)
     began = time.monotonic()
     done: list[Trial] = []
-    with fresh(base, folder) as settings:
+    with fresh(base, folder) as settings, _proxied(settings, folder, any(k in NETWORK for k in kinds)) as (via, proxies):
         _prepare(settings)
-        fleet = Fleet(settings, folder, rng)
+        fleet = Fleet(settings, folder, rng, via, proxies)
         try:
             order = [kinds[i % len(kinds)] for i in range(trials)]
             rng.shuffle(order)
@@ -590,6 +627,19 @@ def _rss_mib(pid: int) -> float:
     except OSError:
         pass
     return 0.0
+
+
+@contextmanager
+def _proxied(settings: Settings, folder: Path, wanted: bool) -> Iterator[tuple[Settings | None, dict[str, Any]]]:
+    """When network faults are in the run: proxies in front of PostgreSQL and Kafka, and the settings through them."""
+    if not wanted:
+        yield None, {}
+        return
+    from tests.support.toxiproxy import Toxiproxy, kafka_proxy, postgres_proxy
+
+    client = Toxiproxy()
+    with postgres_proxy(client, settings.database_url, folder) as (pg, url), kafka_proxy(client) as kafka:
+        yield settings.with_(database_url=url, kafka=kafka.address), {"postgres": pg, "kafka": kafka}
 
 
 def _prepare(settings: Settings) -> None:
