@@ -6,7 +6,8 @@ The seed is printed first, so a failing run replays with ``--seed``. A fleet run
 time against one fresh database and topic prefix: two writers appending to eight shared
 streams with expected versions (so they conflict) and retrying with the same event ids after
 an outage; one relay; two projection runners scaling out over the ``tally`` view
-(``tests/soak/project``). Contract of one trial:
+(``tests/soak/project``); and, on a database and prefix of their own, the jobs sagas with
+their relay, coordinator and worker (:mod:`tests.soak.sagas`). Contract of one trial:
 
 1. the writers run; after a random pause one fault (:data:`KINDS`) is injected at a random
    moment, or, for a fault point, the victim is restarted armed (``EVP_FAULT_POINT``) and
@@ -18,7 +19,8 @@ an outage; one relay; two projection runners scaling out over the ``tally`` view
    every acknowledged append is in the ledger once and on the topic; an attempt is all
    there or not at all; versions are gap-free and the topic keeps each stream's order after
    deduplication; the view equals the fold of the ledger (an effect applied twice shows as a
-   count too high); and the fault point's evidence says its window was hit.
+   count too high); every job started settles as its plan's model says, each command once
+   and no effect twice (the saga oracle); and the fault point's evidence says its window was hit.
 
 It ends with one table: trials, faults by kind, events, acknowledged appends, lost,
 duplicated effects, wrong views, windows hit, max recovery time. ``make soak`` runs the
@@ -78,14 +80,18 @@ RECOVERY_BOUND = 120.0
 APPEND_IN_TRANSACTION = "append.in_transaction"  #: inside the append's transaction, before the commit
 APPEND_COMMITTED = "append.committed"  #: committed, before the writer recorded the acknowledgement
 
-KILLS = ("kill-writer", "kill-relay", "kill-runner")
+KILLS = ("kill-writer", "kill-relay", "kill-runner", "kill-coordinator")
 POINTS = (APPEND_IN_TRANSACTION, APPEND_COMMITTED, faults.RELAY_ACKNOWLEDGED, faults.VIEW_COMMITTED)
 RESTARTS = ("kafka-restart", "postgres-restart-fast", "postgres-restart-immediate")
 #: Through toxiproxy, between every fleet process and the service: a cut (every connection closed,
 #: new ones refused), latency, and (Kafka) a stall that lets no byte through until it ends.
 NETWORK = ("net-postgres-cut", "net-postgres-latency", "net-postgres-reset", "net-kafka-cut", "net-kafka-latency",
            "net-kafka-stall")
-KINDS = (*KILLS, *POINTS, *RESTARTS, *NETWORK)
+#: The relay and both runners restarted with a state directory no one can write (not even root:
+#: it lies under a file): they keep no working files, so they must go on as if nothing happened.
+STATE = ("unwritable-home",)
+KINDS = (*KILLS, *POINTS, *RESTARTS, *NETWORK, *STATE)
+UNWRITABLE_HOME = "/dev/null/evp-home"
 
 
 # -- the writer ----------------------------------------------------------------------------
@@ -202,31 +208,36 @@ class Fleet:
     rng: random.Random
     via: Settings | None = None
     proxies: dict[str, Any] = field(default_factory=dict)  #: "postgres" / "kafka" -> toxiproxy Proxy
+    project: Path = PROJECT
     rate: float = 0.0  #: each writer's appends per second (0: as fast as it goes)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     starts: Counter[str] = field(default_factory=Counter)
     crashes: list[str] = field(default_factory=list)
 
     def env(self, point: str | None = None) -> dict[str, str]:
-        env = {**os.environ, **(self.via or self.settings).to_env(), "PYTHONPATH": str(REPO), "EVP_PROJECT": str(PROJECT)}
+        env = {**os.environ, **(self.via or self.settings).to_env(), "PYTHONPATH": str(REPO),
+               "EVP_PROJECT": str(self.project)}
         env.pop(faults.POINT_VARIABLE, None)
         if point:
             env[faults.POINT_VARIABLE] = point
             env[faults.EVIDENCE_VARIABLE] = str(self.folder / "evidence.jsonl")
         return env
 
-    def start(self, name: str, point: str | None = None) -> subprocess.Popen[bytes]:
+    def start(self, name: str, point: str | None = None, home: str | None = None) -> subprocess.Popen[bytes]:
         role = name.rstrip("0123456789")
         command = {
             "writer": ["-m", "tests.soak.soak", "write", "--journal", str(self.folder / f"{name}.journal"),
                        "--seed", str(self.rng.randrange(2**32)), "--rate", str(self.rate)],
             "relay": ["-m", "tests.faults.helpers", "relay"],
             "runner": ["-m", "projections.cli", "run", VIEW, "--scale-out", "--no-prefetch"],
+            "sagarelay": ["-m", "tests.faults.helpers", "relay"],
+            "coordinator": ["-m", "events.cli", "sagas", "run"],
+            "worker": ["-m", "events.cli", "sagas", "participant", "worker"],
         }[role]
         self.starts[name] += 1
         log = (self.folder / f"{name}.log").open("ab")
-        process = subprocess.Popen([sys.executable, *command], cwd=REPO, env=self.env(point), stdout=log,
-                                   stderr=subprocess.STDOUT)
+        env = self.env(point) | ({"EVP_HOME": home} if home else {})
+        process = subprocess.Popen([sys.executable, *command], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         self.processes[name] = process
         return process
@@ -274,6 +285,7 @@ class Fleet:
 
 
 SERVING = ("relay", "runner1", "runner2")
+SAGA_PROCESSES = ("sagarelay", "coordinator", "worker")
 WRITERS = ("writer1", "writer2")
 
 
@@ -291,6 +303,8 @@ class Verdict:
     wrong_views: int = 0
     order: int = 0
     topic_duplicates: int = 0
+    saga_violations: int = 0  #: jobs that did not settle or broke the saga oracle
+    sagas: int = 0  #: jobs started so far
     duplicate_answers: int = 0  #: retries the ledger answered as duplicates (their first try had committed)
     outages: int = 0  #: appends the writers had to retry after an error (the faults reached them)
     errors: dict[str, int] = field(default_factory=dict)  #: those errors by class
@@ -300,7 +314,7 @@ class Verdict:
     @property
     def clean(self) -> bool:
         return not (self.lost or self.half_written or self.duplicated_effects or self.wrong_views or self.order
-                    or self.crashes or self.problems)
+                    or self.crashes or self.saga_violations or self.problems)
 
 
 def judge(settings: Settings, folder: Path) -> Verdict:
@@ -380,15 +394,28 @@ class Trial:
     verdict: Verdict = field(default_factory=Verdict)
 
 
-def run_trial(fleet: Fleet, index: int, kind: str, rng: random.Random, before: Verdict) -> Trial:
-    """One trial (steps 1-3); ``before`` is the previous trial's verdict, against which a window's evidence shows."""
+def run_trial(fleet: Fleet, index: int, kind: str, rng: random.Random, before: Verdict, lane: Any = None,
+              lane_fleet: Fleet | None = None) -> Trial:
+    """One trial (steps 1-3); ``before`` is the previous trial's verdict, against which a window's evidence shows.
+
+    With a saga ``lane`` (:mod:`tests.soak.sagas`) and its fleet, the trial also starts jobs, and
+    ``kill-coordinator`` SIGKILLs the lane's coordinator.
+    """
     trial = Trial(index, kind)
     fleet.ensure([*SERVING, *WRITERS])
+    if lane is not None and lane_fleet is not None:
+        lane_fleet.ensure(SAGA_PROCESSES)
+        lane.start_jobs(rng.randint(1, 3))
     time.sleep(rng.uniform(0.3, 1.5))  # step 1: load, then the fault at a random moment
     seen = len(evidence(fleet.folder))
     crashed = len(fleet.crashes)
     started = time.monotonic()
-    _inject(fleet, kind, rng)
+    if kind == "kill-coordinator":
+        assert lane_fleet is not None, "kill-coordinator needs the saga lane"
+        lane_fleet.kill("coordinator")
+        lane_fleet.start("coordinator")
+    else:
+        _inject(fleet, kind, rng)
     hit = _wait_evidence(fleet, seen, kind) if kind in POINTS else None
     fleet.ensure(SERVING)  # step 2
     time.sleep(rng.uniform(0.2, 0.8))
@@ -397,6 +424,14 @@ def run_trial(fleet: Fleet, index: int, kind: str, rng: random.Random, before: V
     _drained(fleet, started)
     trial.recovery = time.monotonic() - started
     trial.verdict = judge(fleet.settings, fleet.folder)  # step 3
+    if kind == "unwritable-home":  # they held up; back to the usual home for the next trial
+        for name in SERVING:
+            fleet.stop(name)
+    if lane is not None and lane_fleet is not None:
+        lane_fleet.ensure(SAGA_PROCESSES)
+        found = lane.violations()
+        trial.verdict.saga_violations, trial.verdict.sagas = len(found), len(lane.started)
+        trial.verdict.problems += found
     trial.verdict.crashes = len(fleet.crashes) - crashed
     trial.verdict.problems += fleet.crashes[crashed:]
     if kind in POINTS:
@@ -442,6 +477,10 @@ def _inject(fleet: Fleet, kind: str, rng: random.Random) -> None:
     elif kind == "postgres-restart-immediate":
         services("kill", "postgres")
         services("up", "postgres")
+    elif kind == "unwritable-home":
+        for name in SERVING:
+            fleet.kill(name)
+            fleet.start(name, home=UNWRITABLE_HOME)
     elif kind in NETWORK:
         _network(fleet.proxies[kind.split("-")[1]], kind.split("-", 2)[2], rng)
     else:
@@ -510,6 +549,8 @@ class Report:
             "half-written": sum(t.verdict.half_written for t in self.trials),
             "duplicated effects": sum(t.verdict.duplicated_effects for t in self.trials),
             "wrong views": sum(t.verdict.wrong_views for t in self.trials),
+            "sagas run": last.sagas,
+            "saga violations": sum(t.verdict.saga_violations for t in self.trials),
             "order broken": sum(t.verdict.order for t in self.trials),
             "topic duplicates dropped": last.topic_duplicates,
             "retries answered as duplicates": last.duplicate_answers,
@@ -547,7 +588,8 @@ def soak(base: Settings, folder: Path, *, trials: int, minutes: float | None, se
     rng = random.Random(seed)
     began = time.monotonic()
     done: list[Trial] = []
-    with fresh(base, folder) as settings, _proxied(settings, folder, any(k in NETWORK for k in kinds)) as (via, proxies):
+    with fresh(base, folder) as settings, _proxied(settings, folder, any(k in NETWORK for k in kinds)) as (via, proxies), \
+            _lane(base, folder, rng, "kill-coordinator" in kinds) as (lane, lane_fleet):
         _prepare(settings)
         fleet = Fleet(settings, folder, rng, via, proxies)
         try:
@@ -556,7 +598,7 @@ def soak(base: Settings, folder: Path, *, trials: int, minutes: float | None, se
             for index, kind in enumerate(order):
                 if minutes is not None and time.monotonic() - began > minutes * 60:
                     break
-                trial = run_trial(fleet, index, kind, rng, done[-1].verdict if done else Verdict())
+                trial = run_trial(fleet, index, kind, rng, done[-1].verdict if done else Verdict(), lane, lane_fleet)
                 done.append(trial)
                 print(f"trial {index + 1}/{len(order)} {kind}: recovered in {trial.recovery:.1f}s, "
                       f"{'clean' if trial.verdict.clean else 'PROBLEMS: ' + '; '.join(trial.verdict.problems[:3])}"
@@ -627,6 +669,24 @@ def _rss_mib(pid: int) -> float:
     except OSError:
         pass
     return 0.0
+
+
+@contextmanager
+def _lane(base: Settings, folder: Path, rng: random.Random, wanted: bool) -> Iterator[tuple[Any, Fleet | None]]:
+    """When coordinator kills are in the run: the saga lane and the fleet of its processes."""
+    if not wanted:
+        yield None, None
+        return
+    from tests.soak.sagas import saga_lane
+    from tests.support.sagas import PROJECT as JOBS
+
+    (folder / "sagas").mkdir(exist_ok=True)
+    with saga_lane(base, folder / "sagas", rng) as lane:
+        lane_fleet = Fleet(lane.settings, folder / "sagas", rng, project=JOBS)
+        try:
+            yield lane, lane_fleet
+        finally:
+            lane_fleet.close()
 
 
 @contextmanager
