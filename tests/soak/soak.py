@@ -722,8 +722,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=None, help="stop starting trials after this long")
     parser.add_argument("--seed", type=int, default=None, help="replay a run (default: a new one, printed first)")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"fault kinds, comma-separated (default: all: {', '.join(KINDS)})")
-    parser.add_argument("--sustain", type=float, default=None, metavar="MINUTES",
-                        help="instead of trials: hold a fixed append rate this long with no faults, sampling lag and memory")
+    parser.add_argument("--sustain", type=float, nargs="?", const=10.0, default=None, metavar="MINUTES",
+                        help="instead of trials: hold a fixed append rate this long (default 10 minutes) with no faults, "
+                             "sampling lag and memory")
     parser.add_argument("--rate", type=float, default=50.0, help="with --sustain: appends per second per writer (two writers)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
