@@ -1248,12 +1248,19 @@ class Toxiproxy(Detached):
                 start_new_session=True,
             )
         self.pid_file.write_text(f"{proc.pid}\n")
+        self._child = proc
         return proc.pid
 
     def _wait_ready(self, pid: int) -> None:
+        child = getattr(self, "_child", None)
+
         def ready() -> bool:
-            if not pid_alive(pid, self.needle):
-                raise ServiceError(self.name, f"toxiproxy exited during startup; {log_tail(self.log)}")
+            # Our own child: ask it whether it exited (a check of /proc by name can catch the
+            # process before its command line reads as the server's, and fail a healthy start).
+            exited = child.poll() is not None if child is not None and child.pid == pid else not pid_alive(pid, self.needle)
+            if exited:
+                code = f" (exit status {child.returncode})" if child is not None and child.pid == pid else ""
+                raise ServiceError(self.name, f"toxiproxy exited during startup{code}; {log_tail(self.log)}")
             return self._answers()
 
         if not wait_until(ready, TOXIPROXY_READY_TIMEOUT_S):
