@@ -36,7 +36,7 @@ from trainer.data import Column
 from trainer.determinism import select_device
 from trainer.distributed import SINGLE, World, from_environment, join, leave
 from trainer.loader import ShardSet
-from trainer.recipe import load_recipe
+from trainer.recipe import Recipe, load_recipe
 from trainer.shards import ShardInfo
 from trainer.training import TrainResult, train
 
@@ -114,19 +114,21 @@ def _rank_main(folder: Path, rank: int, size: int, port: int) -> None:
 
 
 def _as_rank(job: Job, world: World, address: str | None, progress: Any) -> TrainResult:
-    config = load_recipe(Project.read(job.project), job.recipe).config_from_json(job.config_json)
-    device = select_device(config.device)
+    recipe = load_recipe(Project.read(job.project), job.recipe)
+    device = select_device(recipe.config_from_json(job.config_json).device)
     if device.type == "cuda":
         device = torch.device("cuda", world.rank % max(torch.cuda.device_count(), 1))
     joined = join(world, device, address=address)
     try:
-        return _train(job, joined, progress, device)
+        return _train(job, joined, progress, device, recipe)
     finally:
         leave()
 
 
-def _train(job: Job, world: World, progress: Any, device: torch.device | None = None) -> TrainResult:
-    recipe = load_recipe(Project.read(job.project), job.recipe)
+def _train(job: Job, world: World, progress: Any, device: torch.device | None = None,
+           recipe: Recipe[Any] | None = None) -> TrainResult:
+    """Train ``job`` as ``world``'s rank (``recipe``: already imported by the caller, else imported here)."""
+    recipe = recipe if recipe is not None else load_recipe(Project.read(job.project), job.recipe)
     rows = ShardSet.open(job.folder, job.shards, job.columns, owner=job.owner)
     return train(recipe, rows, recipe.config_from_json(job.config_json), checkpoint_path=job.checkpoint,
                  resume=job.resume, stop_after_steps=job.stop_after_steps, progress=progress, world=world,

@@ -64,6 +64,7 @@ from events.ops.backup import (
     RESERVATIONS,
     SCHEMAS,
     SNAPSHOTS,
+    SOURCES,
     BackupFile,
     BackupKey,
     BackupRecord,
@@ -184,9 +185,14 @@ class _Chain:
     def records(self, source: str) -> Iterator[BackupRecord]:
         """Every record of ``source`` in chain order; the state (reservations, snapshots) only from the newest."""
         pieces = self.manifests[-1:] if source in (RESERVATIONS, SNAPSHOTS) else self.manifests
+        rank = SOURCES.index(source)
         for manifest in pieces:
             with BackupFile(self.storage, manifest.name) as backup:
-                yield from (r for r in backup.records() if r.source == source)
+                for record in backup.records():  # in canonical order: past the source, nothing of it follows
+                    if record.source == source:
+                        yield record
+                    elif SOURCES.index(record.source) > rank:
+                        break
 
     @property
     def events(self) -> int:

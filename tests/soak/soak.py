@@ -139,8 +139,9 @@ def write(settings: Settings, journal: TextIO, rng: random.Random, stop: threadi
                 break
             except (EvpError, psycopg.Error) as err:
                 tried = True
-                _log(journal, "outage", stream_id, events)  # evidence the fault reached the writer
-                journal.write(json.dumps({"kind": "error", "stream": stream_id, "ids": [], "error": type(err).__name__}) + "\n")
+                journal.write(json.dumps({"kind": "outage", "stream": stream_id, "ids": [str(e.event_id) for e in events],
+                                          "error": type(err).__name__}) + "\n")  # evidence the fault reached the writer
+                journal.flush()
                 store = _open(lambda: EventStore.open(settings), store)
                 continue
             faults.reach(APPEND_COMMITTED, stream=stream_id, positions=list(result.positions))
@@ -333,11 +334,21 @@ def judge(settings: Settings, folder: Path) -> Verdict:
         verdict.lost += 1
         verdict.problems.append(f"topic: {err}")
     entries = [e for path in sorted(folder.glob("writer*.journal")) for e in read_journal(path)]
-    verdict.errors = dict(Counter(json.loads(line).get("error") for path in sorted(folder.glob("writer*.journal"))
-                                  for line in path.read_text().splitlines() if '"kind": "error"' in line))
+    verdict.errors = dict(Counter(_outage_errors(folder)))
     _journal(entries, ledger, verdict)
     _view(settings, ledger, verdict)
     return verdict
+
+
+def _outage_errors(folder: Path) -> Iterator[str]:
+    """The error class of every outage the writers journaled (a line a SIGKILL cut short is skipped)."""
+    for path in sorted(folder.glob("writer*.journal")):
+        for line in path.read_text().splitlines():
+            if '"kind": "outage"' in line:
+                try:
+                    yield str(json.loads(line)["error"])
+                except (ValueError, KeyError):
+                    continue
 
 
 def _journal(entries: Sequence[JournalEntry], ledger: StreamLog, verdict: Verdict) -> None:
