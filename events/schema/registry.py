@@ -41,6 +41,7 @@ record per key, so keying by id alone would let a losing claim replace the winne
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -101,6 +102,7 @@ class MemorySchemaLog:
 
     def __init__(self) -> None:
         self._records: list[tuple[bytes, bytes]] = []
+        self._next_offset: int | None = None  #: the offset after the last record read (None: none read)
         self._lock = threading.Lock()
 
     def append(self, key: bytes, value: bytes) -> None:
@@ -130,6 +132,11 @@ class KafkaSchemaLog:
     One partition gives the total order the id arbitration needs. Reads are incremental:
     records already read are kept, and each ``read_all`` fetches only up to the current
     end offset. Clients come from the Kafka adapter, so errors are translated there.
+
+    A client that failed is closed and made again on the next call (the consumer seeking
+    to the first record not yet read): a long-lived consumer that had lived through a broker
+    restart and an outage was seen to answer every later poll with nothing while the end
+    offset grew, so a process kept failing on schemas registered after it until restarted.
     """
 
     def __init__(self, settings: Settings, *, timeout_s: float = 15.0) -> None:
@@ -138,6 +145,7 @@ class KafkaSchemaLog:
         self._partition = TopicPartition(self.topic, 0)
         self._lock = threading.Lock()
         self._records: list[tuple[bytes, bytes]] = []
+        self._next_offset: int | None = None  #: the offset after the last record read (None: none read)
         self._producer: Any = None
         self._consumer: Any = None
         kafka.ensure_topic(settings, self.topic, 1, SCHEMA_TOPIC_CONFIGS, enforce=True)
@@ -148,44 +156,76 @@ class KafkaSchemaLog:
 
     def append(self, key: bytes, value: bytes) -> None:
         with self._lock:
-            if self._producer is None:
-                self._producer = kafka.producer(self.settings, linger_ms=0, max_block_ms=self._timeout_ms,
-                                                delivery_timeout_ms=max(2 * self._timeout_ms, 30_000), **self._timeouts())
-            with kafka.kafka_errors(self.settings):
-                future = self._producer.send(self.topic, key=key, value=value, partition=0)
-                self._producer.flush(timeout=self._timeout_ms / 1000)
-                future.get(timeout=self._timeout_ms / 1000)
+            try:
+                if self._producer is None:
+                    self._producer = kafka.producer(self.settings, linger_ms=0, max_block_ms=self._timeout_ms,
+                                                    delivery_timeout_ms=max(2 * self._timeout_ms, 30_000),
+                                                    **self._timeouts())
+                with kafka.kafka_errors(self.settings):
+                    future = self._producer.send(self.topic, key=key, value=value, partition=0)
+                    self._producer.flush(timeout=self._timeout_ms / 1000)
+                    future.get(timeout=self._timeout_ms / 1000)
+            except BaseException:
+                self._drop_producer()
+                raise
 
     def read_all(self) -> list[tuple[bytes, bytes]]:
         return self.read_from(0)
 
     def read_from(self, start: int) -> list[tuple[bytes, bytes]]:
-        """The records from position ``start`` on, after fetching those appended since the last read."""
+        """The records from position ``start`` on, after fetching those appended since the last read.
+
+        1. without a consumer, make one and seek it past the last record read (to the
+           beginning when none was);
+        2. fetch up to the end offset the broker reports now; a poll that brings nothing
+           before that end raises :class:`ServiceUnavailable`;
+        3. on any failure the consumer is closed, so the next call starts again at 1.
+        """
         with self._lock:
-            if self._consumer is None:
-                self._consumer = kafka.consumer(self.settings, group_id=None, **self._timeouts())
-                with kafka.kafka_errors(self.settings):
-                    self._consumer.assign([self._partition])
-                    self._consumer.seek_to_beginning(self._partition)
-            with kafka.kafka_errors(self.settings):
-                end = self._consumer.end_offsets([self._partition], timeout_ms=self._timeout_ms)[self._partition]
-                while self._consumer.position(self._partition, timeout_ms=self._timeout_ms) < end:
-                    batches = self._consumer.poll(timeout_ms=self._timeout_ms)
-                    if not batches:
-                        raise ServiceUnavailable("kafka", kafka.where(self.settings),
-                                                 f"no records from {self.topic!r} before offset {end}")
-                    for records in batches.values():
-                        self._records.extend((r.key or b"", r.value or b"") for r in records)
+            try:
+                self._catch_up()
+            except BaseException:
+                self._drop_consumer()
+                raise
             return self._records[start:]
+
+    def _catch_up(self) -> None:
+        if self._consumer is None:
+            self._consumer = kafka.consumer(self.settings, group_id=None, **self._timeouts())
+            with kafka.kafka_errors(self.settings):
+                self._consumer.assign([self._partition])
+                if self._next_offset is None:
+                    self._consumer.seek_to_beginning(self._partition)
+                else:
+                    self._consumer.seek(self._partition, self._next_offset)
+        with kafka.kafka_errors(self.settings):
+            end = self._consumer.end_offsets([self._partition], timeout_ms=self._timeout_ms)[self._partition]
+            while self._consumer.position(self._partition, timeout_ms=self._timeout_ms) < end:
+                batches = self._consumer.poll(timeout_ms=self._timeout_ms)
+                if not batches:
+                    raise ServiceUnavailable("kafka", kafka.where(self.settings),
+                                             f"no records from {self.topic!r} before offset {end}")
+                for records in batches.values():
+                    self._records.extend((r.key or b"", r.value or b"") for r in records)
+                    if records:
+                        self._next_offset = records[-1].offset + 1
+
+    def _drop_consumer(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            with contextlib.suppress(Exception):  # a broken client may fail to close; it is dropped all the same
+                consumer.close()
+
+    def _drop_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                producer.close(timeout=0)
 
     def close(self) -> None:
         with self._lock:
-            if self._producer is not None:
-                self._producer.close()
-                self._producer = None
-            if self._consumer is not None:
-                self._consumer.close()
-                self._consumer = None
+            self._drop_producer()
+            self._drop_consumer()
 
 
 @dataclass(frozen=True)

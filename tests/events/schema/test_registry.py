@@ -618,3 +618,28 @@ def test_kafka_the_deep_schema_poisoning_is_harmless(kafka_topic: tuple[Settings
     finally:
         for log in logs:
             log.close()
+
+
+@pytest.mark.services
+def test_a_kafka_log_whose_consumer_stopped_fetching_makes_a_new_one_and_loses_and_repeats_no_record(
+    kafka_topic: tuple[Settings, str]
+) -> None:
+    """A consumer that answers every poll with nothing (as one did after a broker restart and
+    an outage) fails that read, and the next read starts a new consumer past the records read."""
+    own, _ = kafka_topic
+    log = KafkaSchemaLog(own, timeout_s=2)
+    try:
+        for i in range(3):
+            log.append(b"k%d" % i, b"v%d" % i)
+        assert [k for k, _ in log.read_all()] == [b"k0", b"k1", b"k2"]
+        stuck = log._consumer
+        stuck.poll = lambda **_: {}  # the fetcher that never brings a record again
+        log.append(b"k3", b"v3")
+        with pytest.raises(ServiceUnavailable, match="no records from .* before offset 4"):
+            log.read_all()
+        assert log._consumer is None  # the stuck one was closed
+        log.append(b"k4", b"v4")
+        assert log.read_all() == [(b"k%d" % i, b"v%d" % i) for i in range(5)]
+        assert log._consumer is not stuck
+    finally:
+        log.close()
