@@ -75,6 +75,7 @@ STREAMS = 8
 VIEW = "tally"
 #: A fault's victim must be back, and everything drained, within this (seconds).
 RECOVERY_BOUND = 120.0
+SLOW = 30.0  #: a trial that took longer to recover says what it last waited for
 
 #: Writer-side fault points (the writer reaches them; the platform's own are in events.faults).
 APPEND_IN_TRANSACTION = "append.in_transaction"  #: inside the append's transaction, before the commit
@@ -90,7 +91,11 @@ NETWORK = ("net-postgres-cut", "net-postgres-latency", "net-postgres-reset", "ne
 #: The relay and both runners restarted with a state directory no one can write (not even root:
 #: it lies under a file): they keep no working files, so they must go on as if nothing happened.
 STATE = ("unwritable-home",)
-KINDS = (*KILLS, *POINTS, *RESTARTS, *NETWORK, *STATE)
+#: Two faults in one trial, the second injected while the fleet still recovers from the first
+#: (a relay SIGKILLed while PostgreSQL restarts, a runner while Kafka's connections are cut...).
+COMPOUND = "compound"
+COMPOUNDABLE = (*(k for k in KILLS if k != "kill-coordinator"), *RESTARTS, *NETWORK)
+KINDS = (*KILLS, *POINTS, *RESTARTS, *NETWORK, *STATE, COMPOUND)
 UNWRITABLE_HOME = "/dev/null/evp-home"
 
 
@@ -402,6 +407,8 @@ class Trial:
     kind: str
     recovery: float = 0.0
     window_hit: bool | None = None  #: for fault points: whether its evidence was found
+    waited_for: str = "nothing"  #: what recovery last waited for (outbox, lag or an error)
+    injected: str = ""  #: what was injected, when it says more than the kind (a compound's two faults)
     verdict: Verdict = field(default_factory=Verdict)
 
 
@@ -426,13 +433,13 @@ def run_trial(fleet: Fleet, index: int, kind: str, rng: random.Random, before: V
         lane_fleet.kill("coordinator")
         lane_fleet.start("coordinator")
     else:
-        _inject(fleet, kind, rng)
+        trial.injected = _inject(fleet, kind, rng)
     hit = _wait_evidence(fleet, seen, kind) if kind in POINTS else None
     fleet.ensure(SERVING)  # step 2
     time.sleep(rng.uniform(0.2, 0.8))
     for name in WRITERS:
         fleet.stop(name)
-    _drained(fleet, started)
+    trial.waited_for = _drained(fleet, started)
     trial.recovery = time.monotonic() - started
     trial.verdict = judge(fleet.settings, fleet.folder)  # step 3
     if kind == "unwritable-home":  # they held up; back to the usual home for the next trial
@@ -464,7 +471,8 @@ def _proved(kind: str, hit: dict[str, Any], before: Verdict, after: Verdict, set
     return True  # view.committed: the oracle's view check after the restart is the proof
 
 
-def _inject(fleet: Fleet, kind: str, rng: random.Random) -> None:
+def _inject(fleet: Fleet, kind: str, rng: random.Random) -> str:
+    """Inject one fault of ``kind``; what was injected (the kind, or a compound's two)."""
     if kind in KILLS:
         role = kind.removeprefix("kill-")
         victim = rng.choice([n for n in fleet.processes if n.startswith(role)])
@@ -494,8 +502,15 @@ def _inject(fleet: Fleet, kind: str, rng: random.Random) -> None:
             fleet.start(name, home=UNWRITABLE_HOME)
     elif kind in NETWORK:
         _network(fleet.proxies[kind.split("-")[1]], kind.split("-", 2)[2], rng)
+    elif kind == COMPOUND:
+        first, second = rng.sample(COMPOUNDABLE, 2)
+        _inject(fleet, first, rng)
+        time.sleep(rng.uniform(0.0, 1.0))
+        _inject(fleet, second, rng)
+        return f"{first} + {second}"
     else:
         raise ValueError(f"unknown fault kind {kind!r}; known: {', '.join(KINDS)}")
+    return kind
 
 
 def _network(proxy: Any, fault: str, rng: random.Random) -> None:
@@ -525,20 +540,24 @@ def _wait_evidence(fleet: Fleet, seen: int, point: str, timeout: float = 60.0) -
     return None
 
 
-def _drained(fleet: Fleet, started: float) -> None:
+def _drained(fleet: Fleet, started: float) -> str:
+    """Wait until the outbox is empty and the view has no lag; what was last still waited for (for a slow trial)."""
     from projections.runner import projection_lag
 
     deadline = started + RECOVERY_BOUND
+    waiting = "nothing"
     while time.monotonic() < deadline:
         fleet.ensure(SERVING)
         try:
-            if outbox_depth(fleet.settings.database_url) == 0 and all(
-                    lag.lag == 0 for lag in projection_lag(fleet.settings, f"{VIEW}_view")):
-                return
-        except (EvpError, psycopg.Error):
-            pass
+            depth = outbox_depth(fleet.settings.database_url)
+            lag = sum(lag.lag for lag in projection_lag(fleet.settings, f"{VIEW}_view"))
+            if depth == 0 and lag == 0:
+                return waiting
+            waiting = f"outbox {depth}, view lag {lag} at {time.monotonic() - started:.0f}s"
+        except (EvpError, psycopg.Error) as e:
+            waiting = f"{type(e).__name__} at {time.monotonic() - started:.0f}s: {str(e).splitlines()[0][:160]}"
         time.sleep(0.2)
-    raise AssertionError(f"not recovered within {RECOVERY_BOUND:.0f}s of the fault")
+    raise AssertionError(f"not recovered within {RECOVERY_BOUND:.0f}s of the fault (last: {waiting})")
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -554,6 +573,8 @@ class Report:
         return {
             "seed": self.seed, "trials": len(self.trials),
             "faults": dict(sorted(Counter(t.kind for t in self.trials).items())),
+            "in compounds": dict(sorted(Counter(part for t in self.trials if t.kind == COMPOUND
+                                                for part in t.injected.split(" + ")).items())),
             "events": last.events, "acknowledged appends": last.acknowledged,
             "committed, unacknowledged": last.committed_unacknowledged,
             "lost": sum(t.verdict.lost for t in self.trials),
@@ -599,7 +620,7 @@ def soak(base: Settings, folder: Path, *, trials: int, minutes: float | None, se
     rng = random.Random(seed)
     began = time.monotonic()
     done: list[Trial] = []
-    with fresh(base, folder) as settings, _proxied(settings, folder, any(k in NETWORK for k in kinds)) as (via, proxies), \
+    with fresh(base, folder) as settings, _proxied(settings, folder, any(k in (*NETWORK, COMPOUND) for k in kinds)) as (via, proxies), \
             _lane(base, folder, rng, "kill-coordinator" in kinds) as (lane, lane_fleet):
         _prepare(settings)
         fleet = Fleet(settings, folder, rng, via, proxies)
@@ -611,9 +632,11 @@ def soak(base: Settings, folder: Path, *, trials: int, minutes: float | None, se
                     break
                 trial = run_trial(fleet, index, kind, rng, done[-1].verdict if done else Verdict(), lane, lane_fleet)
                 done.append(trial)
-                print(f"trial {index + 1}/{len(order)} {kind}: recovered in {trial.recovery:.1f}s, "
+                shown = trial.injected if trial.injected not in ("", kind) else kind
+                print(f"trial {index + 1}/{len(order)} {shown}: recovered in {trial.recovery:.1f}s, "
                       f"{'clean' if trial.verdict.clean else 'PROBLEMS: ' + '; '.join(trial.verdict.problems[:3])}"
-                      + ("" if trial.window_hit is None else f", window {'hit' if trial.window_hit else 'MISSED'}"),
+                      + ("" if trial.window_hit is None else f", window {'hit' if trial.window_hit else 'MISSED'}")
+                      + (f" (slow: last waited for {trial.waited_for})" if trial.recovery > SLOW else ""),
                       file=out, flush=True)
         finally:
             fleet.close()
@@ -627,8 +650,10 @@ def sustain(base: Settings, folder: Path, *, minutes: float, rate: float, seed: 
     1. every ``every`` seconds sample the outbox's depth, the view's lag and every process's
        resident memory (``VmRSS``);
     2. at the end stop the writers, drain, and run the oracle;
-    3. report the peak lag and outbox, each role's peak memory and its growth from the first
-       minute's peak to the last minute's (flat memory grows by little), and the oracle's counts.
+    3. report the peak lag and outbox (also the first and the last minute's peak lag: bounded
+       lag does not grow from one to the other), each role's peak memory and its growth from
+       the first minute's peak to the last minute's (flat memory grows by little), and the
+       oracle's counts.
     """
     from projections.runner import projection_lag
 
@@ -665,6 +690,7 @@ def sustain(base: Settings, folder: Path, *, minutes: float, rate: float, seed: 
         "seed": seed, "minutes": minutes, "appends/s target": 2 * rate, "events": verdict.events,
         "acknowledged appends": verdict.acknowledged, "appends/s achieved": round(verdict.acknowledged / (minutes * 60), 1),
         "max outbox": max((s["outbox"] for s in samples), default=0), "max view lag": max((s["lag"] for s in samples), default=0),
+        "max view lag, first minute / last": [max((s["lag"] for s in group), default=0) for group in (first, last)],
         "peak MiB": {r: peak(samples, r) for r in roles},
         "MiB growth, first minute to last": {r: round(peak(last, r) - peak(first, r), 1) for r in roles},
         "processes restarted": sum(len(s["restarted"]) for s in samples),
@@ -722,6 +748,26 @@ def _prepare(settings: Settings) -> None:
         store.flush()
 
 
+@contextmanager
+def _workspace(keep: Path | None) -> Iterator[Path]:
+    """The run's folder: ``keep`` (made if missing, left in place), or a temporary one removed afterwards.
+
+    ``keep`` must be empty: the oracle reads every journal in the folder, and an earlier
+    run's acknowledgements would count as appends lost from this run's ledger.
+    """
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        if any(keep.iterdir()):
+            raise SystemExit(f"soak: --keep {keep} is not empty (an earlier run's journals would be judged "
+                             "against this run's ledger); name a new folder")
+        yield keep
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="evp-soak-") as folder:
+        yield Path(folder)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.soak.soak", description=(__doc__ or "").splitlines()[0])
     sub = parser.add_subparsers(dest="command")
@@ -737,6 +783,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="instead of trials: hold a fixed append rate this long (default 10 minutes) with no faults, "
                              "sampling lag and memory")
     parser.add_argument("--rate", type=float, default=50.0, help="with --sustain: appends per second per writer (two writers)")
+    parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                        help="work in DIR and keep it (journals, evidence, every process's log) instead of a temporary folder")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "write":
@@ -751,16 +799,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
         parser.error(f"unknown fault kind(s) {unknown}; known: {', '.join(KINDS)}")
-    import tempfile
-
     if args.sustain is not None:
-        with tempfile.TemporaryDirectory(prefix="evp-soak-") as folder:
-            held = sustain(Settings.from_env(), Path(folder), minutes=args.sustain, rate=args.rate, seed=seed)
+        with _workspace(args.keep) as folder:
+            held = sustain(Settings.from_env(), folder, minutes=args.sustain, rate=args.rate, seed=seed)
         print(json.dumps(held, indent=2) if args.json else "\n".join(f"| {k} | {v} |" for k, v in held.items()))
         return 0 if held["lost"] == 0 and held["wrong views"] == 0 else 1
-    with tempfile.TemporaryDirectory(prefix="evp-soak-") as folder:
-        report = soak(Settings.from_env(), Path(folder), trials=args.trials, minutes=args.minutes, seed=seed,
-                      kinds=kinds)
+    with _workspace(args.keep) as folder:
+        report = soak(Settings.from_env(), folder, trials=args.trials, minutes=args.minutes, seed=seed, kinds=kinds)
     table = report.table()
     if args.json:
         print(json.dumps(table, indent=2))
