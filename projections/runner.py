@@ -904,10 +904,15 @@ def _below(batch: Batch, ends: Mapping[int, int]) -> Batch:
 
 
 def projection_lag(settings: Settings, schema: str) -> list[PartitionLag]:
-    """How far a projection's schema is behind the events topic, per partition."""
-    ends = end_offsets(settings, settings.events_topic)
+    """How far a projection's schema is behind the events topic, per partition.
+
+    The committed offsets are read before the topic's ends: a runner commits only offsets it
+    has read, and ends only grow, so a lag is never negative (read the other way round, a
+    commit landing between the two reads showed as a lag below zero).
+    """
     with postgres.connect(settings.database_url, autocommit=True) as conn, conn.cursor() as cur:
         stored = stored_offsets(cur, schema, settings.events_topic) if _has_offsets(cur, schema) else {}
+    ends = end_offsets(settings, settings.events_topic)
     return [PartitionLag(p, stored.get(p), ends[p]) for p in sorted(ends)]
 
 

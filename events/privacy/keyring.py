@@ -391,9 +391,7 @@ class PostgresKeyStore:
 
     def ensure_schema(self) -> None:
         with self._connect() as conn:
-            postgres.migration_lock(conn)
-            conn.execute(_KEYRING_SCHEMA_DDL)
-            conn.execute(_SCHEMA)
+            postgres.apply_once(conn, "events.privacy.keyring", _KEYRING_SCHEMA_DDL + _SCHEMA)
 
     def get(self, subject_id: str) -> StoredKey | None:
         with self._connect() as conn:

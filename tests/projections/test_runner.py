@@ -125,6 +125,30 @@ def test_a_restart_continues_exactly_where_the_view_stopped(store: EventStore, s
 
 
 @pytest.mark.services
+def test_a_lag_is_never_negative_when_the_runner_commits_between_its_two_reads(
+        store: EventStore, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lag reads the view's offsets and the topic's ends: a batch committed between the two
+    reads (more events, folded at once) must not show the view ahead of the topic."""
+    import projections.runner as runner_module
+
+    expected = _history(store, seed=4, count=20)
+    with ProjectionRunner(settings, SamplesView()) as runner:
+        runner.catch_up()
+        real = runner_module.end_offsets
+
+        def ends_then_a_commit(s: Settings, topic: str) -> dict[int, int]:
+            ends = real(s, topic)
+            random_ops(random.Random(5), store, expected, "late", 20)
+            store.flush()
+            assert runner.catch_up().applied > 0
+            return ends
+
+        monkeypatch.setattr(runner_module, "end_offsets", ends_then_a_commit)
+        lags = projection_lag(settings, SAMPLES_SCHEMA)
+    assert lags and all(l.lag >= 0 for l in lags), lags
+
+
+@pytest.mark.services
 def test_the_view_equals_the_independent_fold_for_random_histories(store: EventStore, settings: Settings) -> None:
     expected = ExpectedSamples()
     with ProjectionRunner(settings, SamplesView(), batch_size=7) as runner:  # small batches: many boundaries

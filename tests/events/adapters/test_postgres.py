@@ -43,3 +43,34 @@ def test_migrating_twice_changes_nothing(settings: Settings) -> None:
         before = conn.execute("SELECT count(*) FROM pg_class").fetchone()
         postgres.migrate(conn)
         assert conn.execute("SELECT count(*) FROM pg_class").fetchone() == before
+
+
+def test_a_store_opened_on_an_up_to_date_schema_takes_no_lock_on_the_ledger(settings: Settings) -> None:
+    """A long read holds ACCESS SHARE on the ledger's tables: opening a store again must not
+    queue behind it (an ``ALTER TABLE`` would, and every append would queue behind the ALTER)."""
+    with postgres.connect(settings.database_url, autocommit=True) as conn:
+        postgres.migrate(conn)
+        postgres.apply_once(conn, "test.keyring", "CREATE TABLE IF NOT EXISTS t_keys (k text)")
+    with postgres.connect(settings.database_url) as reader, \
+            postgres.connect(settings.database_url, autocommit=True) as opener:
+        for table in ("evp_events", "evp_outbox", "evp_published", "evp_reservations"):
+            reader.execute(f"SELECT count(*) FROM {table}")  # held until the reader's transaction ends
+        reader.execute("SELECT count(*) FROM t_keys")
+        opener.execute("SET lock_timeout = '2s'")
+        postgres.migrate(opener)  # raised LockNotAvailable when every open ran the DDL
+        assert postgres.apply_once(opener, "test.keyring", "CREATE TABLE IF NOT EXISTS t_keys (k text)") is False
+        reader.rollback()
+
+
+def test_a_script_whose_text_changed_runs_again_and_its_new_digest_is_recorded(settings: Settings) -> None:
+    with postgres.connect(settings.database_url, autocommit=True) as conn:
+        assert postgres.apply_once(conn, "test.things", "CREATE TABLE IF NOT EXISTS things (a int)") is True
+        assert postgres.apply_once(conn, "test.things", "CREATE TABLE IF NOT EXISTS things (a int)") is False
+        changed = "CREATE TABLE IF NOT EXISTS things (a int); ALTER TABLE things ADD COLUMN IF NOT EXISTS b int"
+        assert postgres.apply_once(conn, "test.things", changed) is True
+        columns = [r[0] for r in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'things' ORDER BY ordinal_position")]
+        assert columns == ["a", "b"]
+        assert postgres.apply_once(conn, "test.things", changed) is False
+        names = {r[0] for r in conn.execute("SELECT name FROM public.evp_migrations")}
+        assert names == {"test.things"}
