@@ -102,7 +102,6 @@ class MemorySchemaLog:
 
     def __init__(self) -> None:
         self._records: list[tuple[bytes, bytes]] = []
-        self._next_offset: int | None = None  #: the offset after the last record read (None: none read)
         self._lock = threading.Lock()
 
     def append(self, key: bytes, value: bytes) -> None:
