@@ -37,6 +37,13 @@ def where(settings: Settings) -> str:
     return f"{settings.kafka} over {settings.kafka_security.describe()}"
 
 
+#: The longest wait between two attempts to reach a broker. kafka-python doubles the wait up
+#: to 30 s by default, so a client that failed through a broker restart of a few seconds
+#: went on waiting up to half a minute after the broker was back (the soak's Kafka restarts
+#: took 16-50 s to recover). The Java client's default is this: 1 s.
+RECONNECT_BACKOFF_MAX_MS = 1000
+
+
 def client_config(settings: Settings) -> dict[str, Any]:
     """The connection part of every client's configuration: bootstrap servers, TLS and SASL.
 
@@ -44,7 +51,8 @@ def client_config(settings: Settings) -> dict[str, Any]:
     to kafka-python only (never logged, never in an environment).
     """
     security = settings.kafka_security
-    config: dict[str, Any] = {"bootstrap_servers": settings.kafka, "security_protocol": security.protocol}
+    config: dict[str, Any] = {"bootstrap_servers": settings.kafka, "security_protocol": security.protocol,
+                              "reconnect_backoff_max_ms": RECONNECT_BACKOFF_MAX_MS}
     if security.uses_ssl:
         config["ssl_check_hostname"] = True
         for key, path in (("ssl_cafile", security.ssl_cafile), ("ssl_certfile", security.ssl_certfile),

@@ -47,7 +47,8 @@ def sasl_ssl(folder: Path, **changes: object) -> KafkaSecurity:
 def test_the_default_is_plaintext_and_reads_no_file() -> None:
     security = Settings.from_env({}).kafka_security
     assert security == KafkaSecurity() and security.protocol == "PLAINTEXT" and not security.uses_sasl
-    assert client_config(Settings()) == {"bootstrap_servers": "127.0.0.1:19092", "security_protocol": "PLAINTEXT"}
+    assert client_config(Settings()) == {"bootstrap_servers": "127.0.0.1:19092", "security_protocol": "PLAINTEXT",
+                                         "reconnect_backoff_max_ms": 1000}
 
 
 @pytest.mark.parametrize(("env", "named"), [
