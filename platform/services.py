@@ -1214,6 +1214,7 @@ class Toxiproxy(Detached):
     stop_timeout = TOXIPROXY_STOP_TIMEOUT_S
     url = address = f"http://{HOST}:{TOXIPROXY_PORT}"
     ports = ((TOXIPROXY_PORT, "toxiproxy API"),)
+    _child: subprocess.Popen[bytes] | None = None  #: the server this object started, if it did
 
     def __init__(self, paths: Paths) -> None:
         self.paths = paths
@@ -1252,14 +1253,13 @@ class Toxiproxy(Detached):
         return proc.pid
 
     def _wait_ready(self, pid: int) -> None:
-        child = getattr(self, "_child", None)
+        # Our own child: ask it whether it exited (a check of /proc by name can catch the
+        # process before its command line reads as the server's, and fail a healthy start).
+        own = self._child if self._child is not None and self._child.pid == pid else None
 
         def ready() -> bool:
-            # Our own child: ask it whether it exited (a check of /proc by name can catch the
-            # process before its command line reads as the server's, and fail a healthy start).
-            exited = child.poll() is not None if child is not None and child.pid == pid else not pid_alive(pid, self.needle)
-            if exited:
-                code = f" (exit status {child.returncode})" if child is not None and child.pid == pid else ""
+            if own.poll() is not None if own is not None else not pid_alive(pid, self.needle):
+                code = f" (exit status {own.returncode})" if own is not None else ""
                 raise ServiceError(self.name, f"toxiproxy exited during startup{code}; {log_tail(self.log)}")
             return self._answers()
 

@@ -408,7 +408,7 @@ class Trial:
     recovery: float = 0.0
     window_hit: bool | None = None  #: for fault points: whether its evidence was found
     waited_for: str = "nothing"  #: what recovery last waited for (outbox, lag or an error)
-    injected: str = ""  #: what was injected, when it says more than the kind (a compound's two faults)
+    injected: str = ""  #: what was injected: the kind, or a compound's two faults
     verdict: Verdict = field(default_factory=Verdict)
 
 
@@ -419,7 +419,7 @@ def run_trial(fleet: Fleet, index: int, kind: str, rng: random.Random, before: V
     With a saga ``lane`` (:mod:`tests.soak.sagas`) and its fleet, the trial also starts jobs, and
     ``kill-coordinator`` SIGKILLs the lane's coordinator.
     """
-    trial = Trial(index, kind)
+    trial = Trial(index, kind, injected=kind)
     fleet.ensure([*SERVING, *WRITERS])
     if lane is not None and lane_fleet is not None:
         lane_fleet.ensure(SAGA_PROCESSES)
@@ -632,8 +632,7 @@ def soak(base: Settings, folder: Path, *, trials: int, minutes: float | None, se
                     break
                 trial = run_trial(fleet, index, kind, rng, done[-1].verdict if done else Verdict(), lane, lane_fleet)
                 done.append(trial)
-                shown = trial.injected if trial.injected not in ("", kind) else kind
-                print(f"trial {index + 1}/{len(order)} {shown}: recovered in {trial.recovery:.1f}s, "
+                print(f"trial {index + 1}/{len(order)} {trial.injected}: recovered in {trial.recovery:.1f}s, "
                       f"{'clean' if trial.verdict.clean else 'PROBLEMS: ' + '; '.join(trial.verdict.problems[:3])}"
                       + ("" if trial.window_hit is None else f", window {'hit' if trial.window_hit else 'MISSED'}")
                       + (f" (slow: last waited for {trial.waited_for})" if trial.recovery > SLOW else ""),
