@@ -248,7 +248,7 @@ class PlaintextScanner:
         return {where: needles for where, needles in found.items() if needles}
 
     def scan_files(self, paths: Iterable[Path]) -> list[Hit]:
-        return [hit for path in paths for hit in self.hits(Path(path).read_bytes(), str(path))]
+        return [hit for where, data in read_files(paths).items() for hit in self.hits(data, where)]
 
 
 def scan_for_plaintext(paths: Iterable[Path], needles: Iterable[str]) -> list[Hit]:
@@ -394,7 +394,15 @@ def service_log_files() -> list[Path]:
 
 
 def read_files(paths: Iterable[Path]) -> dict[str, bytes]:
-    return {str(p): p.read_bytes() for p in paths}
+    """``{path: bytes}`` of the files still there: a live server removes some between a listing and
+    the read (PostgreSQL rewrites its relcache ``pg_internal.init`` files), and a file gone holds nothing."""
+    found: dict[str, bytes] = {}
+    for path in paths:
+        try:
+            found[str(path)] = Path(path).read_bytes()
+        except FileNotFoundError:
+            continue
+    return found
 
 
 def pg_dump_binary(conn: psycopg.Connection[Any]) -> str:
